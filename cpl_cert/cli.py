@@ -1,0 +1,46 @@
+"""The ``cpl-cert`` command line: a thin Typer app over the library (one module per command)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .commands.inspect import info_command, lipschitz_command
+
+app = typer.Typer(
+    name="cpl-cert",
+    help=(
+        "Train 1-Lipschitz Convex Potential Layer networks, certify their l2 robustness with exact "
+        "Lipschitz bounds, and check the certificates against attacks.\n\n"
+        "Exit codes: 0 success, 1 bad input or runtime error, 2 usage error, 3 an attack contradicted a certificate."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cpl-cert {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """cpl-cert: certified robustness for CPL networks."""
+
+
+app.command("lipschitz")(lipschitz_command)
+app.command("info")(info_command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,77 @@
+"""What every command shares: the consoles, error handling (one sentence, exit 1) and common options."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from ..errors import CplCertError
+
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_ERROR = 1
+EXIT_VIOLATION = 3
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> None:
+    """Print ``Error: message`` on stderr and exit with ``code``."""
+    err_console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """Turn ``CplCertError`` (and any unexpected exception) into one sentence and exit code 1.
+
+    Set ``CPL_CERT_DEBUG=1`` to see the full traceback of unexpected errors.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except CplCertError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", code=130)
+        except Exception as exc:  # noqa: BLE001 - the promise is: never a raw traceback
+            if os.environ.get("CPL_CERT_DEBUG"):
+                raise
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            fail(f"{type(exc).__name__}: {first_line} (set CPL_CERT_DEBUG=1 for the traceback)")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def check_writable(path: Path | None) -> None:
+    """Fail early (before any work) if ``path`` cannot be written."""
+    if path is None:
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise CplCertError(f"cannot write {path}: it is a folder")
+    if not parent.is_dir():
+        raise CplCertError(f"cannot write {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CplCertError(f"cannot write {path}: the folder {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CplCertError(f"cannot write {path}: the file is read-only")
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+ModelPath = Annotated[Path, typer.Argument(help="A cpl-cert checkpoint (.safetensors).", show_default=False)]
+DeviceName = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+JsonPath = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")]

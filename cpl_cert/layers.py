@@ -1,0 +1,257 @@
+"""Building blocks of a CPL network: the two Convex Potential Layers and the 1-Lipschitz glue around them.
+
+A CPL layer computes ``z = x - h * W^T relu(W x + b)``. Its Jacobian ``I - h W^T D W`` has
+eigenvalues in ``[1 - h s^2, 1]`` with ``s = ||W||_2``, so the layer is 1-Lipschitz when
+``h <= 2 / s^2`` (see docs/math.md). During training ``s`` is estimated by one warm-started
+power iteration per step; ``freeze`` fixes the step for good (see ``cpl_cert.spectral``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STEP_EPSILON = 1e-4
+"""Added to ``sigma^2`` in the step ``h = 2 / (sigma^2 + eps)``, as in the paper."""
+
+
+class _CPLBase(nn.Module):
+    """Shared logic of the dense and convolutional CPL layers: step selection and power iteration.
+
+    Buffers: ``u`` (the power-iteration vector, shaped like one input of the layer) and ``step``
+    (the frozen step, 0 while the layer is not frozen). Subclasses provide ``_apply_w`` (W x) and
+    ``_apply_wt`` (W^T y) without bias.
+    """
+
+    weight: nn.Parameter
+    bias: nn.Parameter
+    u: torch.Tensor
+    step: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._frozen = False
+        self.register_load_state_dict_post_hook(_sync_frozen_flag)
+
+    # --- operator -----------------------------------------------------------------------
+    def _apply_w(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _apply_wt(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def frozen(self) -> bool:
+        """True once ``freeze`` fixed the step; any training-mode forward unfreezes the layer."""
+        return self._frozen
+
+    def set_frozen_step(self, step: float) -> None:
+        """Fix the step used by inference (called by ``cpl_cert.freeze``)."""
+        self.step.fill_(step)
+        self._frozen = True
+
+    # --- step ---------------------------------------------------------------------------
+    def _sigma_estimate(self) -> torch.Tensor:
+        """``||W u||`` for the stored unit vector ``u``: the power-iteration estimate of ``||W||_2``."""
+        weight = self.weight.float()
+        return self._apply_w(self.u, weight).flatten().norm()
+
+    def _training_sigma(self) -> torch.Tensor:
+        """One warm-started power iteration (vector updated in place), gradient through sigma."""
+        with torch.no_grad():
+            weight = self.weight.detach().float()
+            v = self._apply_wt(self._apply_w(self.u, weight), weight)
+            v = v / v.flatten().norm().clamp_min(1e-30)
+            self.u.copy_(v)
+        return self._sigma_estimate()
+
+    def current_step(self) -> torch.Tensor:
+        """The step inference uses now: the frozen one, or ``2 / (sigma_hat^2 + eps)`` if not frozen."""
+        if self._frozen:
+            return self.step
+        with torch.no_grad():
+            sigma = self._sigma_estimate()
+        return 2.0 / (sigma**2 + STEP_EPSILON)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self._frozen = False
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                sigma = self._training_sigma()
+            step = 2.0 / (sigma**2 + STEP_EPSILON)
+        else:
+            step = self.current_step()
+        hidden = F.relu(self._apply_w(x, self.weight) + self._bias_view())
+        return x - step.to(x.dtype) * self._apply_wt(hidden, self.weight)
+
+    def _bias_view(self) -> torch.Tensor:
+        return self.bias
+
+
+def _sync_frozen_flag(module: nn.Module, incompatible_keys: object) -> None:
+    """After ``load_state_dict``: a layer with a positive stored step is frozen."""
+    if isinstance(module, _CPLBase):
+        module._frozen = bool(module.step.item() > 0)
+
+
+def _init_weight_and_bias(weight: nn.Parameter, bias: nn.Parameter, fan_in: int) -> None:
+    """PyTorch's default init (kaiming-uniform weights, bias U(+-1/sqrt(fan_in))), as in the paper's code."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    bound = 1.0 / math.sqrt(fan_in)
+    nn.init.uniform_(bias, -bound, bound)
+
+
+class CPLLinear(_CPLBase):
+    """Dense Convex Potential Layer on vectors of size ``features`` with ``inner`` hidden units."""
+
+    def __init__(self, features: int, inner: int) -> None:
+        super().__init__()
+        self.features, self.inner = features, inner
+        self.weight = nn.Parameter(torch.empty(inner, features))
+        self.bias = nn.Parameter(torch.empty(inner))
+        _init_weight_and_bias(self.weight, self.bias, features)
+        self.register_buffer("u", F.normalize(torch.randn(1, features), dim=1))
+        self.register_buffer("step", torch.zeros(()))
+
+    def _apply_w(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
+
+    def _apply_wt(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(y, weight.t())
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, inner={self.inner}, frozen={self.frozen}"
+
+
+class CPLConv2d(_CPLBase):
+    """Convolutional CPL layer: 3x3 kernel ``(inner, channels, 3, 3)``, padding 1, stride 1.
+
+    ``input_size`` is the spatial size ``(H, W)`` the layer sees; the power-iteration vector has that
+    size so that the zero-padded operator at that resolution is the one estimated.
+    """
+
+    def __init__(self, channels: int, inner: int, input_size: tuple[int, int], kernel_size: int = 3) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError("kernel_size must be odd so that 'same' padding keeps the size")
+        self.channels, self.inner, self.kernel_size = channels, inner, kernel_size
+        self.input_size = tuple(input_size)
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.empty(inner, channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(inner))
+        _init_weight_and_bias(self.weight, self.bias, channels * kernel_size * kernel_size)
+        u = torch.randn(1, channels, *self.input_size)
+        self.register_buffer("u", u / u.norm())
+        self.register_buffer("step", torch.zeros(()))
+
+    def _apply_w(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, weight, padding=self.padding)
+
+    def _apply_wt(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose2d(y, weight, padding=self.padding)
+
+    def _bias_view(self) -> torch.Tensor:
+        return self.bias.view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, inner={self.inner}, kernel_size={self.kernel_size}, "
+            f"input_size={self.input_size}, frozen={self.frozen}"
+        )
+
+
+CPL_LAYER_TYPES = (CPLLinear, CPLConv2d)
+
+
+class InputNormalization(nn.Module):
+    """``(x - mean) / std`` per channel. Lipschitz constant ``1 / min(std)`` (1 for mean-only)."""
+
+    def __init__(self, mean: list[float], std: list[float] | None) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
+        std_values = std if std is not None else [1.0] * len(mean)
+        self.register_buffer("std", torch.tensor(std_values, dtype=torch.float32).view(-1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def lipschitz(self) -> float:
+        return 1.0 / float(self.std.min())
+
+
+class ChannelPad(nn.Module):
+    """Zero-pads the channel dimension up to ``channels``: an isometry."""
+
+    def __init__(self, in_channels: int, channels: int) -> None:
+        super().__init__()
+        if channels < in_channels:
+            raise ValueError(f"cannot pad {in_channels} channels down to {channels}")
+        self.in_channels, self.channels = in_channels, channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, (0, 0, 0, 0, 0, self.channels - self.in_channels))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels} -> {self.channels}"
+
+
+class BlockSumPool(nn.AvgPool2d):
+    """``AvgPool2d(k, divisor_override=k)``: a k x k block sum divided by k, which is 1-Lipschitz.
+
+    (A k x k block sum has l2 norm k; a plain average would shrink the signal by another k.)
+    Rows or columns beyond a multiple of k are dropped, a projection, so any input size works.
+    """
+
+    def __init__(self, kernel_size: int) -> None:
+        super().__init__(kernel_size, divisor_override=kernel_size)
+
+
+class TruncationHead(nn.Module):
+    """Keeps the first ``num_classes`` coordinates: 1-Lipschitz; a logit difference is sqrt(2)-Lipschitz."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, : self.num_classes]
+
+    def pair_lipschitz(self) -> torch.Tensor:
+        """``C[i, j]``: Lipschitz constant of ``f_i - f_j`` with respect to the head's input."""
+        k = self.num_classes
+        return (1.0 - torch.eye(k, dtype=torch.float64)) * math.sqrt(2.0)
+
+    def lipschitz(self) -> float:
+        return 1.0
+
+
+class LLNHead(nn.Module):
+    """Last-layer-normalised linear head: rows scaled to unit norm at every forward, plus a bias.
+
+    Not 1-Lipschitz as a whole; certificates use ``||w_i - w_j||`` per class pair instead.
+    """
+
+    def __init__(self, features: int, num_classes: int) -> None:
+        super().__init__()
+        self.features, self.num_classes = features, num_classes
+        self.weight = nn.Parameter(torch.empty(num_classes, features))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def normalized_weight(self) -> torch.Tensor:
+        return F.normalize(self.weight, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.normalized_weight(), self.bias)
+
+    def pair_lipschitz(self) -> torch.Tensor:
+        """``C[i, j] = ||w_i - w_j||_2`` in float64 (rows normalised), the Lipschitz constant of ``f_i - f_j``."""
+        w = self.normalized_weight().detach().double()
+        return (w[:, None, :] - w[None, :, :]).norm(dim=-1)
+
+    def lipschitz(self) -> float:
+        w = self.normalized_weight().detach().double()
+        return float(torch.linalg.matrix_norm(w, ord=2))

@@ -1,0 +1,41 @@
+"""Rendering results for people (Rich tables) and programs (JSON files written atomically)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from .checkpoint import atomic_write
+from .lipschitz import LipschitzBounds
+
+
+def _fmt(value: float | None, digits: int = 6) -> str:
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.{digits}g}"
+
+
+def lipschitz_table(bounds: LipschitzBounds, title: str = "Lipschitz bounds") -> Table:
+    """One row per layer: step, power-iteration sigma, certified sigma, layer bound."""
+    table = Table(title=title)
+    for column in ("layer", "kind", "step h", "sigma (power it.)", "sigma (upper)", "Lip bound"):
+        table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
+    for row in bounds.layers:
+        style = "bold red" if row.bound > 1.0 + 1e-12 and row.kind.startswith("cpl") else None
+        table.add_row(
+            row.name, row.kind, _fmt(row.step), _fmt(row.sigma_power), _fmt(row.sigma_upper), _fmt(row.bound, 8), style=style
+        )
+    return table
+
+
+def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
+    """Write ``data`` as indented JSON, atomically (no half-written report on failure)."""
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
