@@ -8,6 +8,7 @@ power iteration per step; ``freeze`` fixes the step for good (see ``cpl_cert.spe
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -79,7 +80,7 @@ class _CPLBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self._frozen = False
-            with torch.autocast(device_type=x.device.type, enabled=False):
+            with _no_autocast(x.device.type):  # sigma in float32 even under --bf16
                 sigma = self._training_sigma()
             step = 2.0 / (sigma**2 + STEP_EPSILON)
         else:
@@ -89,6 +90,12 @@ class _CPLBase(nn.Module):
 
     def _bias_view(self) -> torch.Tensor:
         return self.bias
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[object]:
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _sync_frozen_flag(module: nn.Module, incompatible_keys: object) -> None:

@@ -7,6 +7,7 @@ certified upper bound of ``s``. The network bound is the product over all layers
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -108,20 +109,17 @@ def lipschitz_lower_bound(
 ) -> float:
     """Largest ``||J(x)||_2`` found by autograd power iteration (``J^T J``) at each input; a lower bound.
 
-    The network acts on each sample independently, so one batched jvp/vjp gives every sample's product.
+    Runs on a float64 copy of the model so that rounding cannot push it above the true norm. The
+    network acts on each sample independently, so one batched jvp/vjp gives every sample's product.
     """
-    was_training = model.training
-    model.eval()
-    x = inputs.detach().float()
+    model = copy.deepcopy(model).double().eval()
+    x = inputs.detach().double()
     v = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     best = 0.0
-    try:
-        for _ in range(iters):
-            v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (x.dim() - 1))
-            jv = torch.func.jvp(model, (x,), (v,))[1]
-            best = max(best, float(jv.detach().flatten(1).norm(dim=1).max()))
-            _, vjp_fn = torch.func.vjp(model, x)
-            v = vjp_fn(jv)[0]
-    finally:
-        model.train(was_training)
+    for _ in range(iters):
+        v = v / v.flatten(1).norm(dim=1).clamp_min(1e-300).view(-1, *[1] * (x.dim() - 1))
+        jv = torch.func.jvp(model, (x,), (v,))[1]
+        best = max(best, float(jv.detach().flatten(1).norm(dim=1).max()))
+        _, vjp_fn = torch.func.vjp(model, x)
+        v = vjp_fn(jv)[0].detach()
     return best

@@ -23,8 +23,8 @@ from .common import DeviceName, JsonPath, ModelPath, check_writable, console, ha
 def lipschitz_command(
     model_path: ModelPath,
     json_path: JsonPath = None,
-    samples: Annotated[int, typer.Option("--samples", help="Random inputs for the empirical lower bound (0 skips it).")] = 64,
-    iters: Annotated[int, typer.Option("--iters", help="Power iterations of J^T J per input for the lower bound.")] = 30,
+    samples: Annotated[int, typer.Option("--samples", help="Random inputs for the empirical lower bound (0 skips it).")] = 16,
+    iters: Annotated[int, typer.Option("--iters", help="Power iterations of J^T J per input for the lower bound.")] = 20,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")] = 0,
     device: DeviceName = "auto",
 ) -> None:

@@ -1,0 +1,66 @@
+"""`cpl-cert lipschitz`, `cpl-cert info` and help, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from typer.testing import CliRunner
+
+import cpl_cert
+from cpl_cert.cli import app
+
+runner = CliRunner()
+
+
+def test_lipschitz_table_and_json(tmp_path, tiny_checkpoint):
+    out = tmp_path / "bounds.json"
+    result = runner.invoke(app, ["lipschitz", str(tiny_checkpoint), "--json", str(out), "--samples", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "convs.0" in result.output and "dense.1" in result.output
+    assert "network upper bound" in result.output and "lower bound" in result.output
+    report = json.loads(out.read_text())
+    assert report["upper"] == 1.0 and 0 < report["lower"] <= 1.0 + 1e-5
+    kinds = [layer["kind"] for layer in report["layers"]]
+    assert kinds.count("cpl-conv") == 2 and kinds.count("cpl-dense") == 2
+    for layer in report["layers"]:
+        assert set(layer) == {"name", "kind", "step", "sigma_power", "sigma_upper", "bound"}
+
+
+def test_lipschitz_flags_a_broken_model(tmp_path):
+    torch.manual_seed(0)
+    model = cpl_cert.freeze(cpl_cert.build_model("cpl-tiny", input_shape=(1, 12, 12), num_classes=3))
+    with torch.no_grad():
+        model.dense[0].weight.mul_(1.1)
+    cpl_cert.save_checkpoint(model, tmp_path / "scaled.safetensors")
+    out = tmp_path / "b.json"
+    result = runner.invoke(app, ["lipschitz", str(tmp_path / "scaled.safetensors"), "--json", str(out), "--samples", "0"])
+    assert result.exit_code == 0
+    assert json.loads(out.read_text())["upper"] > 1.0
+
+
+def test_info_prints_metadata(tiny_checkpoint):
+    result = runner.invoke(app, ["info", str(tiny_checkpoint), "--json"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads(result.stdout)
+    assert meta["format"] == "cpl-cert/1" and meta["config"]["preset"] == "cpl-tiny"
+    assert meta["parameters"] == cpl_cert.count_parameters(cpl_cert.load_checkpoint(tiny_checkpoint)[0])
+    table = runner.invoke(app, ["info", str(tiny_checkpoint)])
+    assert table.exit_code == 0 and "fashion-mnist" in table.output
+
+
+def test_unwritable_json_path_fails_before_work(tmp_path, tiny_checkpoint):
+    result = runner.invoke(app, ["lipschitz", str(tiny_checkpoint), "--json", str(tmp_path / "no" / "such" / "x.json")])
+    assert result.exit_code == 1 and "does not exist" in result.stderr
+
+
+def test_help_and_console_entry():
+    for args in (["--help"], ["lipschitz", "--help"], ["info", "--help"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0 and "Usage" in result.output
+    proc = subprocess.run([sys.executable, "-m", "cpl_cert", "--version"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and proc.stdout.startswith("cpl-cert ")
+    usage = runner.invoke(app, ["lipschitz"])
+    assert usage.exit_code == 2

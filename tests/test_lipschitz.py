@@ -1,0 +1,72 @@
+"""Network bounds: exact when the model is 1-Lipschitz, > 1 (and tight) when it is not."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import cpl_cert
+from cpl_cert.layers import CPLLinear
+from cpl_cert.lipschitz import cpl_layer_bound
+
+from .conftest import make_frozen
+
+
+def test_frozen_model_bound_is_one_and_above_lower_bound():
+    model = make_frozen("cpl-tiny", input_shape=(1, 12, 12), num_classes=5)
+    bounds = cpl_cert.lipschitz_bounds(model)
+    assert bounds.upper == 1.0
+    lower = cpl_cert.lipschitz_lower_bound(model, torch.rand(16, 1, 12, 12))
+    assert 0 < lower <= bounds.upper * (1 + 1e-5)
+    for row in bounds.layers:
+        if row.kind.startswith("cpl"):
+            assert row.sigma_upper >= row.sigma_power * (1 - 1e-9)
+            assert row.bound == cpl_layer_bound(row.step, row.sigma_upper)
+
+
+def test_weights_scaled_after_freezing_give_a_bound_above_one():
+    model = make_frozen("cpl-tiny", input_shape=(1, 12, 12), num_classes=5)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, (cpl_cert.CPLLinear, cpl_cert.CPLConv2d)):
+                layer.weight.mul_(1.1)
+    bounds = cpl_cert.lipschitz_bounds(model)
+    cpl_rows = [row for row in bounds.layers if row.kind.startswith("cpl")]
+    assert all(row.bound > 1.0 for row in cpl_rows)
+    assert bounds.upper > 1.0
+    assert math.isclose(bounds.upper, math.prod(row.bound for row in bounds.layers), rel_tol=1e-12)
+    lower = cpl_cert.lipschitz_lower_bound(model, torch.rand(32, 1, 12, 12))
+    assert bounds.upper >= lower
+
+
+def test_bound_is_attained_when_every_unit_is_active():
+    """With a huge bias every ReLU is on, the Jacobian is I - h W^T W and its norm is h s^2 - 1 exactly."""
+    torch.manual_seed(3)
+    layer = CPLLinear(6, 4)
+    with torch.no_grad():
+        layer.bias.fill_(1e3)
+    layer.set_frozen_step(3.0 / float(torch.linalg.matrix_norm(layer.weight.double(), 2)) ** 2)  # h s^2 = 3
+    model = cpl_cert.build_model({"channels": 1, "conv_depth": 0, "dense_depth": 1, "dense_inner": 4, "pool": 1},
+                                 input_shape=(1, 2, 3), num_classes=2)
+    model.dense[0] = layer
+    model.head.num_classes = 6  # keep every coordinate so the network norm is the layer norm
+    model.eval()
+    bounds = cpl_cert.lipschitz_bounds(model)
+    assert math.isclose(bounds.upper, 2.0, rel_tol=1e-5)
+    lower = cpl_cert.lipschitz_lower_bound(model, torch.rand(4, 1, 2, 3), iters=200)
+    assert math.isclose(lower, 2.0, rel_tol=1e-4)
+    assert bounds.upper >= lower
+
+
+def test_std_normalisation_multiplies_the_bound():
+    model = make_frozen("cpl-tiny", input_shape=(3, 8, 8), num_classes=4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 0.2))
+    assert math.isclose(cpl_cert.lipschitz_bounds(model).upper, 5.0, rel_tol=1e-6)
+
+
+def test_lln_head_pairs_and_network_bound():
+    model = make_frozen("cpl-tiny", input_shape=(1, 8, 8), num_classes=4, head="lln")
+    bounds = cpl_cert.lipschitz_bounds(model)
+    w = torch.nn.functional.normalize(model.head.weight.detach().double(), dim=1)
+    assert math.isclose(bounds.upper, float(torch.linalg.matrix_norm(w, 2)), rel_tol=1e-6)
+    assert torch.allclose(bounds.pair_lipschitz()[1, 3], (w[1] - w[3]).norm())
