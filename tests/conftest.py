@@ -9,7 +9,8 @@ import torch
 
 import cpl_cert
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One thread: small ops with several threads crawl when cores are shared (subprocess tests, CI neighbours).
+torch.set_num_threads(1)
 
 
 def make_frozen(preset: str = "cpl-tiny", input_shape=(1, 28, 28), num_classes: int = 10, seed: int = 0, **overrides):
