@@ -31,8 +31,15 @@ def _cosine(k: int, steps: int, start: float, end: float) -> float:
 
 
 @torch.no_grad()
-def bisect_to_boundary(model: nn.Module, x0: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, found: torch.Tensor, steps: int = 20) -> torch.Tensor:
-    """Shrink ``x0 + t (x_adv - x0)`` towards ``x0`` while it stays adversarial (bisection on ``t``)."""
+def bisect_to_boundary(
+    model: nn.Module, x0: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, found: torch.Tensor, steps: int = 20,
+    check_model: nn.Module | None = None,
+) -> torch.Tensor:
+    """Shrink ``x0 + t (x_adv - x0)`` towards ``x0`` while it stays adversarial (bisection on ``t``).
+
+    With ``check_model`` (a float64 copy) a candidate must be adversarial for both models, so the
+    bisection never steps onto the float32 side of a boundary that float64 re-verification rejects.
+    """
     if steps <= 0 or not bool(found.any()):
         return x_adv
     delta = x_adv - x0
@@ -40,7 +47,10 @@ def bisect_to_boundary(model: nn.Module, x0: torch.Tensor, x_adv: torch.Tensor, 
     high = torch.ones_like(low)
     for _ in range(steps):
         mid = 0.5 * (low + high)
-        adv = model(x0 + batch_view(mid, delta) * delta).argmax(dim=1) != y
+        candidate = x0 + batch_view(mid, delta) * delta
+        adv = model(candidate).argmax(dim=1) != y
+        if check_model is not None:
+            adv &= check_model(candidate.double()).argmax(dim=1) != y
         high = torch.where(adv, mid, high)
         low = torch.where(adv, low, mid)
     shrunk = x0 + batch_view(high, delta) * delta
@@ -57,6 +67,7 @@ def fmn_l2(
     gamma_init: float = 0.05,
     gamma_final: float = 0.001,
     refine: int = 20,
+    check_model: nn.Module | None = None,
 ) -> AttackOutcome:
     """Smallest l2 perturbation found (per point) that makes the prediction differ from ``y``."""
     settings = {
@@ -87,5 +98,5 @@ def fmn_l2(
         radius = torch.where(adversarial, torch.minimum(radius * (1 - gamma), best_norm), grow)
         delta = project(x0, x0 + delta - alpha * normalize(grad), radius) - x0
     found = torch.isfinite(best_norm)
-    best = bisect_to_boundary(model, x0, best, y, found, refine)
+    best = bisect_to_boundary(model, x0, best, y, found, refine, check_model)
     return AttackOutcome(found, best, distances(x0, best, found), "fmn", settings)
