@@ -20,6 +20,11 @@ from torch import nn
 from .common import AttackOutcome, batch_view, distances, l2_norm, loss_and_grad, normalize, project
 
 
+CLEAR_MARGIN = 1e-5
+"""A candidate only becomes the best one when its margin is below ``-CLEAR_MARGIN`` (logit units), so float
+rounding cannot make it non-adversarial on re-verification; it costs about ``1e-5 / ||grad||`` in distance."""
+
+
 def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``z_y - max_{j != y} z_j``: negative exactly when the prediction is not ``y`` (to minimise)."""
     z_y = logits.gather(1, y[:, None]).squeeze(1)
@@ -83,7 +88,7 @@ def fmn_l2(
         margin, grad, logits = loss_and_grad(model, x, _margin, y)
         adversarial = logits.argmax(dim=1) != y
         norm = l2_norm(x - x0)
-        improved = adversarial & (norm < best_norm)
+        improved = adversarial & (margin < -CLEAR_MARGIN) & (norm < best_norm)
         best_norm = torch.where(improved, norm, best_norm)
         best = torch.where(batch_view(improved, x0), x, best)
         if k == steps:
