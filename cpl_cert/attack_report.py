@@ -62,7 +62,7 @@ def accuracy_table(rows: list[dict[str, Any]], title: str) -> Table:
     for row in rows:
         bad = row["violations"] > 0 or row["robust_accuracy"] < row["certified_accuracy"]
         table.add_row(
-            f"{row['label']} ({row['eps']:.4g})" if row["label"] != f"{row['eps']:g}" else row["label"],
+            f"{row['label']} ({row['eps']:.4g})" if "/" in row["label"] else row["label"],
             _pct(row["clean_accuracy"]),
             _pct(row["certified_accuracy"]),
             _pct(row["robust_accuracy"]),
