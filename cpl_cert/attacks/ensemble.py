@@ -152,7 +152,6 @@ def run_suite(
     # Tensors made under torch.inference_mode (certify's predictions) cannot enter autograd: copy them.
     images, reference = images.detach().clone(), reference.detach().clone()
     device = images.device
-    generator = torch.Generator(device=device).manual_seed(seed)
     n = images.shape[0]
     distance = torch.full((len(eps), n), math.inf, dtype=torch.float64, device=device)
     source = torch.full((len(eps), n), -1, dtype=torch.long, device=device)
@@ -169,6 +168,9 @@ def run_suite(
 
                 outcomes = torchattacks_attack(model, x0, y, radius, attack, seed)
             else:
+                # A fresh stream per (batch, radius): the same points get the same random starts whatever
+                # else runs, so the ensemble's APGD part reproduces --attack apgd exactly.
+                generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + begin * 101 + e)
                 outcomes = _native(model, x0, y, radius, attack, generator, minnorm, steps)
             for outcome in outcomes:
                 if outcome.name not in names:
