@@ -1,0 +1,136 @@
+"""Summaries of an attack run for people (Rich tables) and programs (the JSON report of DESIGN section 4)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from rich.table import Table
+
+from .attacks.ensemble import SuiteResult, Violation, violations_at
+from .certify import CertifyResult, EpsValue
+
+
+def accuracy_rows(cert: CertifyResult, suite: SuiteResult, eps: Sequence[EpsValue]) -> list[dict[str, Any]]:
+    """Per radius: clean, certified and robust accuracy and the number of violating points.
+
+    Robust = correctly classified and no verified adversarial example within ``eps``. A certified
+    point that an attack breaks is a violation, so ``robust >= certified`` whenever there are none.
+    """
+    rows = []
+    correct = cert.correct
+    for e, value in enumerate(eps):
+        robust = correct & ~suite.broken(e)
+        certified = correct & (cert.radii > value.value)
+        rows.append(
+            {
+                "eps": value.value,
+                "label": value.label,
+                "clean_accuracy": cert.clean_accuracy,
+                "certified_accuracy": float(certified.double().mean()) if cert.n else 0.0,
+                "robust_accuracy": float(robust.double().mean()) if cert.n else 0.0,
+                "certified_but_broken": int((certified & ~robust).sum()),
+                "violations": int(violations_at(suite, e, cert.radii).sum()),
+            }
+        )
+    return rows
+
+
+def tightness(radii: torch.Tensor, distances: torch.Tensor) -> dict[str, Any]:
+    """Distribution of ``radius / adversarial distance`` over points with both (1 = tight certificate)."""
+    radii, distances = radii.double(), distances.double()
+    usable = torch.isfinite(distances) & (distances > 0)
+    ratio = radii[usable] / distances[usable]
+    stats: dict[str, Any] = {"points": int(usable.sum()), "no_adversarial_found": int((~torch.isfinite(distances)).sum())}
+    if ratio.numel():
+        qs = torch.quantile(ratio, torch.tensor([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0], dtype=torch.float64))
+        stats.update({k: float(v) for k, v in zip(("min", "p10", "p25", "median", "p75", "p90", "max"), qs)})
+        stats["mean"] = float(ratio.mean())
+        stats["mean_gap"] = float((distances[usable] - radii[usable]).mean())
+    return stats
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f} %"
+
+
+def accuracy_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("eps", "clean", "certified", "robust", "violations"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        bad = row["violations"] > 0 or row["robust_accuracy"] < row["certified_accuracy"]
+        table.add_row(
+            f"{row['label']} ({row['eps']:.4g})" if "/" in row["label"] else row["label"],
+            _pct(row["clean_accuracy"]),
+            _pct(row["certified_accuracy"]),
+            _pct(row["robust_accuracy"]),
+            str(row["violations"]),
+            style="bold red" if bad else None,
+        )
+    return table
+
+
+def violations_table(violations: list[Violation], limit: int = 50) -> Table:
+    table = Table(title=f"CERTIFICATE VIOLATIONS ({len(violations)} points)", title_style="bold red")
+    for column in ("index", "certified radius r", "adversarial distance d", "d / r", "attack", "at eps"):
+        table.add_column(column, justify="right")
+    for v in violations[:limit]:
+        table.add_row(str(v.index), f"{v.radius:.6g}", f"{v.distance:.6g}", f"{v.distance / v.radius:.4f}" if v.radius > 0 else "-", v.attack, f"{v.eps:.4g}")
+    if len(violations) > limit:
+        table.caption = f"... and {len(violations) - limit} more (all are in the JSON report)"
+    return table
+
+
+def tightness_table(stats: dict[str, Any]) -> Table:
+    table = Table(title="How tight are the certificates: certified radius / smallest adversarial distance")
+    keys = ("points", "min", "p10", "p25", "median", "p75", "p90", "max", "mean")
+    for key in keys:
+        table.add_column(key, justify="right")
+    table.add_row(*[str(stats[k]) if k == "points" else (f"{stats[k]:.4f}" if k in stats else "-") for k in keys])
+    return table
+
+
+def json_report(
+    *,
+    model: str,
+    sha256: str,
+    dataset: str,
+    cert: CertifyResult,
+    suite: SuiteResult,
+    rows: list[dict[str, Any]],
+    violations: list[Violation],
+    attack: str,
+    engine: str,
+    seconds: float,
+    seed: int,
+    assumed_lipschitz: float | None,
+    stats: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The ``attack --json`` report: DESIGN section 4's fields plus per-radius rows and violation details."""
+    return {
+        "model": model,
+        "sha256": sha256,
+        "dataset": dataset,
+        "split": "test",
+        "n": cert.n,
+        "eps": [row["eps"] for row in rows],
+        "eps_labels": [row["label"] for row in rows],
+        "attacks": {"attack": attack, "engine": engine, "seed": seed, "components": suite.settings},
+        "clean_accuracy": cert.clean_accuracy,
+        "certified_accuracy": [row["certified_accuracy"] for row in rows],
+        "robust_accuracy": [row["robust_accuracy"] for row in rows],
+        "results": rows,
+        "violations": [v.index for v in violations],
+        "violation_details": [v.to_dict() for v in violations],
+        "rejected_adversarial_examples": suite.rejected,
+        "lipschitz": {"upper": cert.bounds.upper, "body_upper": cert.bounds.body_upper, "assumed": assumed_lipschitz},
+        "tightness": stats,
+        "device": cert.device,
+        "seconds": seconds,
+    }
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

@@ -1,0 +1,157 @@
+"""``cpl-cert attack``: attack a checkpoint's test points and check every certificate against the attacks."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..attack_report import accuracy_rows, accuracy_table, json_report, tightness, tightness_table, violations_table
+from ..attacks.ensemble import ATTACKS, ENGINES, find_violations, run_suite
+from ..certify import certify, parse_eps
+from ..checkpoint import file_sha256, load_checkpoint
+from ..data import check_compatible, load_dataset, to_float_images
+from ..device import resolve_device
+from ..errors import CplCertError
+from ..lipschitz import LipschitzBounds, lipschitz_bounds
+from ..report import write_json
+from .common import EXIT_VIOLATION, DeviceName, JsonPath, ModelPath, check_writable, console, err_console, handle_errors
+
+DEFAULT_LIMIT = 1000
+
+
+def assume_body_bound(bounds: LipschitzBounds, value: float) -> LipschitzBounds:
+    """``bounds`` with the body's Lipschitz bound replaced by an assumed ``value`` (for auditing only)."""
+    head = bounds.layers[-1].bound
+    return dataclasses.replace(bounds, body_upper=value, upper=value * head)
+
+
+def _validate(attack: str, engine: str, limit: int, batch_size: int, assume_lipschitz: float | None, steps: int) -> None:
+    if attack not in ATTACKS:
+        raise CplCertError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
+    if engine not in ENGINES:
+        raise CplCertError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if limit < 1:
+        raise CplCertError(f"--limit must be a positive number of points, got {limit}")
+    if steps < 1:
+        raise CplCertError(f"--steps must be a positive number of iterations, got {steps}")
+    if batch_size < 1:
+        raise CplCertError(f"--batch-size must be positive, got {batch_size}")
+    if assume_lipschitz is not None and not (assume_lipschitz > 0 and assume_lipschitz < float("inf")):
+        raise CplCertError(f"--assume-lipschitz must be a positive number, got {assume_lipschitz}")
+
+
+@handle_errors
+def attack_command(
+    model_path: ModelPath,
+    attack: Annotated[str, typer.Option("--attack", help="pgd, apgd (APGD-CE + APGD-T), autoattack (worst case of all) or minnorm (FMN-L2).")] = "apgd",
+    eps: Annotated[Optional[str], typer.Option("--eps", help="Radii, e.g. '0.1,0.25' or '36/255' (default: the dataset's list).")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Attack the first N test points.")] = DEFAULT_LIMIT,
+    engine: Annotated[str, typer.Option("--engine", help="native, or torchattacks (optional extra).")] = "native",
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Dataset name (default: the checkpoint's).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the dataset files.")] = None,
+    device: DeviceName = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Points attacked at once.")] = 500,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random starts.")] = 0,
+    steps: Annotated[int, typer.Option("--steps", help="Iterations of PGD and APGD per run (reference 100; FMN runs twice as many).")] = 100,
+    json_path: JsonPath = None,
+    plot_path: Annotated[Optional[Path], typer.Option("--plot", help="PNG: certified radius and smallest adversarial distance per point (minnorm, autoattack).")] = None,
+    assume_lipschitz: Annotated[
+        Optional[float],
+        typer.Option(
+            "--assume-lipschitz",
+            help="AUDIT ONLY: check certificates computed as if the network body were L-Lipschitz (the paper's code assumes 1) "
+            "instead of cpl-cert's certified bound; such certificates are not guarantees.",
+        ),
+    ] = None,
+) -> None:
+    """Attack test points and check every certificate: robust accuracy beside certified accuracy.
+
+    Each point is attacked with respect to its clean prediction; an adversarial example (re-verified in
+    float64) closer than the point's certified radius is a certificate violation: all are listed and
+    the command exits with code 3.
+    """
+    _validate(attack, engine, limit, batch_size, assume_lipschitz, steps)
+    eps_values = parse_eps(eps) if eps is not None else None
+    check_writable(json_path)
+    check_writable(plot_path)
+    if plot_path is not None:
+        from ..attack_plots import require_matplotlib
+
+        require_matplotlib()
+        if attack not in ("minnorm", "autoattack"):
+            raise CplCertError("--plot needs --attack minnorm or autoattack, which measure each point's smallest adversarial distance")
+    if engine == "torchattacks":
+        from ..attacks.external import ENGINE_ATTACKS, require_torchattacks
+
+        require_torchattacks()
+        if attack not in ENGINE_ATTACKS:
+            raise CplCertError(f"--engine torchattacks runs {', '.join(ENGINE_ATTACKS)}, not {attack}; use --engine native for {attack}")
+    dev = resolve_device(device)
+    model, meta = load_checkpoint(model_path, device=dev)
+    name = dataset or (meta.get("dataset") or {}).get("name")
+    if not name:
+        raise CplCertError(f"{model_path} does not say which dataset it was trained on; pass --dataset")
+    data = load_dataset(name, "test", data_dir)
+    check_compatible(data, model.config.input_shape, model.config.num_classes)
+    data = data.subset(limit)
+    eps_values = eps_values or parse_eps(",".join(data.default_eps))
+    start = time.perf_counter()
+    bounds = lipschitz_bounds(model)
+    if assume_lipschitz is not None:
+        bounds = assume_body_bound(bounds, assume_lipschitz)
+        err_console.print(
+            f"[bold yellow]Warning:[/] certificates computed with an ASSUMED body bound L = {assume_lipschitz:g} "
+            "(--assume-lipschitz), not cpl-cert's certified bound; they are being audited, not guaranteed.",
+            highlight=False,
+        )
+    cert = certify(model, data, eps=[e.label for e in eps_values], device=dev, batch_size=batch_size, bounds=bounds)
+    images = to_float_images(data.images.to(dev))
+    with Progress(
+        TextColumn(f"attack {attack}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True, disable=not err_console.is_terminal,
+    ) as bar:
+        task = bar.add_task("attack", total=cert.n)
+        suite = run_suite(
+            model, images, cert.predictions.to(dev), [e.value for e in eps_values], attack, engine, batch_size, seed, steps,
+            progress=lambda done, total: bar.update(task, completed=done),
+        )
+    violations = find_violations(suite, cert.radii)
+    seconds = time.perf_counter() - start
+    rows = accuracy_rows(cert, suite, eps_values)
+    bound_text = f"assumed body bound {assume_lipschitz:g}" if assume_lipschitz is not None else f"certified bound {bounds.upper:.6g}"
+    console.print(accuracy_table(rows, f"{model_path.name}: {attack} ({engine}) on {cert.n} {data.name} test points, {bound_text}"))
+    stats = None
+    if attack in ("minnorm", "autoattack"):
+        stats = tightness(cert.radii, suite.min_distance)
+        console.print(tightness_table(stats))
+        console.print(f"no adversarial example found for {stats['no_adversarial_found']} points", highlight=False)
+    if suite.rejected:
+        console.print(f"{suite.rejected} points had candidate adversarial examples that failed float64 re-verification (discarded)", highlight=False)
+    console.print(f"done in {seconds:.1f} s on {cert.device}", highlight=False)
+    if json_path is not None:
+        report = json_report(
+            model=str(model_path), sha256=file_sha256(model_path), dataset=data.name, cert=cert, suite=suite, rows=rows,
+            violations=violations, attack=attack, engine=engine, seconds=seconds, seed=seed,
+            assumed_lipschitz=assume_lipschitz, stats=stats,
+        )
+        write_json(json_path, report)
+        console.print(f"wrote {json_path}")
+    if plot_path is not None:
+        from ..attack_plots import plot_gap
+
+        plot_gap(plot_path, cert.radii, suite.min_distance, f"{model_path.name}: certified radius vs smallest adversarial distance")
+        console.print(f"wrote {plot_path}")
+    if violations:
+        console.print(violations_table(violations))
+        err_console.print(
+            f"[bold red]Error:[/] an attack contradicted {len(violations)} certificate(s) (test points "
+            f"{', '.join(str(v.index) for v in violations[:20])}{' ...' if len(violations) > 20 else ''}).",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_VIOLATION)
+    console.print("[bold green]no certificate violated[/]: every adversarial example found lies at or beyond its certified radius")

@@ -1,0 +1,136 @@
+"""``cpl-cert attack`` end to end: a broken certificate is caught (exit 3), honest ones pass, misuse exits 1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import cpl_cert
+from cpl_cert.cli import app
+from cpl_cert.models import cpl_layers
+
+runner = CliRunner()
+DATASET = {"name": "fashion-mnist", "input_shape": [1, 28, 28], "num_classes": 10}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _dense_model(seed: int = 0):
+    torch.manual_seed(seed)
+    model = cpl_cert.build_model("cpl-tiny", input_shape=(1, 28, 28), num_classes=10, conv_depth=0, channels=1, dense_depth=2, dense_inner=64)
+    return cpl_cert.freeze(model)
+
+
+@pytest.fixture
+def dense_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "dense.safetensors"
+    cpl_cert.save_checkpoint(_dense_model(), path, dataset=DATASET, training={})
+    return path
+
+
+@pytest.fixture
+def broken_checkpoint(tmp_path: Path) -> Path:
+    """A frozen model whose steps are then made 20x too large: each layer is ~39-Lipschitz, not 1."""
+    model = _dense_model()
+    for _, layer in cpl_layers(model):
+        layer.step.mul_(20.0)
+    path = tmp_path / "broken.safetensors"
+    cpl_cert.save_checkpoint(model, path, dataset=DATASET, training={})
+    return path
+
+
+def test_broken_certificate_exits_3_and_names_the_points(broken_checkpoint: Path, tmp_path: Path):
+    report = tmp_path / "report.json"
+    args = ["attack", str(broken_checkpoint), "--limit", "40", "--eps", "0.1", "--assume-lipschitz", "1", "--json", str(report)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3, result.output
+    data = json.loads(report.read_text())
+    assert data["violations"], "the broken certificate must be caught"
+    assert "contradicted" in result.output
+    for index in data["violations"]:
+        assert str(index) in result.output
+    for detail in data["violation_details"]:
+        assert detail["distance"] < detail["radius"]
+        assert detail["index"] in data["violations"]
+    # The same checkpoint with cpl-cert's own bound (which sees the large steps) is honest.
+    honest = runner.invoke(app, ["attack", str(broken_checkpoint), "--limit", "40", "--eps", "0.1"])
+    assert honest.exit_code == 0, honest.output
+
+
+def test_minnorm_report_fields_and_plot(dense_checkpoint: Path, tmp_path: Path):
+    report, plot = tmp_path / "r.json", tmp_path / "gap.png"
+    pytest.importorskip("matplotlib")
+    result = runner.invoke(
+        app, ["attack", str(dense_checkpoint), "--attack", "minnorm", "--limit", "50", "--eps", "0.1,36/255", "--json", str(report), "--plot", str(plot)]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    for key in ("model", "n", "eps", "attacks", "clean_accuracy", "certified_accuracy", "robust_accuracy", "violations", "seconds"):
+        assert key in data
+    assert data["n"] == 50 and data["violations"] == []
+    assert data["eps"] == pytest.approx([0.1, 36 / 255])
+    for certified, robust in zip(data["certified_accuracy"], data["robust_accuracy"]):
+        assert 0 <= certified <= robust <= data["clean_accuracy"] <= 1
+    assert data["tightness"]["points"] > 0 and data["tightness"]["max"] <= 1.0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "extra, phrase",
+    [
+        (["--limit", "0"], "--limit"),
+        (["--limit", "-5"], "--limit"),
+        (["--eps", "abc"], "eps"),
+        (["--eps", "-0.1"], "eps"),
+        (["--eps", ""], "eps"),
+        (["--attack", "fgsm"], "unknown attack"),
+        (["--engine", "foolbox"], "unknown engine"),
+        (["--steps", "0"], "--steps"),
+        (["--attack", "pgd", "--plot", "x.png"], "--plot needs"),
+    ],
+)
+def test_misuse_exits_1_with_one_sentence(dense_checkpoint: Path, extra, phrase):
+    result = runner.invoke(app, ["attack", str(dense_checkpoint), *extra])
+    assert result.exit_code == 1, result.output
+    assert phrase in result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip().startswith("Error:")
+
+
+def test_torchattacks_engine_without_the_package_says_how_to_install(dense_checkpoint: Path):
+    try:
+        import torchattacks  # noqa: F401
+    except ImportError:
+        result = runner.invoke(app, ["attack", str(dense_checkpoint), "--engine", "torchattacks"])
+        assert result.exit_code == 1
+        assert "pip install" in result.output
+    else:
+        pytest.skip("torchattacks is installed")
+
+
+def test_native_apgdt_matches_torchattacks(dense_checkpoint: Path):
+    """With the optional extra: native APGD-T robust accuracy within 1 point of torchattacks' APGDT."""
+    torchattacks = pytest.importorskip("torchattacks")
+    from cpl_cert.attacks import apgd_targeted_l2
+
+    model, _ = cpl_cert.load_checkpoint(dense_checkpoint)
+    data = cpl_cert.load_dataset("fashion-mnist").subset(200)
+    x = data.images.float() / 255
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    native = apgd_targeted_l2(model, x, pred, 0.25).found.float().mean()
+    attack = torchattacks.APGDT(model, norm="L2", eps=0.25, steps=100, n_restarts=1, n_classes=10)
+    adv = attack(x, pred)
+    with torch.no_grad():
+        theirs = (model(adv).argmax(1) != pred).float().mean()
+    assert abs(float(native) - float(theirs)) <= 0.01

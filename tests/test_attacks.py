@@ -1,0 +1,146 @@
+"""The attacks against closed-form minimal adversarial distances, and no violation on frozen CPL models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import cpl_cert
+from cpl_cert.attacks import apgd_l2, apgd_targeted_l2, checkpoints, find_violations, fmn_l2, pgd_l2, project, run_suite, verify
+from cpl_cert.attacks.common import AttackOutcome
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny batches run hundreds of times faster on one thread when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Linear(nn.Module):
+    def __init__(self, dim: int, classes: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.flatten(1))
+
+
+class Ring(nn.Module):
+    """2-D toy: class 0 inside the circle of radius 0.25 around (0.5, 0.5), class 1 outside."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = (x - 0.5).norm(dim=1)
+        return torch.stack([0.25 - r, r - 0.25], dim=1)
+
+
+def linear_case(n: int = 64, dim: int = 20, classes: int = 10):
+    """Points well inside [0, 1] and their exact minimal l2 distance min_j (f_p - f_j) / ||w_p - w_j||."""
+    torch.manual_seed(0)
+    model = Linear(dim, classes)
+    x = 0.5 + 0.02 * torch.randn(n, dim)
+    with torch.no_grad():
+        logits = model(x)
+        pred = logits.argmax(1)
+        w = model.layer.weight.double()
+        gaps = logits.double().gather(1, pred[:, None]) - logits.double()
+        ratio = gaps / (w[pred][:, None, :] - w[None]).norm(dim=2)
+        ratio[torch.arange(n), pred] = math.inf
+    exact = ratio.min(dim=1).values
+    assert bool((exact < 0.3).all())  # the nearest boundary point stays inside the box
+    return model, x, pred, exact
+
+
+def ring_case(n: int = 64):
+    g = torch.Generator().manual_seed(1)
+    angle = 2 * math.pi * torch.rand(n, generator=g)
+    radius = 0.05 + 0.35 * torch.rand(n, generator=g)
+    x = 0.5 + radius[:, None] * torch.stack([angle.cos(), angle.sin()], dim=1)
+    model = Ring()
+    return model, x, model(x).argmax(1), (radius - 0.25).abs().double()
+
+
+CASES = {"linear": linear_case, "ring": ring_case}
+
+
+def test_apgd_checkpoints_follow_croce_hein():
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_minnorm_finds_exact_distance_within_one_percent(case):
+    model, x, pred, exact = CASES[case]()
+    out = fmn_l2(model, x, pred)
+    assert bool(out.found.all())
+    relative = out.distance / exact - 1
+    assert float(relative.abs().max()) < 0.01
+    assert float(relative.min()) > -1e-5  # nothing can beat the true minimum
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_apgd_breaks_every_point_just_beyond_its_exact_distance(case):
+    model, x, pred, exact = CASES[case]()
+    g = torch.Generator().manual_seed(0)
+    targeted = apgd_targeted_l2(model, x, pred, (exact * 1.01).float(), generator=g)
+    untargeted = apgd_l2(model, x, pred, (exact * 1.01).float(), generator=g)
+    broken = targeted.found | untargeted.found
+    assert bool(broken.all())
+    assert bool((targeted.distance[targeted.found] <= exact[targeted.found] * 1.01 + 1e-6).all())
+    below = apgd_targeted_l2(model, x, pred, (exact * 0.99).float(), generator=g)
+    assert not bool(below.found.any())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_targeted_apgd_is_at_least_as_strong_as_pgd(case):
+    model, x, pred, exact = CASES[case]()
+    eps = float(exact.median())
+    pgd = pgd_l2(model, x, pred, eps, generator=torch.Generator().manual_seed(0))
+    apgdt = apgd_targeted_l2(model, x, pred, eps, generator=torch.Generator().manual_seed(0))
+    assert int(apgdt.found.sum()) >= int(pgd.found.sum())
+    assert bool((apgdt.found | ~pgd.found).all())  # every point PGD breaks, APGD-T breaks too
+
+
+def test_projection_respects_ball_and_box():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(32, 1, 8, 8, generator=g)
+    x = x0 + 3 * torch.randn(32, 1, 8, 8, generator=g)
+    p = project(x0, x, 0.5)
+    assert float(p.min()) >= 0 and float(p.max()) <= 1
+    assert bool(((p - x0).flatten(1).norm(dim=1) <= 0.5 + 1e-5).all())
+
+
+def test_verify_rejects_fake_and_out_of_box_examples():
+    model, x, pred, _ = linear_case(8)
+    fake = x.clone()
+    fake[1] += 5.0  # outside [0, 1]
+    found = torch.ones(8, dtype=torch.bool)
+    d = verify(model.double(), x, AttackOutcome(found, fake, torch.zeros(8), "fake"), pred)
+    assert bool(torch.isinf(d).all())  # the clean points do not change the prediction, the other is out of the box
+
+
+def test_frozen_cpl_models_have_no_violation_on_fashion_mnist():
+    """Frozen models (random weights) on real test points: no violation.
+
+    1,000 points on a dense CPL model with the full AutoAttack-style ensemble at the reference budget,
+    and 100 points on the convolutional cpl-tiny with the minimum-norm attack.
+    """
+    data = cpl_cert.load_dataset("fashion-mnist")
+    for overrides, limit, attack in (
+        (dict(conv_depth=0, channels=1, dense_depth=2, dense_inner=64), 1000, "autoattack"),
+        ({}, 100, "minnorm"),
+    ):
+        torch.manual_seed(0)
+        model = cpl_cert.freeze(cpl_cert.build_model("cpl-tiny", input_shape=(1, 28, 28), num_classes=10, **overrides))
+        subset = data.subset(limit)
+        cert = cpl_cert.certify(model, subset, eps=[0.1, 0.5], device="cpu")
+        images = subset.images.float() / 255
+        suite = run_suite(model, images, cert.predictions, [0.1, 0.5], attack=attack)
+        assert suite.rejected == 0 or attack == "autoattack"
+        assert find_violations(suite, cert.radii) == []
+        assert bool(torch.isfinite(suite.min_distance).float().mean() > 0.9)  # the attacks did find examples
+        assert bool((suite.min_distance >= cert.radii.double()).all())
