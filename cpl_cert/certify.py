@@ -21,11 +21,18 @@ from torch import nn
 from .data import ImageDataset, to_float_images
 from .device import resolve_device
 from .errors import CplCertError
+from .layers import CPL_LAYER_TYPES
 from .lipschitz import LipschitzBounds, lipschitz_bounds
 from .models import CPLNet
 
 BORDERLINE_RTOL = 1e-4
 """Radii within this relative distance of an ``eps`` are recomputed in float64 before they count."""
+
+CALIBRATION_SAMPLES = 16
+"""Points run through the float64 copy on every call to measure the float32 rounding error of radii."""
+
+CALIBRATION_SAFETY = 10.0
+"""The re-check window is at least this many times the measured float32 error of radii (and margins)."""
 
 
 @dataclass
@@ -115,14 +122,16 @@ def _as_tensors(data: ImageDataset | tuple[torch.Tensor, torch.Tensor]) -> tuple
 def radii_from_logits(logits: torch.Tensor, pair_lipschitz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(predictions, margins, radii)`` in float64 from logits and the class-pair Lipschitz matrix.
 
-    ``margins`` is ``f_top - f_second``; ``radii`` is ``min_j (f_top - f_j) / L[top, j]``.
+    ``margins`` is ``f_top - f_second``; ``radii`` is ``min_j (f_top - f_j) / L[top, j]``. A pair whose
+    difference is constant (``L[top, j] == 0``, e.g. two identical LLN rows) never changes: it bounds
+    nothing when the gap is positive and gives radius 0 on a tie.
     """
     logits = logits.double()
     predictions = logits.argmax(dim=1)
     top = logits.gather(1, predictions[:, None])
     gaps = top - logits  # (B, K), zero at the prediction
     pair = pair_lipschitz.to(logits.device, torch.float64)[predictions]  # (B, K)
-    ratios = gaps / pair
+    ratios = torch.where(pair > 0, gaps / pair, torch.where(gaps > 0, math.inf, 0.0))
     ratios.scatter_(1, predictions[:, None], math.inf)
     radii = ratios.min(dim=1).values.clamp_min(0.0)
     gaps.scatter_(1, predictions[:, None], math.inf)
@@ -130,8 +139,13 @@ def radii_from_logits(logits: torch.Tensor, pair_lipschitz: torch.Tensor) -> tup
     return predictions, margins, radii
 
 
-def _float64_copy(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model).double().eval()
+def float64_copy(model: nn.Module) -> nn.Module:
+    """A float64 copy of ``model`` computing the same function (unfrozen layers keep today's step)."""
+    exact = copy.deepcopy(model)
+    for module in exact.modules():
+        if isinstance(module, CPL_LAYER_TYPES) and not module.frozen:
+            module.set_frozen_step(float(module.current_step()))
+    return exact.double().eval()
 
 
 @torch.inference_mode()
@@ -146,18 +160,21 @@ def certify(
 ) -> CertifyResult:
     """Certify every point of ``data``: predictions, margins and radii in float64, and accuracies.
 
-    The model is moved to ``device``; data go there once; nothing syncs with the host per batch.
-    ``progress(done, total)`` is called after each batch (without a sync).
+    The model is moved to ``device`` (in place, as ``nn.Module.to`` does); the data go there once;
+    nothing syncs with the host per batch. ``progress(done, total)`` is called after each batch
+    (without a sync, so on a GPU it counts batches queued). Radii close to an ``eps`` are recomputed
+    with a float64 copy of the model before they count (see ``_recheck_tolerance``).
     """
     if batch_size < 1:
         raise CplCertError(f"--batch-size must be positive, got {batch_size}")
     eps_values = parse_eps(eps)
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    bounds = bounds or lipschitz_bounds(model)
+    if bounds is None:
+        bounds = lipschitz_bounds(model)
     pair = bounds.pair_lipschitz().to(dev)
     images, labels = _as_tensors(data)
-    if images.dim() != 4 or images.shape[0] != labels.shape[0]:
+    if images.dim() != 4 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
         raise CplCertError(f"images must be (N, C, H, W) with one label each, got {tuple(images.shape)} and {tuple(labels.shape)}")
     if tuple(images.shape[1:]) != tuple(model.config.input_shape):
         raise CplCertError(f"the images have shape {tuple(images.shape[1:])} but the model expects {tuple(model.config.input_shape)}")
@@ -177,17 +194,32 @@ def certify(
     else:
         predictions = torch.empty(0, dtype=torch.long, device=dev)
         margins = radii = torch.empty(0, dtype=torch.float64, device=dev)
+
+    exact_model = float64_copy(model) if total else None
+
+    def exact(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert exact_model is not None
+        return radii_from_logits(exact_model(to_float_images(images_dev[index]).double()), pair)
+
+    # Calibrate: the float32 rounding error of radii and margins, measured on the first few points.
+    radius_error = margin_error = 0.0
+    if total:
+        probe = torch.arange(min(CALIBRATION_SAMPLES, total), device=dev)
+        p64, m64, r64 = exact(probe)
+        same = p64 == predictions[probe]
+        if bool(same.any()):
+            radius_error = float((r64 - radii[probe])[same].abs().max())
+            margin_error = float((m64 - margins[probe])[same].abs().max())
+        predictions[probe], margins[probe], radii[probe] = p64, m64, r64
     eps_tensor = torch.tensor([e.value for e in eps_values], dtype=torch.float64, device=dev)
-    borderline = ((radii[:, None] - eps_tensor).abs() <= BORDERLINE_RTOL * eps_tensor).any(dim=1)
-    borderline |= margins <= 1e-6 * bounds.upper  # near-ties: the float32 argmax itself may be wrong
+    tolerance = torch.clamp(BORDERLINE_RTOL * eps_tensor, min=CALIBRATION_SAFETY * radius_error)
+    borderline = ((radii[:, None] - eps_tensor).abs() <= tolerance).any(dim=1)
+    # Near-ties: the float32 argmax itself may be wrong.
+    borderline |= margins <= max(1e-6 * bounds.upper, CALIBRATION_SAFETY * margin_error)
     index = borderline.nonzero().flatten()
-    if index.numel():
-        exact_model = _float64_copy(model)
-        for begin in range(0, index.numel(), batch_size):
-            part = index[begin : begin + batch_size]
-            x = to_float_images(images_dev[part]).double()
-            p, m, r = radii_from_logits(exact_model(x), pair)
-            predictions[part], margins[part], radii[part] = p, m, r
+    for begin in range(0, index.numel(), batch_size):
+        part = index[begin : begin + batch_size]
+        predictions[part], margins[part], radii[part] = exact(part)
     result = CertifyResult(
         labels=labels.cpu().long(),
         predictions=predictions.cpu(),
@@ -198,6 +230,7 @@ def certify(
         device=str(dev),
         seconds=0.0,
         rechecked=int(index.numel()),
+        extra={"float32_radius_error": radius_error, "float32_margin_error": margin_error},
     )
     result.seconds = time.perf_counter() - start
     return result
