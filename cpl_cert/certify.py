@@ -43,9 +43,9 @@ class EpsValue:
     label: str
 
 
-def parse_eps(spec: str | float | Sequence[str | float]) -> list[EpsValue]:
-    """Parse ``"0.1,0.25,36/255"`` (or a list of numbers/strings) into positive radii."""
-    items: Sequence[str | float]
+def parse_eps(spec: str | float | Sequence[str | float | EpsValue]) -> list[EpsValue]:
+    """Parse ``"0.1,0.25,36/255"`` (or a list of numbers, strings or ``EpsValue``) into positive radii."""
+    items: Sequence[str | float | EpsValue]
     if isinstance(spec, str):
         items = [part.strip() for part in spec.split(",")]
     elif isinstance(spec, (int, float)):
@@ -54,7 +54,9 @@ def parse_eps(spec: str | float | Sequence[str | float]) -> list[EpsValue]:
         items = list(spec)
     values: list[EpsValue] = []
     for item in items:
-        if isinstance(item, (int, float)):
+        if isinstance(item, EpsValue):
+            value, label = float(item.value), item.label
+        elif isinstance(item, (int, float)):
             value, label = float(item), f"{float(item):g}"
         else:
             match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?:/\s*([0-9]*\.?[0-9]+))?\s*", item)
@@ -152,7 +154,7 @@ def float64_copy(model: nn.Module) -> nn.Module:
 def certify(
     model: CPLNet,
     data: ImageDataset | tuple[torch.Tensor, torch.Tensor],
-    eps: str | Sequence[str | float] | float = (0.1, 0.25, 0.5, 1.0),
+    eps: str | Sequence[str | float | EpsValue] | float = (0.1, 0.25, 0.5, 1.0),
     device: str | torch.device | None = "auto",
     batch_size: int = 1024,
     bounds: LipschitzBounds | None = None,

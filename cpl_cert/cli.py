@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
+from .commands.certify import certify_command
 from .commands.inspect import info_command, lipschitz_command
 
 app = typer.Typer(
@@ -39,6 +40,7 @@ def _root(
 
 app.command("lipschitz")(lipschitz_command)
 app.command("info")(info_command)
+app.command("certify")(certify_command)
 
 
 def main() -> None:

@@ -229,8 +229,9 @@ def _load_named(spec: DatasetSpec, split: str, data_dir: str | os.PathLike[str] 
             failure = f"a download into {root} failed (no network?)"
     else:
         failure = "downloads are off" + (" ($CPL_CERT_OFFLINE is set)" if download else "")
+    where = f"looked in {', '.join(looked)}" if looked else "no local copy is known"
     raise CplCertError(
-        f"could not find the {spec.name} {split} split: looked in {', '.join(looked) or 'no folder'} and {failure}; "
+        f"could not find the {spec.name} {split} split: {where} and {failure}; "
         f"fetch it on a connected machine with torchvision.datasets.{spec.torchvision_class}(ROOT, download=True) "
         f"and pass --data-dir ROOT or set $CPL_CERT_DATA=ROOT"
     )
