@@ -162,7 +162,6 @@ def float64_copy(model: nn.Module) -> nn.Module:
     return exact.double().eval()
 
 
-@torch.inference_mode()
 def certify(
     model: CPLNet,
     data: ImageDataset | tuple[torch.Tensor, torch.Tensor],
@@ -179,6 +178,23 @@ def certify(
     (without a sync, so on a GPU it counts batches queued). Radii close to an ``eps`` are recomputed
     with a float64 copy of the model before they count (see ``_recheck_tolerance``).
     """
+    with torch.inference_mode():
+        result = _certify(model, data, eps, device, batch_size, bounds, progress)
+    # Inference tensors cannot enter autograd (an attack on the certified points would fail): clone out.
+    for name in ("labels", "predictions", "margins", "radii"):
+        setattr(result, name, getattr(result, name).clone())
+    return result
+
+
+def _certify(
+    model: CPLNet,
+    data: ImageDataset | tuple[torch.Tensor, torch.Tensor],
+    eps: str | Sequence[str | float | EpsValue] | float,
+    device: str | torch.device | None,
+    batch_size: int,
+    bounds: LipschitzBounds | None,
+    progress: Callable[[int, int], None] | None,
+) -> CertifyResult:
     if batch_size < 1:
         raise CplCertError(f"--batch-size must be positive, got {batch_size}")
     eps_values = parse_eps(eps)
@@ -234,6 +250,7 @@ def certify(
     for begin in range(0, index.numel(), batch_size):
         part = index[begin : begin + batch_size]
         predictions[part], margins[part], radii[part] = exact(part)
+    # The per-sample tensors leave as ordinary CPU tensors (see ``certify``), not inference tensors.
     result = CertifyResult(
         labels=labels.cpu().long(),
         predictions=predictions.cpu(),
