@@ -273,10 +273,13 @@ def _load_folder(path: Path, split: str) -> ImageDataset:
         ds = tvd.ImageFolder(str(root))
     except (FileNotFoundError, RuntimeError) as exc:
         raise CplCertError(f"{root} is not an image folder tree ({str(exc).splitlines()[0]})") from None
+    from PIL import Image
+
     tensors, labels = [], []
     for file, label in ds.samples:
-        image = ds.loader(file)
-        tensors.append(pil_to_tensor(image))
+        with Image.open(file) as image:
+            # Grayscale stays one channel (ImageFolder's default loader would make it RGB).
+            tensors.append(pil_to_tensor(image.convert("L" if image.mode in ("1", "L", "I", "I;16") else "RGB")))
         labels.append(label)
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) != 1:
