@@ -95,8 +95,8 @@ def certify_command(
             bounds.lower = lipschitz_lower_bound(model, probe, iters=20, generator=torch.Generator().manual_seed(0))
 
     table = certify_table(result, title=f"{model_path.name} on {data.name} ({split} split)")
-    table.caption = f"data: {data.source}; {result.seconds:.2f} s"
     console.print(table)
+    console.print(f"data: {data.source}; certified in {result.seconds:.2f} s", highlight=False)
     report = certify_report(result, model=str(model_path), sha256=file_sha256(model_path), dataset=data.name, split=split)
     report["batch_size"] = batch_size
     if json_path is not None:
