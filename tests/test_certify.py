@@ -206,3 +206,15 @@ def test_certify_unfrozen_model_and_result_fields(fashion):
         cpl_cert.certify(model, (fashion.images[:4, :, :10], fashion.labels[:4]), device="cpu")
     with pytest.raises(CplCertError):
         cpl_cert.certify(model, fashion.subset(4), device="cpu", batch_size=0)
+
+
+def test_calibrated_run_agrees_with_uncalibrated(fashion):
+    """Runs of 500+ points measure the float32 error of radii on a few points in float64."""
+    model = make_frozen("cpl-tiny", seed=5, **TINY)
+    data = load_dataset("fashion-mnist").subset(1000)
+    result = cpl_cert.certify(model, data, eps=[0.05, 0.1], device="cpu", batch_size=500)
+    error = result.extra["float32_radius_error"]
+    assert 0 <= error < 1e-5
+    small = cpl_cert.certify(model, data.subset(400), eps=[0.05, 0.1], device="cpu")
+    assert small.extra["float32_radius_error"] == 0.0  # no calibration below 500 points
+    assert torch.allclose(result.radii[:400], small.radii, rtol=0, atol=max(10 * error, 1e-6))
