@@ -8,6 +8,7 @@ import typer
 
 from . import __version__
 from .commands.attack import attack_command
+from .commands.certify import certify_command
 from .commands.inspect import info_command, lipschitz_command
 
 app = typer.Typer(
@@ -40,6 +41,7 @@ def _root(
 
 app.command("lipschitz")(lipschitz_command)
 app.command("info")(info_command)
+app.command("certify")(certify_command)
 app.command("attack")(attack_command)
 
 

@@ -2,7 +2,8 @@
 
 Resolution order for a named dataset: ``--data-dir``, ``$CPL_CERT_DATA``, a system copy (Debian's
 ``dataset-fashion-mnist``), the Fashion-MNIST test split shipped inside this package, then a
-torchvision download into the cache. When nothing works, one sentence says where it looked.
+torchvision download into the cache (skipped when ``$CPL_CERT_OFFLINE`` is set). When nothing works,
+one sentence says where it looked and how to get the data.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ SPECS: dict[str, DatasetSpec] = {
         (0.2673, 0.2564, 0.2762), CIFAR_EPS, "CIFAR100", "cifar-100-python",
     ),
 }
+
+DOWNLOAD_TIMEOUT_S = 10.0
+"""Socket timeout of a dataset download: no answer in this many seconds means no network."""
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -139,7 +143,13 @@ def _find_idx_dir(candidate: Path, spec: DatasetSpec, split: str) -> Path | None
 
 def _stage_uncompressed(source: Path, spec: DatasetSpec, split: str) -> Path:
     """Copy the split's IDX files, uncompressed, to ``<cache>/<tag>/<raw_folder>/raw`` for torchvision."""
-    tag = f"{spec.name}-{hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:12]}"
+    # The tag names the source folder and its files' sizes and times, so a changed source is staged afresh.
+    stamps = [str(source.resolve())]
+    for name in MNIST_FILES[split]:
+        file = source / name if (source / name).is_file() else source / f"{name}.gz"
+        stat = file.stat()
+        stamps.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    tag = f"{spec.name}-{hashlib.sha256('|'.join(stamps).encode()).hexdigest()[:12]}"
     root = cache_dir() / tag
     raw = root / spec.raw_folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -211,26 +221,44 @@ def _load_named(spec: DatasetSpec, split: str, data_dir: str | os.PathLike[str] 
         except (OSError, RuntimeError, ValueError, EOFError) as exc:
             raise CplCertError(f"the {spec.name} files in {folder} are unreadable ({exc})") from None
         return ImageDataset(spec.name, split, images, labels, spec.classes, spec.mean, spec.std, source, spec.default_eps)
-    if download:
+    if download and not os.environ.get("CPL_CERT_OFFLINE"):
         root = cache_dir() / "downloads"
-        looked.append(str(root))
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            if mnist_family:
+            return _download(spec, split, root)
+        except Exception:  # noqa: BLE001 - any download failure ends in the one sentence below
+            failure = f"a download into {root} failed (no network?)"
+    else:
+        failure = "downloads are off" + (" ($CPL_CERT_OFFLINE is set)" if download else "")
+    where = f"looked in {', '.join(looked)}" if looked else "no local copy is known"
+    raise CplCertError(
+        f"could not find the {spec.name} {split} split: {where} and {failure}; "
+        f"fetch it on a connected machine with torchvision.datasets.{spec.torchvision_class}(ROOT, download=True) "
+        f"and pass --data-dir ROOT or set $CPL_CERT_DATA=ROOT"
+    )
+
+
+def _download(spec: DatasetSpec, split: str, root: Path) -> ImageDataset:
+    """torchvision download into ``root``, quiet (its prints and progress bars are swallowed) and with a
+    socket timeout so that a machine without network fails in seconds instead of hanging."""
+    import contextlib
+    import io
+    import socket
+
+    root.mkdir(parents=True, exist_ok=True)
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            if spec.raw_folder in ("FashionMNIST", "MNIST"):
                 import torchvision.datasets as tvd
 
                 getattr(tvd, spec.torchvision_class)(str(root), train=(split == "train"), download=True)
                 images, labels = _load_mnist_family(root, spec, split)
             else:
                 images, labels = _load_cifar(root, spec, split, download=True)
-            return ImageDataset(spec.name, split, images, labels, spec.classes, spec.mean, spec.std, f"download: {root}", spec.default_eps)
-        except Exception:  # noqa: BLE001 - any download failure ends in the one sentence below
-            pass
-    raise CplCertError(
-        f"could not find the {spec.name} {split} split (looked in {', '.join(looked) or 'nowhere'}; "
-        f"{'the download failed, no network?' if download else 'download disabled'}); "
-        f"put the torchvision files in a folder and pass --data-dir or set $CPL_CERT_DATA"
-    )
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+    return ImageDataset(spec.name, split, images, labels, spec.classes, spec.mean, spec.std, f"download: {root}", spec.default_eps)
 
 
 def _load_folder(path: Path, split: str) -> ImageDataset:
@@ -245,10 +273,13 @@ def _load_folder(path: Path, split: str) -> ImageDataset:
         ds = tvd.ImageFolder(str(root))
     except (FileNotFoundError, RuntimeError) as exc:
         raise CplCertError(f"{root} is not an image folder tree ({str(exc).splitlines()[0]})") from None
+    from PIL import Image
+
     tensors, labels = [], []
     for file, label in ds.samples:
-        image = ds.loader(file)
-        tensors.append(pil_to_tensor(image))
+        with Image.open(file) as image:
+            # Grayscale stays one channel (ImageFolder's default loader would make it RGB).
+            tensors.append(pil_to_tensor(image.convert("L" if image.mode in ("1", "L", "I", "I;16") else "RGB")))
         labels.append(label)
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) != 1:

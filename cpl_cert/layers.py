@@ -255,10 +255,10 @@ class LLNHead(nn.Module):
         return F.linear(x, self.normalized_weight(), self.bias)
 
     def pair_lipschitz(self) -> torch.Tensor:
-        """``C[i, j] = ||w_i - w_j||_2`` in float64 (rows normalised), the Lipschitz constant of ``f_i - f_j``."""
-        w = self.normalized_weight().detach().double()
+        """``C[i, j] = ||w_i - w_j||_2`` in float64 (rows normalised in float64), the Lipschitz constant of ``f_i - f_j``."""
+        w = F.normalize(self.weight.detach().double(), dim=1)
         return (w[:, None, :] - w[None, :, :]).norm(dim=-1)
 
     def lipschitz(self) -> float:
-        w = self.normalized_weight().detach().double()
+        w = F.normalize(self.weight.detach().double(), dim=1)
         return float(torch.linalg.matrix_norm(w, ord=2))

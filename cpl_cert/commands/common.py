@@ -10,6 +10,7 @@ from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import CplCertError
 
@@ -24,7 +25,7 @@ EXIT_VIOLATION = 3
 
 def fail(message: str, code: int = EXIT_ERROR) -> None:
     """Print ``Error: message`` on stderr and exit with ``code``."""
-    err_console.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

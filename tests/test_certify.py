@@ -1,0 +1,220 @@
+"""certify(): agreement with an independent float64 computation, soundness against PGD, exact geometry."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cpl_cert
+from cpl_cert.certify import parse_eps, radii_from_logits
+from cpl_cert.data import load_dataset
+from cpl_cert.errors import CplCertError
+from cpl_cert.layers import CPLConv2d, CPLLinear, LLNHead
+
+from conftest import make_frozen
+
+TINY = dict(channels=4, conv_depth=1, dense_depth=1, conv_inner=4, dense_inner=32, pool=4)
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    return load_dataset("fashion-mnist").subset(300)
+
+
+def exact_conv_norm(layer: CPLConv2d) -> float:
+    """||W||_2 of the zero-padded convolution, from its explicit matrix (tiny inputs only)."""
+    c, (h, w) = layer.channels, layer.input_size
+    basis = torch.eye(c * h * w, dtype=torch.float64).view(-1, c, h, w)
+    matrix = F.conv2d(basis, layer.weight.detach().double(), padding=layer.padding).flatten(1)
+    return float(torch.linalg.matrix_norm(matrix, ord=2))
+
+
+def explicit_body_bound(model: cpl_cert.CPLNet) -> float:
+    """Product of max(1, h s^2 - 1) with exact spectral norms, and 1 / min(std): written independently of lipschitz.py."""
+    bound = 1.0 / float(model.normalize.std.min())
+    for layer in model.modules():
+        if isinstance(layer, CPLLinear):
+            s = float(torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2))
+        elif isinstance(layer, CPLConv2d):
+            s = exact_conv_norm(layer)
+        else:
+            continue
+        bound *= max(1.0, float(layer.step) * s * s - 1.0)
+    return bound
+
+
+def per_sample_float64(model, images, labels, head: str) -> tuple[list[float], list[bool]]:
+    """Radius and correctness of each sample, one at a time, with a float64 copy of the model."""
+    exact = copy.deepcopy(model).double().eval()
+    body = explicit_body_bound(model)
+    radii, correct = [], []
+    with torch.no_grad():
+        if head == "lln":
+            w = F.normalize(model.head.weight.detach().double(), dim=1)
+        for x, y in zip(images, labels):
+            logits = exact(x[None].double() / 255.0)[0]
+            top = int(logits.argmax())
+            best = math.inf
+            for j in range(logits.numel()):
+                if j == top:
+                    continue
+                pair = math.sqrt(2.0) if head == "truncation" else float((w[top] - w[j]).norm())
+                best = min(best, float(logits[top] - logits[j]) / (pair * body))
+            radii.append(best)
+            correct.append(top == int(y))
+    return radii, correct
+
+
+@pytest.mark.parametrize("head", ["truncation", "lln"])
+def test_certified_accuracy_matches_independent_float64(fashion, head):
+    # 12x12 centre crops keep the explicit conv matrix small (576 x 576).
+    model = make_frozen("cpl-tiny", input_shape=(1, 12, 12), seed=3, head=head, **TINY)
+    images = fashion.images[:120, :, 8:20, 8:20].contiguous()
+    # Half of the labels are the model's own predictions, so that many points are correct.
+    with torch.no_grad():
+        own = model(images.float() / 255).argmax(1)
+    labels = torch.where(torch.arange(120) % 2 == 0, own, fashion.labels[:120])
+    radii, correct = per_sample_float64(model, images, labels, head)
+    assert explicit_body_bound(model) == pytest.approx(cpl_cert.lipschitz_bounds(model).body_upper, rel=1e-9)
+    good = sorted(r for r, c in zip(radii, correct) if c)
+    # Eps values a hair (1e-9 relative: far below float32 resolution) on either side of float64 radii of
+    # correct points, so float32 radii alone would often be judged wrongly; the float64 re-check decides.
+    eps = [good[len(good) // 4] * (1 - 1e-9), good[len(good) // 2] * (1 + 1e-9), good[-3] * (1 - 1e-9), 0.05]
+    result = cpl_cert.certify(model, (images, labels), eps=eps, device="cpu", batch_size=32)
+    assert result.n == 120
+    assert result.rechecked >= 3
+    for value, entry in zip(eps, result.certified):
+        expected = sum(c and r > value for r, c in zip(radii, correct)) / 120
+        assert entry["accuracy"] == expected
+    assert result.clean_accuracy == sum(correct) / 120
+    assert torch.allclose(result.radii, torch.tensor(radii, dtype=torch.float64), rtol=1e-4, atol=1e-7)
+
+
+def test_certify_sound_against_pgd(fashion):
+    """PGD-L2 at 0.99 x radius (no box constraint: the certificate holds everywhere) never flips a prediction."""
+    model = make_frozen("cpl-tiny", seed=1)
+    images, labels = fashion.images[:200], fashion.labels[:200]
+    result = cpl_cert.certify(model, (images, labels), eps=[0.1], device="cpu")
+    x0 = images.float() / 255
+    pred = result.predictions
+    eps = (0.99 * result.radii).float().view(-1, 1, 1, 1)
+    delta = torch.randn_like(x0)
+    delta = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps
+    steps = 20
+    flipped = torch.zeros(200, dtype=torch.bool)
+    worst_gap = torch.full((200,), math.inf)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logits = model(x0 + delta)
+        top = logits.gather(1, pred[:, None])[:, 0]
+        other = logits.scatter(1, pred[:, None], -math.inf).max(1).values
+        gap = top - other
+        flipped |= (logits.argmax(1) != pred).detach()
+        worst_gap = torch.minimum(worst_gap, gap.detach())
+        (grad,) = torch.autograd.grad(gap.sum(), delta)
+        with torch.no_grad():
+            g = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            delta = delta - 2.5 * eps / steps * g
+            norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            delta = delta * torch.clamp(eps / norm.clamp_min(1e-12), max=1.0)
+    with torch.no_grad():
+        flipped |= model(x0 + delta).argmax(1) != pred
+    assert not flipped.any(), f"PGD inside the certified radius changed {int(flipped.sum())} predictions"
+    # The attack is real: it closes a good part of the margin (the bound is not vacuous for PGD).
+    assert float((result.margins.float() - worst_gap).mean()) > 0
+
+
+def _rand_inputs(n: int, shape, seed: int) -> torch.Tensor:
+    return torch.rand((n, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+def test_radius_is_exact_distance_to_boundary_truncation():
+    """0 CPL layers, pool 1, truncation head: f(x) = (x - mean)[:K], so the boundary is known in closed form."""
+    model = make_frozen("cpl-tiny", input_shape=(1, 3, 3), num_classes=4, channels=1, conv_depth=0, dense_depth=0, pool=1, mean=(0.25,))
+    x = _rand_inputs(50, (1, 3, 3), 0)
+    result = cpl_cert.certify(model, (x, torch.zeros(50, dtype=torch.long)), eps=[0.1], device="cpu")
+    flat = x.double().flatten(1)[:, :4]
+    values, order = flat.sort(dim=1, descending=True)
+    true_distance = (values[:, 0] - values[:, 1]) / math.sqrt(2.0)  # distance to the hyperplane x_top = x_second
+    assert torch.allclose(result.radii, true_distance, atol=1e-6, rtol=0)
+    # Moving just past the radius along (e_second - e_top) / sqrt 2 reaches the boundary (prediction no longer unique).
+    direction = torch.zeros(50, 9, dtype=torch.float64)
+    direction.scatter_(1, order[:, 1:2], 1 / math.sqrt(2.0))
+    direction.scatter_(1, order[:, 0:1], -1 / math.sqrt(2.0))
+    moved = x.double().flatten(1) + direction * (result.radii[:, None] * (1 + 1e-6) + 1e-9)
+    logits = model.double()(moved.view(50, 1, 3, 3))
+    assert bool((logits.gather(1, order[:, 1:2]) >= logits.gather(1, order[:, 0:1])).all())
+
+
+def test_radius_is_exact_distance_to_boundary_lln():
+    """0 CPL layers and an LLN head: f = W_n x + b, the boundary distance is min_j gap_j / ||w_t - w_j||."""
+    model = make_frozen("cpl-tiny", input_shape=(1, 4, 4), num_classes=5, channels=1, conv_depth=0, dense_depth=0, pool=1, head="lln", seed=7)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.randn(5, generator=torch.Generator().manual_seed(1)) * 0.1)
+    x = _rand_inputs(40, (1, 4, 4), 2)
+    result = cpl_cert.certify(model, (x, torch.zeros(40, dtype=torch.long)), eps=[0.1], device="cpu")
+    w = F.normalize(model.head.weight.detach().double(), dim=1)
+    logits = x.double().flatten(1) @ w.t() + model.head.bias.detach().double()
+    top = logits.argmax(1)
+    exact = copy.deepcopy(model).double()
+    for i in range(40):
+        t = int(top[i])
+        distances = [float(logits[i, t] - logits[i, j]) / float((w[t] - w[j]).norm()) for j in range(5) if j != t]
+        assert abs(float(result.radii[i]) - min(distances)) < 1e-6
+        # and the closest point of that boundary is really reached at that distance
+        j = min((j for j in range(5) if j != t), key=lambda j: float(logits[i, t] - logits[i, j]) / float((w[t] - w[j]).norm()))
+        direction = (w[j] - w[t]) / (w[j] - w[t]).norm()
+        moved = x[i].double().flatten() + direction * min(distances) * (1 + 1e-6)
+        with torch.no_grad():
+            out = exact(moved.view(1, 1, 4, 4))[0]
+        assert float(out[j]) >= float(out[t])
+
+
+def test_radii_from_logits_edge_cases():
+    logits = torch.tensor([[3.0, 1.0, 1.0], [2.0, 2.0, 0.0]])
+    pair = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 1.0], [2.0, 1.0, 0.0]], dtype=torch.float64)
+    pred, margins, radii = radii_from_logits(logits, pair)
+    assert pred.tolist() == [0, 0]
+    assert margins.tolist() == [2.0, 0.0]
+    assert radii[0] == 1.0  # the constant pair (0, 1) bounds nothing; (0, 2) gives 2 / 2
+    assert radii[1] == 0.0  # a tie on a constant pair: radius 0, never NaN
+
+
+def test_parse_eps():
+    values = parse_eps("0.1, 36/255,1e-2")
+    assert [v.label for v in values] == ["0.1", "36/255", "1e-2"]
+    assert values[1].value == pytest.approx(36 / 255)
+    assert parse_eps(values)[1].label == "36/255"
+    for bad in ("abc", "0.1,,0.2", "-1", "0", "1/0", ""):
+        with pytest.raises(CplCertError):
+            parse_eps(bad)
+
+
+def test_certify_unfrozen_model_and_result_fields(fashion):
+    torch.manual_seed(0)
+    model = cpl_cert.build_model("cpl-tiny", input_shape=(1, 28, 28), num_classes=10, **TINY).eval()
+    calls = []
+    result = cpl_cert.certify(model, fashion.subset(50), eps="0.05", device="cpu", batch_size=16, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(16, 50), (32, 50), (48, 50), (50, 50)]
+    assert result.predictions.dtype == torch.long and result.radii.dtype == torch.float64
+    assert result.device == "cpu" and result.seconds > 0
+    with pytest.raises(CplCertError):
+        cpl_cert.certify(model, (fashion.images[:4, :, :10], fashion.labels[:4]), device="cpu")
+    with pytest.raises(CplCertError):
+        cpl_cert.certify(model, fashion.subset(4), device="cpu", batch_size=0)
+
+
+def test_calibrated_run_agrees_with_uncalibrated(fashion):
+    """Runs of 500+ points measure the float32 error of radii on a few points in float64."""
+    model = make_frozen("cpl-tiny", seed=5, **TINY)
+    data = load_dataset("fashion-mnist").subset(1000)
+    result = cpl_cert.certify(model, data, eps=[0.05, 0.1], device="cpu", batch_size=500)
+    error = result.extra["float32_radius_error"]
+    assert 0 <= error < 1e-5
+    small = cpl_cert.certify(model, data.subset(400), eps=[0.05, 0.1], device="cpu")
+    assert small.extra["float32_radius_error"] == 0.0  # no calibration below 500 points
+    assert torch.allclose(result.radii[:400], small.radii, rtol=0, atol=max(10 * error, 1e-6))

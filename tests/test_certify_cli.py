@@ -1,0 +1,146 @@
+"""``cpl-cert certify`` end to end on the shipped test split, and every bad input: exit 1, one sentence."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import cpl_cert
+from cpl_cert.cli import app
+
+from conftest import make_frozen
+
+runner = CliRunner()
+DESIGN_FIELDS = ("model", "sha256", "dataset", "split", "n", "lipschitz", "clean_accuracy", "certified", "device", "seconds", "images_per_second")
+
+
+def save(model, path: Path, name: str = "fashion-mnist", shape=(1, 28, 28), classes: int = 10) -> Path:
+    cpl_cert.save_checkpoint(model, path, dataset={"name": name, "input_shape": list(shape), "num_classes": classes}, training={})
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A small random frozen model for Fashion-MNIST (module-scoped: built once)."""
+    model = make_frozen("cpl-tiny", channels=4, conv_depth=1, dense_depth=1, conv_inner=4, dense_inner=32)
+    return save(model, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPL_CERT_OFFLINE", "1")
+    monkeypatch.setenv("CPL_CERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CPL_CERT_DATA", raising=False)
+
+
+def test_certify_end_to_end(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["certify", str(tiny_checkpoint), "--limit", "300", "--batch-size", "128", "--device", "cpu",
+            "--json", str(out / "r.json"), "--save-radii", str(out / "r.csv")]
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    if has_mpl:
+        args += ["--plot", str(out / "r.png")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for text in ("clean accuracy", "certified accuracy at eps = 0.1", "certified accuracy at eps = 1.0", "Lipschitz bound", "images / s"):
+        assert text in result.stdout
+    report = json.loads((out / "r.json").read_text())
+    assert all(key in report for key in DESIGN_FIELDS)
+    assert report["n"] == 300 and report["dataset"] == "fashion-mnist" and report["split"] == "test"
+    assert [c["label"] for c in report["certified"]] == ["0.1", "0.25", "0.5", "1.0"]
+    assert set(report["lipschitz"]) >= {"upper", "lower", "layers"} and report["lipschitz"]["upper"] == pytest.approx(1.0)
+    assert 0 < report["lipschitz"]["lower"] <= report["lipschitz"]["upper"]
+    assert all({"name", "kind", "step", "sigma_power", "sigma_upper", "bound"} <= set(layer) for layer in report["lipschitz"]["layers"])
+    assert len(report["sha256"]) == 64 and report["device"] == "cpu" and report["images_per_second"] > 0
+    rows = list(csv.DictReader((out / "r.csv").open()))
+    assert len(rows) == 300 and list(rows[0]) == ["index", "label", "prediction", "margin", "radius"]
+    assert [int(r["index"]) for r in rows] == list(range(300))
+    # The report's numbers are the CSV's numbers.
+    correct = [r["label"] == r["prediction"] for r in rows]
+    assert report["clean_accuracy"] == pytest.approx(sum(correct) / 300)
+    for entry in report["certified"]:
+        assert entry["accuracy"] == pytest.approx(sum(c and float(r["radius"]) > entry["eps"] for c, r in zip(correct, rows)) / 300)
+    if has_mpl:
+        assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == sorted(["r.json", "r.csv"] + (["r.png"] if has_mpl else []))
+
+
+def test_certify_explicit_eps_and_dataset(tiny_checkpoint):
+    result = runner.invoke(app, ["certify", str(tiny_checkpoint), "--dataset", "fashion-mnist", "--eps", "36/255, 0.2", "--limit", "20", "--lower-bound-samples", "0"])
+    assert result.exit_code == 0, result.output
+    assert "eps = 36/255" in result.stdout and "eps = 0.2" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def mismatched(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tiny = dict(channels=4, conv_depth=0, dense_depth=1, dense_inner=8)
+    return {
+        "shape": save(make_frozen("cpl-tiny", input_shape=(3, 32, 32), **tiny), root / "rgb.safetensors", "fashion-mnist", (3, 32, 32)),
+        "classes": save(make_frozen("cpl-tiny", num_classes=5, **tiny), root / "five.safetensors", "fashion-mnist", (1, 28, 28), 5),
+    }
+
+
+def bad_cases(checkpoint: Path, mismatched: dict[str, Path], tmp: Path) -> dict[str, list[str]]:
+    out = str(tmp / "out")
+    model = str(checkpoint)
+    return {
+        "unknown dataset": [model, "--dataset", "imagenet", "--json", f"{out}/r.json"],
+        "shape mismatch": [str(mismatched["shape"]), "--json", f"{out}/r.json"],
+        "class mismatch": [str(mismatched["classes"]), "--save-radii", f"{out}/r.csv"],
+        "malformed eps": [model, "--eps", "0.1,abc", "--json", f"{out}/r.json"],
+        "negative eps": [model, "--eps", "-0.5", "--json", f"{out}/r.json"],
+        "zero denominator": [model, "--eps", "1/0", "--json", f"{out}/r.json"],
+        "limit 0": [model, "--limit", "0", "--json", f"{out}/r.json"],
+        "json in a missing folder": [model, "--json", f"{out}/missing/r.json", "--save-radii", f"{out}/r.csv"],
+        "csv path is a folder": [model, "--save-radii", out, "--json", f"{out}/r.json"],
+        "cifar10 missing offline": [model, "--dataset", "cifar10", "--data-dir", str(tmp / "nothing"), "--json", f"{out}/r.json"],
+        "missing checkpoint": [str(tmp / "none.safetensors"), "--json", f"{out}/r.json"],
+        "unknown device": [model, "--device", "tpu", "--json", f"{out}/r.json"],
+    }
+
+
+CASES = ["unknown dataset", "shape mismatch", "class mismatch", "malformed eps", "negative eps", "zero denominator", "limit 0",
+         "json in a missing folder", "csv path is a folder", "cifar10 missing offline", "missing checkpoint", "unknown device"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_exit_1_one_sentence(case, tiny_checkpoint, mismatched, tmp_path):
+    (tmp_path / "out").mkdir()
+    args = bad_cases(tiny_checkpoint, mismatched, tmp_path)[case]
+    result = runner.invoke(app, ["certify", *args])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output and "(set CPL_CERT_DEBUG" not in result.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_plot_without_matplotlib(tiny_checkpoint, tmp_path, monkeypatch):
+    import cpl_cert.plots as plots
+
+    real = plots.importlib.util.find_spec
+    monkeypatch.setattr(plots.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    result = runner.invoke(app, ["certify", str(tiny_checkpoint), "--plot", str(tmp_path / "p.png"), "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "Error: " + plots.INSTALL_HINT
+    assert not (tmp_path / "p.png").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_certified_curve_steps():
+    import torch
+
+    from cpl_cert.plots import certified_curve
+
+    correct = torch.tensor([True, True, False, True])
+    radii = torch.tensor([0.3, 0.1, 0.9, 0.0], dtype=torch.float64)
+    r, acc = certified_curve(correct, radii)
+    assert r.tolist() == [0.0, 0.0, 0.1, 0.3]
+    # acc[i] is the certified accuracy just at r[i] (radius > r strictly)
+    assert acc.tolist() == [0.5, 0.5, 0.25, 0.0]
