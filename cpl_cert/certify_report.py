@@ -24,7 +24,9 @@ def certify_table(result: CertifyResult, title: str) -> Table:
     table.add_row("points", f"{result.n}")
     table.add_row("clean accuracy", f"{result.clean_accuracy:.2%}")
     for entry in result.certified:
-        table.add_row(f"certified accuracy at eps = {entry['label']} ({entry['eps']:.4g})", f"{entry['accuracy']:.2%}")
+        value = f"{entry['eps']:.4g}"
+        shown = f"{entry['label']} ({value})" if "/" in entry["label"] else entry["label"]
+        table.add_row(f"certified accuracy at eps = {shown}", f"{entry['accuracy']:.2%}")
     table.add_row("Lipschitz bound (certified upper)", f"{result.bounds.upper:.8g}")
     if result.bounds.lower is not None:
         table.add_row("Lipschitz lower bound (max ||J(x)||)", f"{result.bounds.lower:.6g}")

@@ -15,7 +15,7 @@ import cpl_cert
 from cpl_cert.checkpoint import FORMAT
 from cpl_cert.cli import app
 
-from .conftest import make_frozen
+from conftest import make_frozen
 
 runner = CliRunner()
 

@@ -10,7 +10,7 @@ import cpl_cert
 from cpl_cert.layers import CPLLinear
 from cpl_cert.lipschitz import cpl_layer_bound
 
-from .conftest import make_frozen
+from conftest import make_frozen
 
 
 def test_frozen_model_bound_is_one_and_above_lower_bound():
