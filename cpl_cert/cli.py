@@ -8,6 +8,7 @@ import typer
 
 from . import __version__
 from .commands.inspect import info_command, lipschitz_command
+from .commands.train import train_command
 
 app = typer.Typer(
     name="cpl-cert",
@@ -39,6 +40,7 @@ def _root(
 
 app.command("lipschitz")(lipschitz_command)
 app.command("info")(info_command)
+app.command("train")(train_command)
 
 
 def main() -> None:
