@@ -25,6 +25,15 @@ REQUIRED_METADATA = ("format", "config", "dataset", "training")
 MAX_HEADER_BYTES = 100_000_000
 
 
+def _fault_sleep_in_write() -> None:
+    """Test hook: ``CPL_CERT_FAULT_SLEEP_IN_WRITE=seconds`` pauses between writing the temporary file and the rename."""
+    seconds = os.environ.get("CPL_CERT_FAULT_SLEEP_IN_WRITE")
+    if seconds:
+        import time
+
+        time.sleep(float(seconds))
+
+
 def atomic_write(path: str | os.PathLike[str], write: Any) -> Path:
     """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers see the old file or the new one."""
     target = Path(path)
@@ -38,6 +47,7 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> Path:
     os.close(fd)
     try:
         write(tmp_name)
+        _fault_sleep_in_write()
         with open(tmp_name, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_name, target)

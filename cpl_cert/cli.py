@@ -10,6 +10,7 @@ from . import __version__
 from .commands.attack import attack_command
 from .commands.certify import certify_command
 from .commands.inspect import info_command, lipschitz_command
+from .commands.train import train_command
 
 app = typer.Typer(
     name="cpl-cert",
@@ -39,10 +40,11 @@ def _root(
     """cpl-cert: certified robustness for CPL networks."""
 
 
-app.command("lipschitz")(lipschitz_command)
-app.command("info")(info_command)
+app.command("train")(train_command)
 app.command("certify")(certify_command)
 app.command("attack")(attack_command)
+app.command("lipschitz")(lipschitz_command)
+app.command("info")(info_command)
 
 
 def main() -> None:
