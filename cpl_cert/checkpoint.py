@@ -34,6 +34,15 @@ def _fault_sleep_in_write() -> None:
         time.sleep(float(seconds))
 
 
+def _new_file_mode(target: Path) -> int:
+    """The mode an ordinary ``open(target, "w")`` would give: the old file's, else 0666 minus the umask."""
+    if target.exists():
+        return target.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike[str], write: Any) -> Path:
     """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers see the old file or the new one."""
     target = Path(path)
@@ -46,6 +55,7 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> Path:
         raise CplCertError(f"cannot write {target}: {exc.strerror or exc}") from None
     os.close(fd)
     try:
+        os.chmod(tmp_name, _new_file_mode(target))  # mkstemp makes 0600; keep the usual permissions
         write(tmp_name)
         _fault_sleep_in_write()
         with open(tmp_name, "rb+") as handle:
