@@ -9,7 +9,8 @@ import torch
 
 import cpl_cert
 
-# One thread: small ops with several threads crawl when cores are shared (subprocess tests, CI neighbours).
+# One thread for every test: small ops with several threads crawl when cores are shared
+# (subprocess tests, CI neighbours); tiny batches run hundreds of times faster this way.
 torch.set_num_threads(1)
 
 

@@ -17,14 +17,6 @@ runner = CliRunner()
 DATASET = {"name": "fashion-mnist", "input_shape": [1, 28, 28], "num_classes": 10}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _dense_model(seed: int = 0):
     torch.manual_seed(seed)
     model = cpl_cert.build_model("cpl-tiny", input_shape=(1, 28, 28), num_classes=10, conv_depth=0, channels=1, dense_depth=2, dense_inner=64)

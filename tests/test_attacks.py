@@ -13,15 +13,6 @@ from cpl_cert.attacks import apgd_l2, apgd_targeted_l2, checkpoints, find_violat
 from cpl_cert.attacks.common import AttackOutcome
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny batches run hundreds of times faster on one thread when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Linear(nn.Module):
     def __init__(self, dim: int, classes: int) -> None:
         super().__init__()
