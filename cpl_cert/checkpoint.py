@@ -117,13 +117,16 @@ def _check_container(path: Path) -> None:
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
+        if len(head) == 8:
+            (header_len,) = struct.unpack("<Q", head)
+            if 2 <= header_len <= min(MAX_HEADER_BYTES, size - 8) and handle.read(1) == b"{":
+                return  # a safetensors header; the parser checks the rest
+    # Not a safetensors header. Pickle magic is only trusted here: a header length can start with 0x80.
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise CplCertError(f"{path} is a pickle / torch.save file; cpl-cert only reads .safetensors checkpoints and never unpickles")
     if len(head) < 8:
         raise CplCertError(f"{path} is not a safetensors file (only {size} bytes)")
-    (header_len,) = struct.unpack("<Q", head)
-    if header_len > MAX_HEADER_BYTES or header_len + 8 > size:
-        raise CplCertError(f"{path} is not a valid safetensors file (truncated, or another format)")
+    raise CplCertError(f"{path} is not a valid safetensors file (truncated, or another format)")
 
 
 def _parse_json_field(metadata: dict[str, str], key: str, path: Path) -> Any:

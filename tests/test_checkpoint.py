@@ -137,3 +137,24 @@ def test_pickle_is_never_unpickled(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
     with pytest.raises(cpl_cert.CplCertError, match="pickle"):
         cpl_cert.load_checkpoint(path)
+
+
+def _header_len(path: Path) -> int:
+    with open(path, "rb") as handle:
+        return struct.unpack("<Q", handle.read(8))[0]
+
+
+@pytest.mark.parametrize("low_bits, mask", [(0x80, 0xFF), (0x4B50, 0xFFFF)])
+def test_valid_checkpoint_whose_header_length_looks_like_pickle_magic_loads(tmp_path, tiny_model, low_bits, mask):
+    """A header length whose first bytes read 0x80 or 'PK' must not be mistaken for a pickle file."""
+    path = tmp_path / "m.safetensors"
+    cpl_cert.save_checkpoint(tiny_model, path, training={"pad": ""})
+    base = _header_len(path)
+    target = base + ((low_bits - base) & mask)
+    for pad in range(max(0, target - base - 16), target - base + 16):
+        cpl_cert.save_checkpoint(tiny_model, path, training={"pad": "x" * pad})
+        if _header_len(path) & mask == low_bits:
+            break
+    assert _header_len(path) & mask == low_bits
+    loaded, meta = cpl_cert.load_checkpoint(path)
+    assert torch.equal(loaded(torch.zeros(1, 1, 28, 28)), tiny_model(torch.zeros(1, 1, 28, 28)))
