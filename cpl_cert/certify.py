@@ -8,7 +8,6 @@ head ``L_tj = sqrt(2) L_body`` (the paper's ``margin / (sqrt(2) L)``); with an L
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 import time
@@ -21,9 +20,8 @@ from torch import nn
 from .data import ImageDataset, to_float_images
 from .device import resolve_device
 from .errors import CplCertError
-from .layers import CPL_LAYER_TYPES
 from .lipschitz import LipschitzBounds, lipschitz_bounds
-from .models import CPLNet
+from .models import CPLNet, float64_copy
 
 BORDERLINE_RTOL = 1e-4
 """Radii within this relative distance of an ``eps`` are recomputed in float64 before they count."""
@@ -151,20 +149,6 @@ def radii_from_logits(logits: torch.Tensor, pair_lipschitz: torch.Tensor) -> tup
 def _float64_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 pixels straight to float64 in [0, 1] (not through float32, whose rounding would move the point)."""
     return images.double() / 255.0 if images.dtype == torch.uint8 else images.double()
-
-
-def float64_copy(model: nn.Module) -> nn.Module:
-    """A float64 copy of ``model`` computing the same function (unfrozen layers keep today's step).
-
-    Parameters and buffers are converted straight into the copy (no float32 copy first: half the
-    memory traffic of ``deepcopy(model).double()`` on a 41M-parameter model).
-    """
-    memo = {id(t): t.detach().double() if t.is_floating_point() else t.detach().clone() for t in [*model.parameters(), *model.buffers()]}
-    exact = copy.deepcopy(model, memo)
-    for module in exact.modules():
-        if isinstance(module, CPL_LAYER_TYPES) and not module.frozen:
-            module.set_frozen_step(float(module.current_step()))
-    return exact.eval()
 
 
 def certify(

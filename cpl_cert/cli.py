@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Annotated, Optional
 
 import typer
@@ -50,6 +49,4 @@ app.command("info")(info_command)
 
 def main() -> None:
     """Console-script entry point."""
-    # torch.func emits a deprecation notice about torch.jit.script from inside torch: not the user's concern.
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
     app()

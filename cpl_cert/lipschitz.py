@@ -7,8 +7,8 @@ certified upper bound of ``s``. The network bound is the product over all layers
 
 from __future__ import annotations
 
-import copy
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .layers import CPLConv2d, CPLLinear, LLNHead, TruncationHead
-from .models import CPLNet
+from .models import CPLNet, float64_copy
 from .spectral import sigma_power, sigma_upper
 
 
@@ -112,14 +112,16 @@ def lipschitz_lower_bound(
     Runs on a float64 copy of the model so that rounding cannot push it above the true norm. The
     network acts on each sample independently, so one batched jvp/vjp gives every sample's product.
     """
-    model = copy.deepcopy(model).double().eval()
+    model = float64_copy(model)
     x = inputs.detach().double()
     v = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     best = 0.0
-    for _ in range(iters):
-        v = v / v.flatten(1).norm(dim=1).clamp_min(1e-300).view(-1, *[1] * (x.dim() - 1))
-        jv = torch.func.jvp(model, (x,), (v,))[1]
-        best = max(best, float(jv.detach().flatten(1).norm(dim=1).max()))
-        _, vjp_fn = torch.func.vjp(model, x)
-        v = vjp_fn(jv)[0].detach()
+    with warnings.catch_warnings():  # torch.func warns about torch.jit.script from inside torch: not the caller's concern
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+        for _ in range(iters):
+            v = v / v.flatten(1).norm(dim=1).clamp_min(1e-300).view(-1, *[1] * (x.dim() - 1))
+            jv = torch.func.jvp(model, (x,), (v,))[1]
+            best = max(best, float(jv.detach().flatten(1).norm(dim=1).max()))
+            _, vjp_fn = torch.func.vjp(model, x)
+            v = vjp_fn(jv)[0].detach()
     return best

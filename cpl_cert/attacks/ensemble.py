@@ -13,7 +13,6 @@ float64. A certificate violation is a verified adversarial example at distance `
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CplCertError
+from ..models import float64_copy
 from .apgd import apgd_l2, apgd_targeted_l2
 from .common import AttackOutcome, l2_norm
 from .minnorm import fmn_l2
@@ -60,11 +60,6 @@ class SuiteResult:
     def source_of(self, e: int, i: int) -> str:
         code = int(self.source[e, i])
         return self.names[code] if code >= 0 else ""
-
-
-def float64_copy(model: nn.Module) -> nn.Module:
-    """An eval-mode float64 copy of ``model`` for re-verification."""
-    return copy.deepcopy(model).double().eval()
 
 
 @torch.no_grad()

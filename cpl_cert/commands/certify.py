@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -90,9 +89,7 @@ def certify_command(
         )
     if lower_samples:
         probe = data.images[:lower_samples].to(dev).float() / 255.0
-        with warnings.catch_warnings():  # torch.func.jvp's first call warns about torch.jit.script internally
-            warnings.simplefilter("ignore", FutureWarning)
-            bounds.lower = lipschitz_lower_bound(model, probe, iters=20, generator=torch.Generator().manual_seed(0))
+        bounds.lower = lipschitz_lower_bound(model, probe, iters=20, generator=torch.Generator().manual_seed(0))
 
     table = certify_table(result, title=f"{model_path.name} on {data.name} ({split} split)")
     console.print(table)
