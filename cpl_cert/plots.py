@@ -1,4 +1,4 @@
-"""Plots (matplotlib, an optional extra: ``pip install 'cpl-cert[plot]'``), imported lazily, Agg backend."""
+"""Plots of certify and attack (matplotlib, an optional extra: ``pip install 'cpl-cert[plot]'``), imported lazily, Agg backend."""
 
 from __future__ import annotations
 
@@ -67,7 +67,39 @@ def plot_certified_accuracy(
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: str | os.PathLike[str], dpi: int | None = None) -> Path:
+    """Write ``fig`` as a PNG atomically, then release it."""
     try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
     finally:
         plt.close(fig)
+
+
+def plot_gap(path: str | os.PathLike[str], radii: torch.Tensor, distances: torch.Tensor, title: str) -> Path:
+    """``cpl-cert attack --plot``. Left: per point (sorted by distance), radius r and smallest adversarial
+    distance d. Right: d against r; a point below the diagonal would be a certificate violation."""
+    plt = _pyplot()
+    r = radii.double().cpu()
+    d = distances.double().cpu()
+    found = torch.isfinite(d)
+    order = torch.argsort(torch.where(found, d, torch.full_like(d, float("inf"))))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    positions = torch.arange(len(order))
+    left.scatter(positions, d[order], s=6, label="smallest adversarial distance d", color="tab:red")
+    left.scatter(positions, r[order], s=6, label="certified radius r", color="tab:blue")
+    left.set_xlabel("point (sorted by d)")
+    left.set_ylabel("l2 distance")
+    left.legend(loc="upper left")
+    if bool(found.any()):
+        top = float(torch.maximum(d[found].max(), r[found].max()))
+        right.scatter(r[found], d[found], s=6, color="tab:purple")
+        right.plot([0, top], [0, top], color="black", linewidth=1, label="d = r (below: violation)")
+        right.legend(loc="upper left")
+    right.set_xlabel("certified radius r")
+    right.set_ylabel("adversarial distance d")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(plt, fig, path, dpi=120)

@@ -18,6 +18,7 @@ from ..data import check_compatible, load_dataset, to_float_images
 from ..device import resolve_device
 from ..errors import CplCertError
 from ..lipschitz import LipschitzBounds, lipschitz_bounds
+from ..plots import plot_gap, require_matplotlib
 from ..report import write_json
 from .common import EXIT_VIOLATION, DeviceName, JsonPath, ModelPath, check_writable, console, err_console, handle_errors
 
@@ -80,8 +81,6 @@ def attack_command(
     check_writable(json_path)
     check_writable(plot_path)
     if plot_path is not None:
-        from ..attack_plots import require_matplotlib
-
         require_matplotlib()
         if attack not in ("minnorm", "autoattack"):
             raise CplCertError("--plot needs --attack minnorm or autoattack, which measure each point's smallest adversarial distance")
@@ -142,8 +141,6 @@ def attack_command(
         write_json(json_path, report)
         console.print(f"wrote {json_path}")
     if plot_path is not None:
-        from ..attack_plots import plot_gap
-
         plot_gap(plot_path, cert.radii, suite.min_distance, f"{model_path.name}: certified radius vs smallest adversarial distance")
         console.print(f"wrote {plot_path}")
     if violations:
