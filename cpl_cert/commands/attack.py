@@ -13,14 +13,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..attack_report import accuracy_rows, accuracy_table, json_report, tightness, tightness_table, violations_table
 from ..attacks.ensemble import ATTACKS, ENGINES, find_violations, run_suite
 from ..certify import certify, parse_eps
-from ..checkpoint import file_sha256, load_checkpoint
-from ..data import check_compatible, load_dataset, to_float_images
+from ..checkpoint import file_sha256
+from ..data import to_float_images
 from ..device import resolve_device
 from ..errors import CplCertError
 from ..lipschitz import LipschitzBounds, lipschitz_bounds
 from ..plots import plot_gap, require_matplotlib
 from ..report import write_json
-from .common import EXIT_VIOLATION, DeviceName, JsonPath, ModelPath, check_writable, console, err_console, handle_errors
+from .common import EXIT_VIOLATION, DeviceName, JsonPath, ModelPath, check_writable, console, err_console, handle_errors, load_model_and_data
 
 DEFAULT_LIMIT = 1000
 
@@ -91,13 +91,7 @@ def attack_command(
         if attack not in ENGINE_ATTACKS:
             raise CplCertError(f"--engine torchattacks runs {', '.join(ENGINE_ATTACKS)}, not {attack}; use --engine native for {attack}")
     dev = resolve_device(device)
-    model, meta = load_checkpoint(model_path, device=dev)
-    name = dataset or (meta.get("dataset") or {}).get("name")
-    if not name:
-        raise CplCertError(f"{model_path} does not say which dataset it was trained on; pass --dataset")
-    data = load_dataset(name, "test", data_dir)
-    check_compatible(data, model.config.input_shape, model.config.num_classes)
-    data = data.subset(limit)
+    model, _, data = load_model_and_data(model_path, dataset, data_dir, "test", limit, dev)
     eps_values = eps_values or parse_eps(",".join(data.default_eps))
     start = time.perf_counter()
     bounds = lipschitz_bounds(model)

@@ -11,14 +11,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..certify import certify, parse_eps
 from ..certify_report import certify_report, certify_table, write_radii_csv
-from ..checkpoint import file_sha256, load_checkpoint
-from ..data import check_compatible, load_dataset
+from ..checkpoint import file_sha256
 from ..device import resolve_device
 from ..errors import CplCertError
 from ..lipschitz import lipschitz_bounds, lipschitz_lower_bound
 from ..plots import plot_certified_accuracy, require_matplotlib
 from ..report import write_json
-from .common import DeviceName, JsonPath, ModelPath, check_writable, console, handle_errors
+from .common import DeviceName, JsonPath, ModelPath, check_writable, console, handle_errors, load_model_and_data
 
 
 @handle_errors
@@ -68,13 +67,7 @@ def certify_command(
         require_matplotlib()
     dev = resolve_device(device)
 
-    model, meta = load_checkpoint(model_path, device=dev)
-    name = dataset or (meta.get("dataset") or {}).get("name")
-    if not name:
-        raise CplCertError(f"{model_path} does not name its dataset; pass --dataset")
-    data = load_dataset(name, split=split, data_dir=data_dir)
-    check_compatible(data, model.config.input_shape, model.config.num_classes)
-    data = data.subset(limit)
+    model, _, data = load_model_and_data(model_path, dataset, data_dir, split, limit, dev)
     if eps_values is None:
         eps_values = parse_eps(",".join(data.default_eps))
 

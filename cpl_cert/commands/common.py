@@ -8,11 +8,15 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
+import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ..checkpoint import load_checkpoint
+from ..data import ImageDataset, check_compatible, load_dataset
 from ..errors import CplCertError
+from ..models import CPLNet
 
 console = Console()
 err_console = Console(stderr=True)
@@ -67,6 +71,20 @@ def check_writable(path: Path | None) -> None:
         raise CplCertError(f"cannot write {path}: the folder {parent} is not writable")
     if path.exists() and not os.access(path, os.W_OK):
         raise CplCertError(f"cannot write {path}: the file is read-only")
+
+
+def load_model_and_data(
+    model_path: Path, dataset: str | None, data_dir: Path | None, split: str, limit: int | None, device: torch.device
+) -> tuple[CPLNet, dict[str, Any], ImageDataset]:
+    """The checkpoint, and its dataset split (``dataset`` or the one the checkpoint names) checked
+    against it and cut to the first ``limit`` points."""
+    model, meta = load_checkpoint(model_path, device=device)
+    name = dataset or (meta.get("dataset") or {}).get("name")
+    if not name:
+        raise CplCertError(f"{model_path} does not name its dataset; pass --dataset")
+    data = load_dataset(name, split=split, data_dir=data_dir)
+    check_compatible(data, model.config.input_shape, model.config.num_classes)
+    return model, meta, data.subset(limit)
 
 
 def stdout_is_terminal() -> bool:
