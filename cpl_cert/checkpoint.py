@@ -200,10 +200,3 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         raise CplCertError(f"{file} holds a model that was never frozen (a CPL layer has no fixed step)")
     model.eval()
     return model.to(device), meta
-
-
-def load_extra_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """The ``extra.`` tensors of a checkpoint (training resume state), prefix removed."""
-    read_metadata(path)
-    with safe_open(str(path), framework="pt") as handle:
-        return {name[6:]: handle.get_tensor(name) for name in handle.keys() if name.startswith("extra.")}

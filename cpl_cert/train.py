@@ -26,20 +26,20 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from . import __version__
 from . import distributed as dist_utils
 from .augment import make_augment
 from .certify import certify, parse_eps
-from .checkpoint import atomic_write, load_extra_tensors, read_metadata, save_checkpoint
+from .checkpoint import atomic_write, read_metadata, save_checkpoint
 from .data import ImageDataset, load_dataset, to_float_images
 from .device import resolve_device
 from .errors import CplCertError
@@ -216,9 +216,11 @@ def resume_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: in
     return tensors
 
 
-def restore_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor]) -> tuple[int, int, float]:
+def restore_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int, float]:
     """Load weights, live buffers, optimiser and RNG state; returns (epoch, global step, wall seconds so far)."""
-    extra = load_extra_tensors(path)
+    tensors = load_file(str(path))  # one read: the frozen weights and the ``extra.`` resume state
+    weights = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
+    extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
     if "resume.epoch" not in extra:
         raise CplCertError(f"{path} holds no resume state (it was not written by cpl-cert train, or was exported); start a new run")
     state = dict(weights)
@@ -332,10 +334,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, device: torch.device, 
     log = log_path(out)
     if opts.resume and out.exists():
         _check_resumable(out, opts, config)
-        from safetensors.torch import load_file
-
-        weights = {k: v for k, v in load_file(str(out)).items() if not k.startswith("extra.")}
-        start_epoch, global_step, wall_before = restore_resume_state(out, model, optimizer, weights)
+        start_epoch, global_step, wall_before = restore_resume_state(out, model, optimizer)
         model.to(device)
         say(f"resuming {out} after epoch {start_epoch} (step {global_step})")
     elif opts.resume:
