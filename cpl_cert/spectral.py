@@ -8,6 +8,7 @@ the circular convolution on the zero-padded grid (see docs/math.md).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -95,11 +96,15 @@ def sigma_upper(layer: CPLLinear | CPLConv2d) -> float:
     return dense_sigma_upper(layer.weight)
 
 
+def _sigma_float64(apply_w64: Operator, vec: torch.Tensor) -> float:
+    """``||W v|| / ||v||`` in float64: the power-iteration value of ``v``."""
+    vec = vec.detach().double()
+    return float(apply_w64(vec / vec.flatten().norm()).flatten().norm())
+
+
 def sigma_power(layer: CPLLinear | CPLConv2d) -> float:
     """``||W u||`` for the layer's stored unit vector: the converged power-iteration value after ``freeze``."""
-    apply_w, _ = layer_operators(layer)
-    u = layer.u.detach().double()
-    return float(apply_w(u / u.flatten().norm()).flatten().norm())
+    return _sigma_float64(layer_operators(layer)[0], layer.u)
 
 
 def step_for_sigma(sigma: float) -> float:
@@ -120,11 +125,7 @@ def freeze_layer(layer: CPLLinear | CPLConv2d, max_iters: int = 2000, tol: float
     """
     apply_w, apply_wt = layer_operators(layer, torch.float32)  # fast iterations
     apply_w64, _ = layer_operators(layer, torch.float64)  # precise measurement
-
-    def measure(vec: torch.Tensor) -> float:
-        vec = vec.double()
-        return float(apply_w64(vec / vec.flatten().norm()).flatten().norm())
-
+    measure = functools.partial(_sigma_float64, apply_w64)
     sigma_p, u = power_iteration(apply_w, apply_wt, layer.u.float(), max_iters, tol, check_every=10, measure=measure)
     layer.u.copy_(u.to(layer.u.dtype))
     step = step_for_sigma(max(sigma_p, sigma_upper(layer)))
