@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/ship_model.py runs/ship/fmnist-cpl-xs.safetensors models/fmnist-cpl-xs.safetensors
 """
-import sys, time, json
+import sys, json
 import cpl_cert
 from cpl_cert.checkpoint import file_sha256
 src, dst = sys.argv[1], sys.argv[2]

@@ -13,7 +13,7 @@ import cpl_cert
 from cpl_cert.certify import parse_eps, radii_from_logits
 from cpl_cert.data import load_dataset
 from cpl_cert.errors import CplCertError
-from cpl_cert.layers import CPLConv2d, CPLLinear, LLNHead
+from cpl_cert.layers import CPLConv2d, CPLLinear
 
 from conftest import make_frozen
 
