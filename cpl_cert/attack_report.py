@@ -28,7 +28,7 @@ def accuracy_rows(cert: CertifyResult, suite: SuiteResult, eps: Sequence[EpsValu
                 "eps": value.value,
                 "label": value.label,
                 "clean_accuracy": cert.clean_accuracy,
-                "certified_accuracy": float(certified.double().mean()) if cert.n else 0.0,
+                "certified_accuracy": cert.certified_accuracy(value.value),
                 "robust_accuracy": float(robust.double().mean()) if cert.n else 0.0,
                 "certified_but_broken": int((certified & ~robust).sum()),
                 "violations": int(violations_at(suite, e, cert.radii).sum()),
