@@ -8,7 +8,8 @@ from typing import Any, Sequence
 import torch
 from rich.table import Table
 
-from .attacks.ensemble import SuiteResult, Violation, violations_at
+from .attacks.check import Violation, violations_at
+from .attacks.ensemble import SuiteResult
 from .certify import CertifyResult, EpsValue
 
 
@@ -22,7 +23,7 @@ def accuracy_rows(cert: CertifyResult, suite: SuiteResult, eps: Sequence[EpsValu
     correct = cert.correct
     for e, value in enumerate(eps):
         robust = correct & ~suite.broken(e)
-        certified = correct & (cert.radii > value.value)
+        certified = correct & (cert.radii_exact > value.value)
         rows.append(
             {
                 "eps": value.value,
@@ -31,7 +32,7 @@ def accuracy_rows(cert: CertifyResult, suite: SuiteResult, eps: Sequence[EpsValu
                 "certified_accuracy": cert.certified_accuracy(value.value),
                 "robust_accuracy": float(robust.double().mean()) if cert.n else 0.0,
                 "certified_but_broken": int((certified & ~robust).sum()),
-                "violations": int(violations_at(suite, e, cert.radii).sum()),
+                "violations": int(violations_at(suite, e, cert).sum()),
             }
         )
     return rows

@@ -15,27 +15,24 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import nn
 
-from .data import ImageDataset, to_float_images
+from .data import ImageDataset
 from .device import resolve_device
 from .errors import CplCertError
 from .lipschitz import LipschitzBounds, lipschitz_bounds
-from .models import CPLNet, float64_copy
-
-BORDERLINE_RTOL = 1e-4
-"""Radii within this relative distance of an ``eps`` are recomputed in float64 before they count."""
-
-CALIBRATION_SAMPLES = 16
-"""At most this many points (one per ``CALIBRATION_EVERY``; none in shorter runs) are run through the
-float64 copy to measure the float32 rounding error of radii; float64 runs ~10-30x slower than float32
-on a CPU, so this keeps the calibration to a few percent of the run."""
-
-CALIBRATION_EVERY = 500
-
-CALIBRATION_SAFETY = 10.0
-"""The re-check window is at least this many times the measured float32 error of radii (and margins)."""
-
+from .models import CPLNet, float64_copy, weights_key
+from .numerics import FP64_SLACK, norm_upper, strict_math, unit_roundoff
+from .rounding import (
+    BodyTrace,
+    ErrorModel,
+    ball_body_error,
+    body_error,
+    error_model,
+    exact_head_logits,
+    float32_head_error,
+    trace_body,
+)
+from .validate import validate_model
 
 @dataclass
 class EpsValue:
@@ -79,17 +76,29 @@ def parse_eps(spec: str | float | Sequence[str | float | EpsValue]) -> list[EpsV
 
 @dataclass
 class CertifyResult:
-    """Per-sample results (CPU tensors) and the summary of one certification run."""
+    """Per-sample results (CPU tensors) and the summary of one certification run.
+
+    Two senses of "certified" (docs/certify.md): ``radii_exact`` bounds the radius of the exact
+    function of the stored weights (what papers report; the counts at each eps are those of an exact
+    evaluation), ``radii_float32`` that of the float32 network as cpl-cert runs it, and ``radii`` holds
+    for both. ``predictions`` is the exact function's class (-1 where no class is certain: a tie, or
+    non-finite logits); ``predictions_float32`` the float32 network's.
+    """
 
     labels: torch.Tensor
     predictions: torch.Tensor
+    predictions_float32: torch.Tensor
     margins: torch.Tensor
     radii: torch.Tensor
+    radii_exact: torch.Tensor
+    radii_float32: torch.Tensor
     eps: list[EpsValue]
     bounds: LipschitzBounds
     device: str
     seconds: float
     rechecked: int = 0
+    undecided: int = 0
+    nonfinite: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -101,20 +110,40 @@ class CertifyResult:
         return self.predictions == self.labels
 
     @property
+    def correct_float32(self) -> torch.Tensor:
+        return self.predictions_float32 == self.labels
+
+    @property
     def clean_accuracy(self) -> float:
-        return float(self.correct.double().mean()) if self.n else 0.0
+        return _fraction(self.correct)
+
+    @property
+    def clean_accuracy_float32(self) -> float:
+        return _fraction(self.correct_float32)
 
     def certified_accuracy(self, eps: float) -> float:
-        """Fraction of points correctly classified AND with ``radius > eps``."""
-        return float((self.correct & (self.radii > eps)).double().mean()) if self.n else 0.0
+        """Fraction of points the exact function classifies correctly with a radius above ``eps``."""
+        return _fraction(self.correct & (self.radii_exact > eps))
+
+    def certified_accuracy_float32(self, eps: float) -> float:
+        """The same for the float32 network as cpl-cert runs it (margins deflated by its rounding bound)."""
+        return _fraction(self.correct_float32 & (self.radii_float32 > eps))
 
     @property
     def certified(self) -> list[dict[str, Any]]:
-        return [{"eps": e.value, "label": e.label, "accuracy": self.certified_accuracy(e.value)} for e in self.eps]
+        return [
+            {"eps": e.value, "label": e.label, "accuracy": self.certified_accuracy(e.value),
+             "accuracy_float32": self.certified_accuracy_float32(e.value)}
+            for e in self.eps
+        ]
 
     @property
     def images_per_second(self) -> float:
         return self.n / self.seconds if self.seconds > 0 else float("inf")
+
+
+def _fraction(mask: torch.Tensor) -> float:
+    return float(mask.double().mean()) if mask.numel() else 0.0
 
 
 def _as_tensors(data: ImageDataset | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,31 +155,142 @@ def _as_tensors(data: ImageDataset | tuple[torch.Tensor, torch.Tensor]) -> tuple
     raise CplCertError("certify needs an ImageDataset or a pair (images, labels)")
 
 
-def radii_from_logits(logits: torch.Tensor, pair_lipschitz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(predictions, margins, radii)`` in float64 from logits and the class-pair Lipschitz matrix.
+def _check_images(images: torch.Tensor, labels: torch.Tensor, input_shape: tuple[int, ...]) -> None:
+    if images.dim() != 4 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
+        raise CplCertError(f"images must be (N, C, H, W) with one label each, got {tuple(images.shape)} and {tuple(labels.shape)}")
+    if tuple(images.shape[1:]) != tuple(input_shape):
+        raise CplCertError(f"the images have shape {tuple(images.shape[1:])} but the model expects {tuple(input_shape)}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise CplCertError(f"images must be uint8 pixels (0-255) or floats in [0, 1], not {images.dtype}")
 
-    ``margins`` is ``f_top - f_second``; ``radii`` is ``min_j (f_top - f_j) / L[top, j]``. A pair whose
-    difference is constant (``L[top, j] == 0``, e.g. two identical LLN rows) never changes: it bounds
-    nothing when the gap is positive and gives radius 0 on a tie.
+
+# --- inputs --------------------------------------------------------------------------------------------
+def _as_dtype(images: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, delta)``: the images as ``dtype`` (uint8 pixels / 255) and a per-sample bound of the distance
+    from ``x`` to the exact point they stand for (the uint8 value / 255, or the given float tensor)."""
+    if images.dtype == torch.uint8:
+        x = images.to(dtype).div_(255.0)
+        return x, norm_upper(x) * (unit_roundoff(dtype) / (1.0 - unit_roundoff(dtype)))
+    x = images.to(dtype)
+    if images.dtype == dtype or (images.dtype == torch.float32 and dtype == torch.float64):
+        return x, torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    return x, norm_upper(x.double() - images.double())
+
+
+def exact_points(images: torch.Tensor) -> torch.Tensor:
+    """The points the images stand for, in float64: uint8 pixels / 255, or the given floats."""
+    return _as_dtype(images, torch.float64)[0]
+
+
+# --- radii from an enclosure of the logits --------------------------------------------------------------
+@dataclass
+class Enclosure:
+    """What one evaluation proves about the exact logits at a batch of points."""
+
+    top: torch.Tensor  # (B,) class of the largest centre logit
+    gap: torch.Tensor  # (B, K) centre_top - centre_j
+    error: torch.Tensor  # (B, K) bound of |exact gap - gap| (0 at the top class)
+    low: torch.Tensor  # (B,) lower bound of the exact radius (<= 0: the exact class is not certain)
+    high: torch.Tensor  # (B,) upper bound of the exact radius (when the exact class is ``top``)
+    margin: torch.Tensor  # (B,) centre top minus centre second
+    finite: torch.Tensor  # (B,) bool
+
+
+def _enclose(center: torch.Tensor, head_error: torch.Tensor, body_error: torch.Tensor, model_err: ErrorModel) -> Enclosure:
+    """Radius bounds from centre logits, their per-logit head error and the body error (in feature norm)."""
+    pair = model_err.pair_lipschitz.to(center.device)
+    finite = torch.isfinite(center).all(dim=1) & torch.isfinite(body_error)
+    center = torch.where(finite[:, None], center, torch.zeros_like(center))
+    body_error = torch.where(finite, body_error, torch.zeros_like(body_error))
+    top = center.argmax(dim=1)
+    centre_top = center.gather(1, top[:, None])
+    gap = centre_top - center
+    pair_top = pair[top]  # (B, K)
+    ratio = model_err.head_pairs.to(center.device)[top]  # c_tj: how a feature error moves f_t - f_j
+    error = head_error.gather(1, top[:, None]) + head_error + ratio * body_error[:, None]
+    error = (error + (centre_top.abs() + center.abs()) * unit_roundoff(torch.float64)) * (1.0 + FP64_SLACK)
+    error.scatter_(1, top[:, None], 0.0)
+    low = _min_other(_round_down((gap - error) / pair_top), top)
+    high = _min_other(_round_up_t((gap + error) / pair_top), top)
+    margin = _min_other(gap, top)
+    low = torch.where(finite, low, torch.full_like(low, -math.inf))
+    return Enclosure(top, gap, error, low, high, margin, finite)
+
+
+def _min_other(values: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Row-wise minimum over the columns other than ``top``."""
+    return values.scatter(1, top[:, None], math.inf).min(dim=1).values
+
+
+def _round_down(values: torch.Tensor) -> torch.Tensor:
+    return values - values.abs() * FP64_SLACK
+
+
+def _round_up_t(values: torch.Tensor) -> torch.Tensor:
+    return values + values.abs() * FP64_SLACK
+
+
+# --- the three evaluations ----------------------------------------------------------------------------------
+def _float32_pass(model: CPLNet, model_err: ErrorModel, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The float32 network as deployed, with its rounding bound: exact-radius bounds and the float32 radius."""
+    x, delta = _as_dtype(images, torch.float32)
+    features, trace = trace_body(model, x)
+    logits32 = model.head(features)
+    error = body_error(model_err, trace, [torch.float32] * len(model_err.stages))
+    center, head_error = exact_head_logits(model_err, features)
+    enclosure = _enclose(center, head_error, error + model_err.body_lipschitz * delta, model_err)
+    prediction32 = float32_prediction(logits32)
+    finite32 = (prediction32 >= 0) & enclosure.finite
+    radius32 = _float32_radius(model_err, trace, enclosure, delta)
+    valid = finite32 & (prediction32 == enclosure.top) & (enclosure.low > 0)
+    return {
+        "top": enclosure.top, "low": enclosure.low, "high": enclosure.high, "margin": enclosure.margin,
+        "finite": enclosure.finite, "prediction32": prediction32,
+        "radius32": torch.where(valid, radius32.clamp_min(0.0), torch.zeros_like(radius32)),
+    }
+
+
+def float32_prediction(logits: torch.Tensor) -> torch.Tensor:
+    """The float32 network's class: the largest logit, or -1 on a tie for the top or non-finite logits."""
+    if logits.shape[1] < 2:
+        return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    top2 = logits.topk(2, dim=1)
+    clear = torch.isfinite(logits).all(dim=1) & (top2.values[:, 0] > top2.values[:, 1])
+    return torch.where(clear, top2.indices[:, 0], torch.full_like(top2.indices[:, 0], -1))
+
+
+def _float32_radius(model_err: ErrorModel, trace: BodyTrace, enclosure: Enclosure, delta: torch.Tensor) -> torch.Tensor:
+    """Radius within which the float32 network's prediction provably stays ``top`` (docs/math.md 6.4)."""
+    reach = torch.where(torch.isfinite(enclosure.high), enclosure.high, torch.zeros_like(enclosure.high)).clamp_min(0.0)
+    ball_error, features_norm = ball_body_error(model_err, trace, torch.float32, reach + delta)
+    head = float32_head_error(model_err, features_norm)
+    head_pairs = head.gather(1, enclosure.top[:, None]) + head
+    pair = model_err.pair_lipschitz.to(head.device)[enclosure.top]
+    slack = _round_down((enclosure.gap - enclosure.error - head_pairs) / pair)
+    radius = _min_other(slack, enclosure.top) - _round_up_t(ball_error / model_err.body_lipschitz)
+    return _round_down(torch.where(torch.isfinite(radius), radius, torch.full_like(radius, -1.0)))
+
+
+def exact_enclosure(model: CPLNet, model64: CPLNet, model_err: ErrorModel, images: torch.Tensor, split: int) -> Enclosure:
+    """Bounds of the exact radius from body stages ``:split`` in float32 and the rest in float64.
+
+    ``split = 0`` is a float64 evaluation throughout (about a hundred million times tighter than
+    float32); a later split keeps the cheap float32 convolutions and removes the rounding of the
+    stages after it (the dense layers hold most of it: they sum hundreds of terms per output).
     """
-    logits = logits.double()
-    predictions = logits.argmax(dim=1)
-    top = logits.gather(1, predictions[:, None])
-    gaps = top - logits  # (B, K), zero at the prediction
-    pair = pair_lipschitz.to(logits.device, torch.float64)[predictions]  # (B, K)
-    ratios = torch.where(pair > 0, gaps / pair, torch.where(gaps > 0, math.inf, 0.0))
-    ratios.scatter_(1, predictions[:, None], math.inf)
-    radii = ratios.min(dim=1).values.clamp_min(0.0)
-    gaps.scatter_(1, predictions[:, None], math.inf)
-    margins = gaps.min(dim=1).values
-    return predictions, margins, radii
+    dtype = torch.float64 if split == 0 else torch.float32
+    x, delta = _as_dtype(images, dtype)
+    head, first = trace_body(model64 if split == 0 else model, x, 0, split)
+    features, trace = trace_body(model64, head.double(), split)
+    trace.inputs.update(first.inputs)
+    trace.hidden.update(first.hidden)
+    dtypes = [torch.float32] * split + [torch.float64] * (len(model_err.stages) - split)
+    error = body_error(model_err, trace, dtypes)
+    center, head_error = exact_head_logits(model_err, features)
+    return _enclose(center, head_error, error + model_err.body_lipschitz * delta, model_err)
 
 
-def _float64_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels straight to float64 in [0, 1] (not through float32, whose rounding would move the point)."""
-    return images.double() / 255.0 if images.dtype == torch.uint8 else images.double()
-
-
+# --- the whole run -------------------------------------------------------------------------------------------
 def certify(
     model: CPLNet,
     data: ImageDataset | tuple[torch.Tensor, torch.Tensor],
@@ -160,17 +300,17 @@ def certify(
     bounds: LipschitzBounds | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> CertifyResult:
-    """Certify every point of ``data``: predictions, margins and radii in float64, and accuracies.
+    """Certify every point of ``data``: predictions, margins, radii in both senses, and accuracies.
 
     The model is moved to ``device`` (in place, as ``nn.Module.to`` does); the data go there once;
-    nothing syncs with the host per batch. ``progress(done, total)`` is called after each batch
-    (without a sync, so on a GPU it counts batches queued). Radii close to an ``eps`` are recomputed
-    with a float64 copy of the model before they count (see ``_recheck_tolerance``).
+    nothing syncs with the host per batch. ``progress(done, total)`` is called after each batch.
+    Points whose float32 evaluation cannot decide the exact function's answer at some eps (or its
+    class) are evaluated again in float64 before they count (docs/certify.md).
     """
-    with torch.inference_mode():
+    with torch.inference_mode(), strict_math():
         result = _certify(model, data, eps, device, batch_size, bounds, progress)
     # Inference tensors cannot enter autograd (an attack on the certified points would fail): clone out.
-    for name in ("labels", "predictions", "margins", "radii"):
+    for name in ("labels", "predictions", "predictions_float32", "margins", "radii", "radii_exact", "radii_float32"):
         setattr(result, name, getattr(result, name).clone())
     return result
 
@@ -189,71 +329,95 @@ def _certify(
     eps_values = parse_eps(eps)
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    if bounds is None:
-        bounds = lipschitz_bounds(model)
-    pair = bounds.pair_lipschitz().to(dev)
     images, labels = _as_tensors(data)
-    if images.dim() != 4 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
-        raise CplCertError(f"images must be (N, C, H, W) with one label each, got {tuple(images.shape)} and {tuple(labels.shape)}")
-    if tuple(images.shape[1:]) != tuple(model.config.input_shape):
-        raise CplCertError(f"the images have shape {tuple(images.shape[1:])} but the model expects {tuple(model.config.input_shape)}")
+    _check_images(images, labels, model.config.input_shape)
+    bounds, model_err = certificate_constants(model, bounds)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     start = time.perf_counter()
-    images_dev = images.to(dev, non_blocking=True)
-    total = images_dev.shape[0]
-    chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for begin in range(0, total, batch_size):
-        x = to_float_images(images_dev[begin : begin + batch_size])
-        chunks.append(radii_from_logits(model(x), pair))
-        if progress is not None:
-            progress(min(begin + batch_size, total), total)
-    if chunks:
-        predictions, margins, radii = (torch.cat(parts) for parts in zip(*chunks))
-    else:
-        predictions = torch.empty(0, dtype=torch.long, device=dev)
-        margins = radii = torch.empty(0, dtype=torch.float64, device=dev)
-
-    exact_models: list[nn.Module] = []  # built on first use
-
-    def exact(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not exact_models:
-            exact_models.append(float64_copy(model))
-        return radii_from_logits(exact_models[0](_float64_images(images_dev[index])), pair)
-
-    # Calibrate: the float32 rounding error of radii and margins, measured on the first few points
-    # (runs shorter than CALIBRATION_EVERY points use the fixed relative window alone).
-    radius_error = margin_error = 0.0
-    probes = min(CALIBRATION_SAMPLES, total // CALIBRATION_EVERY)
-    if probes:
-        probe = torch.arange(probes, device=dev)
-        p64, m64, r64 = exact(probe)
-        same = p64 == predictions[probe]
-        if bool(same.any()):
-            radius_error = float((r64 - radii[probe])[same].abs().max())
-            margin_error = float((m64 - margins[probe])[same].abs().max())
-        predictions[probe], margins[probe], radii[probe] = p64, m64, r64
+    images_dev, labels_dev = images.to(dev, non_blocking=True), labels.to(dev).long()
+    run = _float32_run(model, model_err, images_dev, batch_size, progress)
     eps_tensor = torch.tensor([e.value for e in eps_values], dtype=torch.float64, device=dev)
-    tolerance = torch.clamp(BORDERLINE_RTOL * eps_tensor, min=CALIBRATION_SAFETY * radius_error)
-    borderline = ((radii[:, None] - eps_tensor).abs() <= tolerance).any(dim=1)
-    # Near-ties: the float32 argmax itself may be wrong.
-    borderline |= margins <= max(1e-6 * bounds.upper, CALIBRATION_SAFETY * margin_error)
-    index = borderline.nonzero().flatten()
-    for begin in range(0, index.numel(), batch_size):
-        part = index[begin : begin + batch_size]
-        predictions[part], margins[part], radii[part] = exact(part)
-    # The per-sample tensors leave as ordinary CPU tensors (see ``certify``), not inference tensors.
-    result = CertifyResult(
-        labels=labels.cpu().long(),
-        predictions=predictions.cpu(),
-        margins=margins.cpu(),
-        radii=radii.cpu(),
-        eps=eps_values,
-        bounds=bounds,
-        device=str(dev),
-        seconds=0.0,
-        rechecked=int(index.numel()),
-        extra={"float32_radius_error": radius_error, "float32_margin_error": margin_error},
-    )
+    rechecked = _exact_runs(model, model_err, images_dev, labels_dev, eps_tensor, run, batch_size)
+    left = _undecided(run, labels_dev, eps_tensor)
+    result = _result(run, labels_dev, eps_values, bounds, str(dev))
+    result.rechecked, result.undecided = rechecked, int(left.sum())
+    result.nonfinite = int((~run["finite"]).sum())
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _float32_run(
+    model: CPLNet, model_err: ErrorModel, images: torch.Tensor, batch_size: int, progress: Callable[[int, int], None] | None
+) -> dict[str, torch.Tensor]:
+    """The float32 pass over all points, batch by batch, concatenated."""
+    total = images.shape[0]
+    parts = []
+    for begin in range(0, total, batch_size):
+        parts.append(_float32_pass(model, model_err, images[begin : begin + batch_size]))
+        if progress is not None:
+            progress(min(begin + batch_size, total), total)
+    if not parts:
+        parts.append(_float32_pass(model, model_err, images[:0]))
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+def _undecided(run: dict[str, torch.Tensor], labels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Points whose exact class is not certain, or whose exact answer at some eps is not (for the
+    correctly classified ones: the others count at no eps whatever their radius)."""
+    low, high = run["low"][:, None], run["high"][:, None]
+    straddles = ((low <= eps) & (high > eps)).any(dim=1)
+    return ~run["finite"] | (run["low"] <= 0) | (straddles & (run["top"] == labels))
+
+
+def _exact_runs(
+    model: CPLNet, model_err: ErrorModel, images: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor,
+    run: dict[str, torch.Tensor], batch_size: int,
+) -> int:
+    """Evaluate undecided points more precisely until decided: float64 dense layers first (cheap), then
+    float64 throughout; updates ``run`` in place and returns how many points were re-evaluated."""
+    index = _undecided(run, labels, eps).nonzero().flatten()
+    if index.numel() == 0:
+        return 0
+    model64 = float64_copy(model)
+    dense_start = next(i for i, (name, _) in enumerate(model.body()) if name == "flatten")
+    for split in (dense_start, 0):
+        todo = index[_undecided(run, labels, eps)[index]]
+        for begin in range(0, todo.numel(), batch_size):
+            part = todo[begin : begin + batch_size]
+            enclosure = exact_enclosure(model, model64, model_err, images[part], split)
+            for key in ("top", "low", "high", "margin", "finite"):
+                run[key][part] = getattr(enclosure, key)
+    return int(index.numel())
+
+
+def _result(run: dict[str, torch.Tensor], labels: torch.Tensor, eps: list[EpsValue], bounds: LipschitzBounds, device: str) -> CertifyResult:
+    """Per-sample answers: the exact class where certain, radii in both senses and the radius valid for both."""
+    decided = run["finite"] & (run["low"] > 0)
+    prediction = torch.where(decided, run["top"], torch.full_like(run["top"], -1))
+    exact = torch.where(decided, run["low"], torch.zeros_like(run["low"]))
+    float32 = run["radius32"]
+    agree = decided & (run["prediction32"] == prediction)
+    both = torch.where(agree, torch.minimum(exact, float32), torch.zeros_like(exact))
+    margin = torch.where(run["finite"], run["margin"], torch.full_like(run["margin"], math.nan))
+    return CertifyResult(
+        labels=labels.cpu(), predictions=prediction.cpu(), predictions_float32=run["prediction32"].cpu(),
+        margins=margin.cpu(), radii=both.cpu(), radii_exact=exact.cpu(), radii_float32=float32.cpu(),
+        eps=eps, bounds=bounds, device=device, seconds=0.0,
+    )
+
+
+def certificate_constants(model: CPLNet, bounds: LipschitzBounds | None = None) -> tuple[LipschitzBounds, ErrorModel]:
+    """The model's certified bounds and rounding constants; computed once per set of weights and cached
+    on the model (any in-place change of a parameter or buffer invalidates the cache)."""
+    key = weights_key(model)
+    cached = model.__dict__.get("_certificate_constants")
+    if bounds is None and cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    validate_model(model)
+    given = bounds is not None
+    bounds = bounds if given else lipschitz_bounds(model)
+    model_err = error_model(model, bounds)
+    if not given:
+        model.__dict__["_certificate_constants"] = (key, bounds, model_err)
+    return bounds, model_err

@@ -13,32 +13,35 @@ from rich.table import Table
 from .certify import CertifyResult
 from .checkpoint import atomic_write
 
-CSV_HEADER = ("index", "label", "prediction", "margin", "radius")
+CSV_HEADER = ("index", "label", "prediction", "prediction_float32", "margin", "radius", "radius_exact", "radius_float32")
 
 
 def certify_table(result: CertifyResult, title: str) -> Table:
-    """Clean and certified accuracies, the network's Lipschitz bound and the throughput."""
+    """Clean and certified accuracies in both senses, the network's Lipschitz bound and the throughput."""
     table = Table(title=title)
     table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("points", f"{result.n}")
-    table.add_row("clean accuracy", f"{result.clean_accuracy:.2%}")
+    table.add_column("exact weights", justify="right")
+    table.add_column("float32 as run", justify="right")
+    table.add_row("points", f"{result.n}", "")
+    table.add_row("clean accuracy", f"{result.clean_accuracy:.2%}", f"{result.clean_accuracy_float32:.2%}")
     for entry in result.certified:
         value = f"{entry['eps']:.4g}"
         shown = f"{entry['label']} ({value})" if "/" in entry["label"] else entry["label"]
-        table.add_row(f"certified accuracy at eps = {shown}", f"{entry['accuracy']:.2%}")
-    table.add_row("Lipschitz bound (certified upper)", f"{result.bounds.upper:.8g}")
+        table.add_row(f"certified accuracy at eps = {shown}", f"{entry['accuracy']:.2%}", f"{entry['accuracy_float32']:.2%}")
+    table.add_row("Lipschitz bound (certified upper)", f"{result.bounds.upper:.8g}", "")
     if result.bounds.lower is not None:
-        table.add_row("Lipschitz lower bound (max ||J(x)||)", f"{result.bounds.lower:.6g}")
-    table.add_row("median radius of correct points", _median_radius(result))
-    table.add_row("re-checked in float64", f"{result.rechecked}")
-    table.add_row("device", result.device)
-    table.add_row("images / s", f"{result.images_per_second:,.0f}")
+        table.add_row("Lipschitz lower bound (max ||J(x)||)", f"{result.bounds.lower:.6g}", "")
+    table.add_row("median radius of correct points", _median_radius(result.radii_exact[result.correct]),
+                  _median_radius(result.radii_float32[result.correct_float32]))
+    table.add_row("re-evaluated in float64", f"{result.rechecked}", "")
+    if result.undecided or result.nonfinite:
+        table.add_row("undecided / non-finite", f"{result.undecided} / {result.nonfinite}", "")
+    table.add_row("device", result.device, "")
+    table.add_row("images / s", f"{result.images_per_second:,.0f}", "")
     return table
 
 
-def _median_radius(result: CertifyResult) -> str:
-    radii = result.radii[result.correct]
+def _median_radius(radii: torch.Tensor) -> str:
     return f"{float(radii.median()):.4g}" if radii.numel() else "-"
 
 
@@ -47,27 +50,35 @@ def certify_report(result: CertifyResult, **fields: Any) -> dict[str, Any]:
     return {
         **fields,
         "n": result.n,
-        "lipschitz": result.bounds.to_dict(),
+        "lipschitz": {**result.bounds.to_dict(), "one_lipschitz": result.bounds.upper <= 1.0},
         "clean_accuracy": result.clean_accuracy,
+        "clean_accuracy_float32": result.clean_accuracy_float32,
         "certified": result.certified,
         "device": result.device,
         "seconds": result.seconds,
         "images_per_second": result.images_per_second,
         "rechecked_float64": result.rechecked,
-        "float32_radius_error": result.extra.get("float32_radius_error"),
+        "undecided": result.undecided,
+        "nonfinite": result.nonfinite,
         "torch": torch.__version__,
     }
 
 
 def write_radii_csv(path: str | os.PathLike[str], result: CertifyResult, indices: torch.Tensor | None = None) -> Path:
-    """One row per point: ``index,label,prediction,margin,radius`` (float64 printed with repr precision); atomic."""
+    """One row per point (``CSV_HEADER``; float64 printed with repr precision), written atomically.
+
+    ``radius`` holds for both the exact function and the float32 network; ``radius_exact`` and
+    ``radius_float32`` for each alone. A prediction of -1 means no class is certain (a tie).
+    """
     index = indices if indices is not None else torch.arange(result.n)
-    rows = zip(index.tolist(), result.labels.tolist(), result.predictions.tolist(), result.margins.tolist(), result.radii.tolist())
+    columns = (result.labels, result.predictions, result.predictions_float32, result.margins, result.radii,
+               result.radii_exact, result.radii_float32)
+    rows = zip(index.tolist(), *(c.tolist() for c in columns))
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(CSV_HEADER)
-            writer.writerows((i, y, p, repr(m), repr(r)) for i, y, p, m, r in rows)
+            writer.writerows((i, y, p, p32, repr(m), repr(r), repr(ra), repr(rb)) for i, y, p, p32, m, r, ra, rb in rows)
 
     return atomic_write(path, write)

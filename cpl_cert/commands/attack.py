@@ -11,10 +11,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..attack_report import accuracy_rows, accuracy_table, json_report, tightness, tightness_table, violations_table
-from ..attacks.ensemble import ATTACKS, ENGINES, find_violations, run_suite
+from ..attacks.check import find_violations
+from ..attacks.ensemble import ATTACKS, ENGINES, run_suite
 from ..certify import certify, parse_eps
 from ..checkpoint import file_sha256
 from ..data import to_float_images
+from ..certify import exact_points
 from ..device import resolve_device
 from ..errors import CplCertError
 from ..lipschitz import LipschitzBounds, lipschitz_bounds
@@ -112,15 +114,16 @@ def attack_command(
         suite = run_suite(
             model, images, cert.predictions.to(dev), [e.value for e in eps_values], attack, engine, batch_size, seed, steps,
             progress=lambda done, total: bar.update(task, completed=done),
+            reference_float32=cert.predictions_float32.to(dev), clean=exact_points(data.images.to(dev)),
         )
-    violations = find_violations(suite, cert.radii)
+    violations = find_violations(suite, cert)
     seconds = time.perf_counter() - start
     rows = accuracy_rows(cert, suite, eps_values)
     bound_text = f"assumed body bound {assume_lipschitz:g}" if assume_lipschitz is not None else f"certified bound {bounds.upper:.6g}"
     console.print(accuracy_table(rows, f"{model_path.name}: {attack} ({engine}) on {cert.n} {data.name} test points, {bound_text}"))
     stats = None
     if attack in ("minnorm", "autoattack"):
-        stats = tightness(cert.radii, suite.min_distance)
+        stats = tightness(cert.radii_exact, suite.min_distance)
         console.print(tightness_table(stats))
         console.print(f"no adversarial example found for {stats['no_adversarial_found']} points", highlight=False)
     if suite.rejected:
@@ -135,7 +138,7 @@ def attack_command(
         write_json(json_path, report)
         console.print(f"wrote {json_path}")
     if plot_path is not None:
-        plot_gap(plot_path, cert.radii, suite.min_distance, f"{model_path.name}: certified radius vs smallest adversarial distance")
+        plot_gap(plot_path, cert.radii_exact, suite.min_distance, f"{model_path.name}: certified radius vs smallest adversarial distance")
         console.print(f"wrote {plot_path}")
     if violations:
         console.print(violations_table(violations))

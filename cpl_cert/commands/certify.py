@@ -17,7 +17,7 @@ from ..errors import CplCertError
 from ..lipschitz import lipschitz_bounds, lipschitz_lower_bound
 from ..plots import plot_certified_accuracy, require_matplotlib
 from ..report import write_json
-from .common import DeviceName, JsonPath, ModelPath, check_writable, console, handle_errors, load_model_and_data
+from .common import DeviceName, JsonPath, ModelPath, check_writable, console, err_console, handle_errors, load_model_and_data
 
 
 @handle_errors
@@ -86,6 +86,12 @@ def certify_command(
 
     table = certify_table(result, title=f"{model_path.name} on {data.name} ({split} split)")
     console.print(table)
+    if bounds.upper > 1.0:
+        err_console.print(
+            f"[bold yellow]Warning:[/] {model_path.name} is not 1-Lipschitz (certified bound {bounds.upper:.6g}): "
+            "it is not the network the checkpoint format promises; its radii use that bound.",
+            highlight=False,
+        )
     console.print(f"data: {data.source}; certified in {result.seconds:.2f} s", highlight=False)
     report = certify_report(result, model=str(model_path), sha256=file_sha256(model_path), dataset=data.name, split=split)
     report["batch_size"] = batch_size
@@ -97,5 +103,5 @@ def certify_command(
         console.print(f"wrote {radii_path}")
     if plot_path is not None:
         marks = [(e["eps"], e["label"], e["accuracy"]) for e in result.certified]
-        plot_certified_accuracy(plot_path, result.correct, result.radii, marks, f"{model_path.name} on {data.name} ({result.n} points)")
+        plot_certified_accuracy(plot_path, result.correct, result.radii_exact, marks, f"{model_path.name} on {data.name} ({result.n} points)")
         console.print(f"wrote {plot_path}")

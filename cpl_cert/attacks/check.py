@@ -1,0 +1,133 @@
+"""The certificate check: is an adversarial example real, and does it beat a certified radius?
+
+An attack proposes inputs; a certificate is contradicted only by an input that provably changes the
+prediction and lies provably closer than the radius. Both senses of docs/certify.md are checked:
+
+* the exact function of the stored weights: the example's class is established by a float64
+  evaluation with a rigorous rounding bound (``certify``'s own enclosure), so float rounding cannot
+  manufacture a violation, and it is compared with ``radii_exact``;
+* the float32 network as cpl-cert runs it: the example's float32 prediction is what that network
+  outputs, compared with ``radii_float32``.
+
+Distances are measured in float64 from the exact clean point (uint8 pixels / 255 in float64) and a
+violation needs ``distance * (1 + 1e-12) < radius``, so rounding of the distance cannot create one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..certify import certificate_constants, exact_enclosure, float32_prediction
+from ..models import CPLNet, float64_copy
+from ..rounding import ErrorModel
+from .common import AttackOutcome, l2_norm
+
+DISTANCE_SLACK = 1e-12
+"""Rounding allowance (relative and absolute) of a float64 distance between points in the pixel box."""
+
+
+@dataclass
+class Checker:
+    """What verification needs of a model: the float32 network, its float64 copy and rounding constants."""
+
+    model: nn.Module
+    model64: nn.Module
+    constants: ErrorModel
+
+
+def make_checker(model: CPLNet) -> Checker:
+    """A checker for ``model`` (its certificate constants are the ones ``certify`` uses)."""
+    _, constants = certificate_constants(model)
+    return Checker(model, float64_copy(model), constants)
+
+
+@torch.no_grad()
+def verify_exact(checker: Checker, clean: torch.Tensor, outcome: AttackOutcome, reference: torch.Tensor) -> torch.Tensor:
+    """float64 distances of the examples whose class under the exact function is provably not
+    ``reference`` (``inf`` elsewhere); examples must lie in the pixel box [0, 1]."""
+    result = torch.full((clean.shape[0],), math.inf, dtype=torch.float64, device=clean.device)
+    idx = outcome.found.nonzero().flatten()
+    if idx.numel() == 0:
+        return result
+    adv = outcome.adversarial[idx].double()
+    enclosure = exact_enclosure(checker.model, checker.model64, checker.constants, adv, 0)
+    certain = enclosure.finite & (enclosure.low > 0) & (enclosure.top != reference[idx])
+    ok = _inside_box(adv) & certain
+    result[idx[ok]] = l2_norm(adv[ok] - clean[idx[ok]].double())
+    return result
+
+
+@torch.no_grad()
+def verify_float32(model: nn.Module, clean: torch.Tensor, outcome: AttackOutcome, reference: torch.Tensor) -> torch.Tensor:
+    """float64 distances of the examples on which the float32 network does not predict ``reference``
+    strictly (another class, a tie or non-finite logits); ``inf`` elsewhere."""
+    result = torch.full((clean.shape[0],), math.inf, dtype=torch.float64, device=clean.device)
+    idx = outcome.found.nonzero().flatten()
+    if idx.numel() == 0:
+        return result
+    adv = outcome.adversarial[idx].float()
+    prediction = float32_prediction(model(adv))  # -1 (a tie) also breaks "the class stays the reference"
+    changed = prediction != reference[idx]
+    ok = _inside_box(adv) & changed
+    result[idx[ok]] = l2_norm(adv[ok].double() - clean[idx[ok]].double())
+    return result
+
+
+def _inside_box(x: torch.Tensor) -> torch.Tensor:
+    flat = x.flatten(1)
+    return (flat.min(dim=1).values >= 0) & (flat.max(dim=1).values <= 1)
+
+
+@dataclass
+class Violation:
+    """A verified adversarial example closer than a certified radius: the certificate is wrong."""
+
+    index: int
+    radius: float
+    distance: float
+    attack: str
+    eps: float
+    sense: str = "exact"  # "exact" (the exact function) or "float32" (the float32 network)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index, "radius": self.radius, "distance": self.distance,
+            "attack": self.attack, "eps": self.eps, "sense": self.sense,
+        }
+
+
+def beats(distance: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Where a verified distance is provably below the radius."""
+    return distance * (1.0 + DISTANCE_SLACK) + DISTANCE_SLACK < radius.double().to(distance.device)
+
+
+def find_violations(suite: Any, cert: Any, indices: list[int] | None = None) -> list[Violation]:
+    """Every point whose closest verified adversarial example beats its radius, in either sense.
+
+    ``suite`` is a ``SuiteResult`` and ``cert`` the ``CertifyResult`` of the same points; ``indices``
+    maps positions to test-set indices (default: the positions themselves).
+    """
+    violations: list[Violation] = []
+    if suite.distance.numel() == 0:
+        return violations
+    for sense, distance, radii in (("exact", suite.distance, cert.radii_exact), ("float32", suite.distance_float32, cert.radii_float32)):
+        best, where = distance.min(dim=0)
+        for i in beats(best, radii).nonzero().flatten().tolist():
+            e = int(where[i])
+            violations.append(
+                Violation(
+                    index=int(indices[i]) if indices is not None else i, radius=float(radii[i]), distance=float(best[i]),
+                    attack=suite.source_of(e, i), eps=suite.eps[e], sense=sense,
+                )
+            )
+    return violations
+
+
+def violations_at(suite: Any, e: int, cert: Any) -> torch.Tensor:
+    """Mask of points whose adversarial example found at radius ``eps[e]`` beats their radius, in either sense."""
+    return beats(suite.distance[e], cert.radii_exact) | beats(suite.distance_float32[e], cert.radii_float32)

@@ -1,0 +1,129 @@
+"""Floating-point facts the certificates rest on: unit roundoffs, error constants, strict math modes.
+
+Every bound cpl-cert computes about rounding uses the standard model of IEEE arithmetic
+(``fl(a op b) = (a op b)(1 + d)``, ``|d| <= u``) plus an absolute term for underflow, and the classic
+dot-product bound ``|fl(sum a_i b_i) - sum a_i b_i| <= gamma_n sum |a_i b_i|`` with
+``gamma_n = n u / (1 - n u)``, which holds for any order of summation, with or without fused
+multiply-adds (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., section 3.1).
+docs/math.md derives the per-layer bounds from these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+
+from .errors import CplCertError
+
+FP64_SLACK = 2.0**-40
+"""Relative slack applied to cpl-cert's own float64 bound arithmetic (chains of at most a few hundred
+float64 operations on non-negative numbers, each off by at most 2^-53 relative): rounds bounds
+outward so that they stay bounds."""
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """``u``: the largest relative error of one correctly rounded operation in ``dtype``."""
+    if dtype == torch.float32:
+        return 2.0**-24
+    if dtype == torch.float64:
+        return 2.0**-53
+    raise CplCertError(f"certificates are computed in float32 or float64, not {dtype}")
+
+
+def smallest_normal(dtype: torch.dtype) -> float:
+    """Absolute error of one operation near underflow (covers flush-to-zero as well as gradual underflow)."""
+    return float(torch.finfo(dtype).tiny)
+
+
+def gamma(n: int, dtype: torch.dtype) -> float:
+    """``gamma_n = n u / (1 - n u)``: relative error bound of an ``n``-term dot product in ``dtype``."""
+    nu = n * unit_roundoff(dtype)
+    if nu >= 0.5:
+        raise CplCertError(f"a sum of {n} terms is too long for a rounding bound in {dtype}")
+    return nu / (1.0 - nu)
+
+
+def round_up(value: float) -> float:
+    """``value`` moved outward by ``FP64_SLACK`` (for a non-negative upper bound)."""
+    return value * (1.0 + FP64_SLACK)
+
+
+def norm_upper(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample upper bound of ``||x||_2`` (rows of ``x``) as float64.
+
+    Computed in ``x``'s own precision (a float64 copy of every activation would cost a quarter of the
+    forward pass) and inflated by ``gamma_{n+2}`` of that precision, which covers any summation order of
+    the squares and the square root. If a square overflows the result is infinite, which callers treat
+    as "evaluate this point again in float64".
+    """
+    flat = x.flatten(1)
+    norms = torch.linalg.vector_norm(flat, dim=1).double()
+    return norms * (1.0 + gamma(flat.shape[1] + 2, flat.dtype) + FP64_SLACK)
+
+
+@contextlib.contextmanager
+def strict_math() -> Iterator[None]:
+    """Full-precision float32 math while certificates are computed; the previous settings come back after.
+
+    Turns off TF32 and other reduced-precision float32 modes (CUDA matmul, cuDNN, oneDNN), NNPACK
+    (its convolutions use Winograd/FFT algorithms, whose rounding the dot-product bound does not cover)
+    and cuDNN (same reason: it may pick Winograd or FFT kernels). Convolutions then run as direct sums
+    (oneDNN direct, or im2col + GEMM), which the bounds of docs/math.md cover.
+    """
+    cudnn = torch.backends.cudnn
+    saved_cudnn = cudnn.enabled
+    nnpack = getattr(torch.backends, "nnpack", None)
+    try:
+        cudnn.enabled = False
+        with _no_nnpack(nnpack), _ieee_precision():
+            yield
+    finally:
+        cudnn.enabled = saved_cudnn
+
+
+def _no_nnpack(nnpack: object) -> contextlib.AbstractContextManager[object]:
+    flags = getattr(nnpack, "flags", None)
+    return flags(enabled=False) if callable(flags) else contextlib.nullcontext()
+
+
+_PRECISION_PATHS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
+
+
+@contextlib.contextmanager
+def _ieee_precision() -> Iterator[None]:
+    """Every float32 precision knob torch has set to full IEEE; torch versions without the
+    ``fp32_precision`` settings get their TF32 flags turned off instead."""
+    backends = torch.backends
+    if not hasattr(backends, "fp32_precision"):
+        saved_flags = (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+        backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = saved_flags[:2]
+            torch.set_float32_matmul_precision(saved_flags[2])
+        return
+    knobs = [obj for obj in map(_backend, _PRECISION_PATHS) if obj is not None and hasattr(obj, "fp32_precision")]
+    saved = [(obj, obj.fp32_precision) for obj in knobs]
+    try:
+        for obj in knobs:
+            obj.fp32_precision = "ieee"
+        yield
+    finally:
+        for obj, value in saved:
+            obj.fp32_precision = value
+
+
+def _backend(path: str) -> object | None:
+    obj: object | None = torch.backends
+    for part in filter(None, path.split(".")):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def is_finite_number(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
