@@ -9,6 +9,7 @@ zero-padded grid (see docs/math.md). ``freeze`` takes the step from them.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Callable
 
 import torch
@@ -132,9 +133,9 @@ def step_for_sigma(sigma: float) -> float:
     """The paper's step ``2 / (sigma^2 + 1e-4)``, rounded *down* to float32 so it never exceeds the exact value."""
     if not (math.isfinite(sigma) and sigma >= 0):
         raise CplCertError(f"cannot choose a step for a spectral norm of {sigma}")
-    exact = 2.0 / (sigma * sigma + STEP_EPSILON)
-    step32 = torch.tensor(exact, dtype=torch.float32)
-    if float(step32) > exact:
+    exact = Fraction(2) / (Fraction(sigma) ** 2 + Fraction(STEP_EPSILON))  # rational: no rounding to undo
+    step32 = torch.tensor(float(exact), dtype=torch.float32)
+    while Fraction(float(step32)) > exact:
         step32 = torch.nextafter(step32, torch.tensor(0.0))
     step = float(step32)
     if not step > 0:
