@@ -123,7 +123,7 @@ def test_bad_input_exit_1_one_sentence(case, tiny_checkpoint, mismatched, tmp_pa
 
 
 def test_plot_without_matplotlib(tiny_checkpoint, tmp_path, monkeypatch):
-    import cpl_cert.plots as plots
+    import cpl_cert.cli.plots as plots
 
     real = plots.importlib.util.find_spec
     monkeypatch.setattr(plots.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
@@ -136,7 +136,7 @@ def test_plot_without_matplotlib(tiny_checkpoint, tmp_path, monkeypatch):
 def test_certified_curve_steps():
     import torch
 
-    from cpl_cert.plots import certified_curve
+    from cpl_cert.cli.plots import certified_curve
 
     correct = torch.tensor([True, True, False, True])
     radii = torch.tensor([0.3, 0.1, 0.9, 0.0], dtype=torch.float64)

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from cpl_cert.augment import Augment, make_augment
+from cpl_cert.train.augment import Augment, make_augment
 from cpl_cert.errors import CplCertError
-from cpl_cert.losses import hinge_loss, make_loss, offset_cross_entropy
-from cpl_cert.schedule import triangular_factor, triangular_lr
+from cpl_cert.train.losses import hinge_loss, make_loss, offset_cross_entropy
+from cpl_cert.train.schedule import triangular_factor, triangular_lr
 
 
 def test_schedule_shape():

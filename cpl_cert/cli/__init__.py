@@ -1,1 +1,5 @@
-"""One module per command of the ``cpl-cert`` command line; each is a thin wrapper over the library."""
+"""The ``cpl-cert`` command line: the Typer app, one module per command, tables, plots and JSON reports."""
+
+from .app import app, main
+
+__all__ = ["app", "main"]

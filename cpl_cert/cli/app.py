@@ -6,11 +6,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import __version__
-from .commands.attack import attack_command
-from .commands.certify import certify_command
-from .commands.inspect import info_command, lipschitz_command
-from .commands.train import train_command
+from .. import __version__
+from .attack import attack_command
+from .certify import certify_command
+from .inspect import info_command, lipschitz_command
+from .train import train_command
 
 app = typer.Typer(
     name="cpl-cert",

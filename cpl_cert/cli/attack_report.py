@@ -8,8 +8,8 @@ from typing import Any, Sequence
 import torch
 from rich.table import Table
 
-from .attacks.ensemble import SuiteResult, Violation, violations_at
-from .certify import CertifyResult, EpsValue
+from ..attacks.ensemble import SuiteResult, Violation, violations_at
+from ..certify import CertifyResult, EpsValue
 
 
 def accuracy_rows(cert: CertifyResult, suite: SuiteResult, eps: Sequence[EpsValue]) -> list[dict[str, Any]]:

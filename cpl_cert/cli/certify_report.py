@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from .certify import CertifyResult
-from .checkpoint import atomic_write
+from ..certify import CertifyResult
+from ..checkpoint import atomic_write
 
 CSV_HEADER = ("index", "label", "prediction", "margin", "radius")
 

@@ -15,7 +15,7 @@ from ..device import resolve_device
 from ..errors import CplCertError
 from ..lipschitz import lipschitz_bounds, lipschitz_lower_bound
 from ..models import count_parameters
-from ..report import lipschitz_table, write_json
+from .report import lipschitz_table, write_json
 from .common import DeviceName, JsonPath, ModelPath, check_writable, console, handle_errors
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write
-from .errors import CplCertError
+from ..checkpoint import atomic_write
+from ..errors import CplCertError
 
 INSTALL_HINT = "--plot needs matplotlib, which is not installed; install it with: pip install 'cpl-cert[plot]'"
 

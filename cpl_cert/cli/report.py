@@ -10,8 +10,8 @@ from typing import Any
 
 from rich.table import Table
 
-from .checkpoint import atomic_write
-from .lipschitz import LipschitzBounds
+from ..checkpoint import atomic_write
+from ..lipschitz import LipschitzBounds
 
 
 def _fmt(value: float | None, digits: int = 6) -> str:

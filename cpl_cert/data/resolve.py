@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from .errors import CplCertError
+from ..errors import CplCertError
 
-PACKAGE_DATA = Path(__file__).parent / "data"
+PACKAGE_DATA = Path(__file__).parent
 SHIPPED_FASHION_MNIST = PACKAGE_DATA / "fashion-mnist"
 
 

@@ -35,18 +35,18 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from . import __version__
+from .. import __version__
 from . import distributed as dist_utils
 from .augment import make_augment
-from .certify import certify, parse_eps
-from .checkpoint import atomic_write, read_metadata, save_checkpoint
-from .data import ImageDataset, load_dataset, to_float_images
-from .device import resolve_device
-from .errors import CplCertError
+from ..certify import certify, parse_eps
+from ..checkpoint import atomic_write, read_metadata, save_checkpoint
+from ..data import ImageDataset, load_dataset, to_float_images
+from ..device import resolve_device
+from ..errors import CplCertError
 from .losses import make_loss
-from .models import CPLNet, ModelConfig, resolve_config
+from ..models import CPLNet, ModelConfig, resolve_config
 from .schedule import triangular_lr
-from .spectral import freeze
+from ..spectral import freeze
 
 FREEZE_ITERS = 2000
 """Power iterations (at most) when freezing the final model: to convergence, as ``cpl_cert.freeze`` does."""
@@ -291,7 +291,7 @@ def _progress(enabled: bool) -> Any:
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .commands.common import console
+    from ..cli.common import console
 
     return Progress(
         TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

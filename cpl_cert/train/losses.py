@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import CplCertError
+from ..errors import CplCertError
 
 LOSSES = ("hinge", "offset-ce")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
