@@ -4,7 +4,7 @@
 """
 import sys, json
 import cpl_cert
-from cpl_cert.checkpoint import file_sha256
+from cpl_cert.io import file_sha256
 src, dst = sys.argv[1], sys.argv[2]
 m, meta = cpl_cert.load_checkpoint(src)
 cpl_cert.save_checkpoint(m, dst, dataset=meta["dataset"], training=meta["training"])

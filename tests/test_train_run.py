@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import cpl_cert
-from cpl_cert.checkpoint import file_sha256, read_metadata
+from cpl_cert.checkpoint import read_metadata
+from cpl_cert.io import file_sha256
 from cpl_cert.cli import app
 from cpl_cert.data import load_dataset
 from cpl_cert.train import TrainOptions, log_path, train

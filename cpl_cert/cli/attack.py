@@ -13,13 +13,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .attack_report import accuracy_rows, accuracy_table, json_report, tightness, tightness_table, violations_table
 from ..attacks.ensemble import ATTACKS, ENGINES, find_violations, run_suite
 from ..certify import certify, parse_eps
-from ..checkpoint import file_sha256
 from ..data import to_float_images
 from ..device import resolve_device
 from ..errors import CplCertError
 from ..lipschitz import LipschitzBounds, lipschitz_bounds
 from .plots import plot_gap, require_matplotlib
-from .report import write_json
+from ..io import file_sha256, write_json
 from .common import EXIT_VIOLATION, DeviceName, JsonPath, ModelPath, check_writable, console, err_console, handle_errors, load_model_and_data
 
 DEFAULT_LIMIT = 1000

@@ -11,12 +11,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..certify import certify, parse_eps
 from .certify_report import certify_report, certify_table, write_radii_csv
-from ..checkpoint import file_sha256
 from ..device import resolve_device
 from ..errors import CplCertError
 from ..lipschitz import lipschitz_bounds, lipschitz_lower_bound
 from .plots import plot_certified_accuracy, require_matplotlib
-from .report import write_json
+from ..io import file_sha256, write_json
 from .common import DeviceName, JsonPath, ModelPath, check_writable, console, handle_errors, load_model_and_data
 
 

@@ -11,7 +11,7 @@ import torch
 from rich.table import Table
 
 from ..certify import CertifyResult
-from ..checkpoint import atomic_write
+from ..io import atomic_write
 
 CSV_HEADER = ("index", "label", "prediction", "margin", "radius")
 

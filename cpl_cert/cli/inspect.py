@@ -10,12 +10,13 @@ import torch
 import typer
 from rich.table import Table
 
-from ..checkpoint import file_sha256, load_checkpoint, read_metadata
+from ..checkpoint import load_checkpoint, read_metadata
+from ..io import file_sha256, write_json
 from ..device import resolve_device
 from ..errors import CplCertError
 from ..lipschitz import lipschitz_bounds, lipschitz_lower_bound
 from ..models import count_parameters
-from .report import lipschitz_table, write_json
+from .report import lipschitz_table
 from .common import DeviceName, JsonPath, ModelPath, check_writable, console, handle_errors
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_write
+from ..io import atomic_write
 from ..errors import CplCertError
 
 INSTALL_HINT = "--plot needs matplotlib, which is not installed; install it with: pip install 'cpl-cert[plot]'"

@@ -39,7 +39,8 @@ from .. import __version__
 from . import distributed as dist_utils
 from .augment import make_augment
 from ..certify import certify, parse_eps
-from ..checkpoint import atomic_write, read_metadata, save_checkpoint
+from ..checkpoint import read_metadata, save_checkpoint
+from ..io import atomic_write
 from ..data import ImageDataset, load_dataset, to_float_images
 from ..device import resolve_device
 from ..errors import CplCertError
