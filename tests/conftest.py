@@ -1,17 +1,33 @@
-"""Shared fixtures: small frozen models and their checkpoints."""
+"""Shared fixtures: a machine that looks like a fresh one, small frozen models and their checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
 import cpl_cert
+from cpl_cert.data import SPECS
 
 # One thread for every test: small ops with several threads crawl when cores are shared
 # (subprocess tests, CI neighbours); tiny batches run hundreds of times faster this way.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fresh_machine(tmp_path_factory):
+    """Every test sees what CI sees: no system copy of a dataset, no ``$CPL_CERT_DATA``, no downloads,
+    and caches (cpl-cert's, matplotlib's) inside the test's temporary folder; subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, spec in list(SPECS.items()):
+            patch.setitem(SPECS, name, dataclasses.replace(spec, system_dirs=()))
+        patch.delenv("CPL_CERT_DATA", raising=False)
+        patch.setenv("CPL_CERT_OFFLINE", "1")
+        patch.setenv("CPL_CERT_CACHE", str(tmp_path_factory.mktemp("cpl-cert-cache")))
+        patch.setenv("MPLCONFIGDIR", str(tmp_path_factory.mktemp("matplotlib")))
+        yield
 
 
 def make_frozen(preset: str = "cpl-tiny", input_shape=(1, 28, 28), num_classes: int = 10, seed: int = 0, **overrides):
