@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
+import shlex
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
@@ -87,8 +87,22 @@ def load_model_and_data(
     return model, meta, data.subset(limit)
 
 
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()
+def command_line(ctx: typer.Context) -> str:
+    """The running command as the user gave it: ``cpl-cert <command>`` and the options set on the
+    command line (the same whether started as ``cpl-cert``, ``python -m cpl_cert`` or under torchrun)."""
+    parts = ["cpl-cert", ctx.info_name or ""]
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name) if param.name else None
+        if source is None or source.name != "COMMANDLINE":
+            continue
+        value = ctx.params[param.name]
+        if param.param_type_name != "option":
+            parts.append(str(value))
+        elif getattr(param, "is_flag", False):
+            parts.append(param.opts[0] if value else (param.secondary_opts or param.opts)[0])
+        else:
+            parts += [param.opts[0], str(value)]
+    return shlex.join(parts)
 
 
 ModelPath = Annotated[Path, typer.Argument(help="A cpl-cert checkpoint (.safetensors).", show_default=False)]
