@@ -88,6 +88,9 @@ def test_minnorm_report_fields_and_plot(dense_checkpoint: Path, tmp_path: Path):
         (["--attack", "fgsm"], "unknown attack"),
         (["--engine", "foolbox"], "unknown engine"),
         (["--steps", "0"], "--steps"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--assume-lipschitz", "0"], "--assume-lipschitz"),
+        (["--assume-lipschitz", "inf"], "--assume-lipschitz"),
         (["--attack", "pgd", "--plot", "x.png"], "--plot needs"),
     ],
 )

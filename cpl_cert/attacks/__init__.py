@@ -2,9 +2,10 @@
 
 from .apgd import apgd_l2, apgd_targeted_l2, checkpoints
 from .common import AttackOutcome, project
-from .ensemble import ATTACKS, ENGINES, SuiteResult, Violation, find_violations, run_suite, verify, violations_at
+from .ensemble import SuiteResult, Violation, find_violations, run_suite, verify, violations_at
 from .minnorm import fmn_l2
+from .options import ATTACKS, ENGINES, check_attack_options
 from .pgd import pgd_l2
 
 __all__ = [
-    "ATTACKS", "ENGINES", "SuiteResult", "Violation", "find_violations", "run_suite", "verify", "violations_at","AttackOutcome", "apgd_l2", "apgd_targeted_l2", "checkpoints", "fmn_l2", "pgd_l2", "project"]
+    "ATTACKS", "ENGINES", "SuiteResult", "Violation", "find_violations", "run_suite", "verify", "violations_at", "check_attack_options", "AttackOutcome", "apgd_l2", "apgd_targeted_l2", "checkpoints", "fmn_l2", "pgd_l2", "project"]

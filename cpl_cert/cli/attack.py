@@ -11,7 +11,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .attack_report import accuracy_rows, accuracy_table, json_report, tightness, tightness_table, violations_table
-from ..attacks.ensemble import ATTACKS, ENGINES, find_violations, run_suite
+from ..attacks.ensemble import find_violations, run_suite
+from ..attacks.options import ATTACKS, ENGINES, check_attack_options
 from ..certify import certify, parse_eps
 from ..data import to_float_images
 from ..device import resolve_device
@@ -19,7 +20,7 @@ from ..errors import CplCertError
 from ..lipschitz import LipschitzBounds, lipschitz_bounds
 from .plots import plot_gap, require_matplotlib
 from ..io import file_sha256, write_json
-from .common import EXIT_VIOLATION, DeviceName, JsonPath, ModelPath, check_writable, console, err_console, handle_errors, load_model_and_data
+from .common import EXIT_VIOLATION, DeviceName, JsonPath, ModelPath, check_writable, console, err_console, handle_errors, library_default, load_model_and_data
 
 DEFAULT_LIMIT = 1000
 
@@ -30,34 +31,30 @@ def assume_body_bound(bounds: LipschitzBounds, value: float) -> LipschitzBounds:
     return dataclasses.replace(bounds, body_upper=value, upper=value * head)
 
 
-def _validate(attack: str, engine: str, limit: int, batch_size: int, assume_lipschitz: float | None, steps: int) -> None:
-    if attack not in ATTACKS:
-        raise CplCertError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
-    if engine not in ENGINES:
-        raise CplCertError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if limit < 1:
-        raise CplCertError(f"--limit must be a positive number of points, got {limit}")
-    if steps < 1:
-        raise CplCertError(f"--steps must be a positive number of iterations, got {steps}")
-    if batch_size < 1:
-        raise CplCertError(f"--batch-size must be positive, got {batch_size}")
-    if assume_lipschitz is not None and not (assume_lipschitz > 0 and assume_lipschitz < float("inf")):
-        raise CplCertError(f"--assume-lipschitz must be a positive number, got {assume_lipschitz}")
+def _check_assumed_bound(value: float | None) -> None:
+    if value is not None and not (0 < value < float("inf")):
+        raise CplCertError(f"--assume-lipschitz must be a positive number, got {value}")
 
 
 @handle_errors
 def attack_command(
     model_path: ModelPath,
-    attack: Annotated[str, typer.Option("--attack", help="pgd, apgd (APGD-CE + APGD-T), autoattack (worst case of all) or minnorm (FMN-L2).")] = "apgd",
+    attack: Annotated[
+        str, typer.Option("--attack", help=f"{', '.join(ATTACKS)}: PGD-L2, APGD-CE + APGD-T, the worst case of all, FMN-L2 minimum norm.")
+    ] = library_default(run_suite, "attack"),
     eps: Annotated[Optional[str], typer.Option("--eps", help="Radii, e.g. '0.1,0.25' or '36/255' (default: the dataset's list).")] = None,
     limit: Annotated[int, typer.Option("--limit", help="Attack the first N test points.")] = DEFAULT_LIMIT,
-    engine: Annotated[str, typer.Option("--engine", help="native, or torchattacks (optional extra).")] = "native",
+    engine: Annotated[
+        str, typer.Option("--engine", help=f"{' or '.join(ENGINES)} (torchattacks is an optional extra).")
+    ] = library_default(run_suite, "engine"),
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="Dataset name (default: the checkpoint's).")] = None,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the dataset files.")] = None,
     device: DeviceName = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Points attacked at once.")] = 500,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random starts.")] = 0,
-    steps: Annotated[int, typer.Option("--steps", help="Iterations of PGD and APGD per run (reference 100; FMN runs twice as many).")] = 100,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Points attacked at once.")] = library_default(run_suite, "batch_size"),
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random starts.")] = library_default(run_suite, "seed"),
+    steps: Annotated[
+        int, typer.Option("--steps", help="Iterations of PGD and APGD per run (reference 100; FMN runs twice as many).")
+    ] = library_default(run_suite, "steps"),
     json_path: JsonPath = None,
     plot_path: Annotated[Optional[Path], typer.Option("--plot", help="PNG: certified radius and smallest adversarial distance per point (minnorm, autoattack).")] = None,
     assume_lipschitz: Annotated[
@@ -75,7 +72,8 @@ def attack_command(
     float64) closer than the point's certified radius is a certificate violation: all are listed and
     the command exits with code 3.
     """
-    _validate(attack, engine, limit, batch_size, assume_lipschitz, steps)
+    check_attack_options(attack, engine, steps, batch_size)
+    _check_assumed_bound(assume_lipschitz)
     eps_values = parse_eps(eps) if eps is not None else None
     check_writable(json_path)
     check_writable(plot_path)
@@ -83,12 +81,6 @@ def attack_command(
         require_matplotlib()
         if attack not in ("minnorm", "autoattack"):
             raise CplCertError("--plot needs --attack minnorm or autoattack, which measure each point's smallest adversarial distance")
-    if engine == "torchattacks":
-        from ..attacks.external import ENGINE_ATTACKS, require_torchattacks
-
-        require_torchattacks()
-        if attack not in ENGINE_ATTACKS:
-            raise CplCertError(f"--engine torchattacks runs {', '.join(ENGINE_ATTACKS)}, not {attack}; use --engine native for {attack}")
     dev = resolve_device(device)
     model, _, data = load_model_and_data(model_path, dataset, data_dir, "test", limit, dev)
     eps_values = eps_values or parse_eps(",".join(data.default_eps))

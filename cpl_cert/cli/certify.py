@@ -16,7 +16,7 @@ from ..errors import CplCertError
 from ..lipschitz import lipschitz_bounds, lipschitz_lower_bound
 from .plots import plot_certified_accuracy, require_matplotlib
 from ..io import file_sha256, write_json
-from .common import DeviceName, JsonPath, ModelPath, check_writable, console, handle_errors, load_model_and_data
+from .common import DeviceName, JsonPath, ModelPath, check_writable, console, handle_errors, library_default, load_model_and_data
 
 
 @handle_errors
@@ -31,7 +31,7 @@ def certify_command(
         Optional[str],
         typer.Option("--eps", help="Radii, comma-separated, e.g. 0.1,0.25,36/255 (default: 36/255,72/255,108/255 for CIFAR, 0.1,0.25,0.5,1.0 for 28x28 data)."),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1024,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = library_default(certify, "batch_size"),
     device: DeviceName = "auto",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Certify only the first N points.")] = None,
     split: Annotated[str, typer.Option("--split", help="test or train.")] = "test",
@@ -52,11 +52,7 @@ def certify_command(
     margin / (sqrt(2) L) with a truncation head, min_j (f_top - f_j) / (L_body ||w_top - w_j||) with
     an LLN head; radii near an eps are recomputed in float64 before they count (docs/certify.md).
     """
-    # Everything that can be wrong with the options is checked before any work starts.
-    if limit is not None and limit < 1:
-        raise CplCertError(f"--limit must be a positive number of points, got {limit}")
-    if batch_size < 1:
-        raise CplCertError(f"--batch-size must be positive, got {batch_size}")
+    # --limit and --batch-size are checked by the library (ImageDataset.subset, certify).
     if lower_samples < 0:
         raise CplCertError(f"--lower-bound-samples must be 0 or more, got {lower_samples}")
     eps_values = parse_eps(eps) if eps is not None else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import shlex
 from pathlib import Path
@@ -85,6 +86,11 @@ def load_model_and_data(
     data = load_dataset(name, split=split, data_dir=data_dir)
     check_compatible(data, model.config.input_shape, model.config.num_classes)
     return model, meta, data.subset(limit)
+
+
+def library_default(func: Callable[..., Any], name: str) -> Any:
+    """The default of ``func``'s parameter ``name``: a command's defaults are the library's."""
+    return inspect.signature(func).parameters[name].default
 
 
 def command_line(ctx: typer.Context) -> str:
