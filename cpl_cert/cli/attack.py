@@ -5,24 +5,27 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .attack_report import accuracy_rows, accuracy_table, json_report, tightness, tightness_table, violations_table
-from ..attacks.ensemble import find_violations, run_suite
+from ..attacks.ensemble import SuiteResult, Violation, find_violations, run_suite
 from ..attacks.options import ATTACKS, ENGINES, check_attack_options
-from ..certify import certify, parse_eps
-from ..data import to_float_images
+from ..certify import CertifyResult, EpsValue, certify, parse_eps
+from ..data import ImageDataset, to_float_images
 from ..device import resolve_device
 from ..errors import CplCertError
 from ..lipschitz import LipschitzBounds, lipschitz_bounds
+from ..models import CPLNet
 from .plots import plot_gap, require_matplotlib
 from ..io import file_sha256, write_json
 from .common import EXIT_VIOLATION, DeviceName, JsonPath, ModelPath, check_writable, console, err_console, handle_errors, library_default, load_model_and_data
 
 DEFAULT_LIMIT = 1000
+MEASURES_DISTANCE = ("minnorm", "autoattack")
+"""The attacks that measure each point's smallest adversarial distance (tightness table, gap plot)."""
 
 
 def assume_body_bound(bounds: LipschitzBounds, value: float) -> LipschitzBounds:
@@ -75,45 +78,20 @@ def attack_command(
     check_attack_options(attack, engine, steps, batch_size)
     _check_assumed_bound(assume_lipschitz)
     eps_values = parse_eps(eps) if eps is not None else None
-    check_writable(json_path)
-    check_writable(plot_path)
-    if plot_path is not None:
-        require_matplotlib()
-        if attack not in ("minnorm", "autoattack"):
-            raise CplCertError("--plot needs --attack minnorm or autoattack, which measure each point's smallest adversarial distance")
+    _check_outputs(json_path, plot_path, attack)
     dev = resolve_device(device)
     model, _, data = load_model_and_data(model_path, dataset, data_dir, "test", limit, dev)
     eps_values = eps_values or parse_eps(",".join(data.default_eps))
     start = time.perf_counter()
-    bounds = lipschitz_bounds(model)
-    if assume_lipschitz is not None:
-        bounds = assume_body_bound(bounds, assume_lipschitz)
-        err_console.print(
-            f"[bold yellow]Warning:[/] certificates computed with an ASSUMED body bound L = {assume_lipschitz:g} "
-            "(--assume-lipschitz), not cpl-cert's certified bound; they are being audited, not guaranteed.",
-            highlight=False,
-        )
+    bounds = _bounds(model, assume_lipschitz)
     cert = certify(model, data, eps=[e.label for e in eps_values], device=dev, batch_size=batch_size, bounds=bounds)
-    images = to_float_images(data.images.to(dev))
-    with Progress(
-        TextColumn(f"attack {attack}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True, disable=not err_console.is_terminal,
-    ) as bar:
-        task = bar.add_task("attack", total=cert.n)
-        suite = run_suite(
-            model, images, cert.predictions.to(dev), [e.value for e in eps_values], attack, engine, batch_size, seed, steps,
-            progress=lambda done, total: bar.update(task, completed=done),
-        )
+    suite = _run_attacks(model, data, cert, eps_values, attack, engine, batch_size, seed, steps)
     violations = find_violations(suite, cert.radii)
     seconds = time.perf_counter() - start
     rows = accuracy_rows(cert, suite, eps_values)
     bound_text = f"assumed body bound {assume_lipschitz:g}" if assume_lipschitz is not None else f"certified bound {bounds.upper:.6g}"
     console.print(accuracy_table(rows, f"{model_path.name}: {attack} ({engine}) on {cert.n} {data.name} test points, {bound_text}"))
-    stats = None
-    if attack in ("minnorm", "autoattack"):
-        stats = tightness(cert.radii, suite.min_distance)
-        console.print(tightness_table(stats))
-        console.print(f"no adversarial example found for {stats['no_adversarial_found']} points", highlight=False)
+    stats = _print_tightness(cert, suite) if attack in MEASURES_DISTANCE else None
     if suite.rejected:
         console.print(f"{suite.rejected} points had candidate adversarial examples that failed float64 re-verification (discarded)", highlight=False)
     console.print(f"done in {seconds:.1f} s on {cert.device}", highlight=False)
@@ -128,12 +106,65 @@ def attack_command(
     if plot_path is not None:
         plot_gap(plot_path, cert.radii, suite.min_distance, f"{model_path.name}: certified radius vs smallest adversarial distance")
         console.print(f"wrote {plot_path}")
-    if violations:
-        console.print(violations_table(violations))
-        err_console.print(
-            f"[bold red]Error:[/] an attack contradicted {len(violations)} certificate(s) (test points "
-            f"{', '.join(str(v.index) for v in violations[:20])}{' ...' if len(violations) > 20 else ''}).",
-            highlight=False,
+    _report_violations(violations)
+
+
+def _check_outputs(json_path: Path | None, plot_path: Path | None, attack: str) -> None:
+    """Fail before any work when an output cannot be written or the plot cannot be drawn."""
+    check_writable(json_path)
+    check_writable(plot_path)
+    if plot_path is not None:
+        require_matplotlib()
+        if attack not in MEASURES_DISTANCE:
+            raise CplCertError("--plot needs --attack minnorm or autoattack, which measure each point's smallest adversarial distance")
+
+
+def _bounds(model: CPLNet, assume_lipschitz: float | None) -> LipschitzBounds:
+    """cpl-cert's certified bounds, or (auditing only, with a warning) bounds with an assumed body bound."""
+    bounds = lipschitz_bounds(model)
+    if assume_lipschitz is None:
+        return bounds
+    err_console.print(
+        f"[bold yellow]Warning:[/] certificates computed with an ASSUMED body bound L = {assume_lipschitz:g} "
+        "(--assume-lipschitz), not cpl-cert's certified bound; they are being audited, not guaranteed.",
+        highlight=False,
+    )
+    return assume_body_bound(bounds, assume_lipschitz)
+
+
+def _run_attacks(
+    model: CPLNet, data: ImageDataset, cert: CertifyResult, eps_values: list[EpsValue],
+    attack: str, engine: str, batch_size: int, seed: int, steps: int,
+) -> SuiteResult:
+    """Attack every point's clean prediction at every radius, with a progress bar on a terminal."""
+    device = next(model.parameters()).device
+    images = to_float_images(data.images.to(device))
+    with Progress(
+        TextColumn(f"attack {attack}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True, disable=not err_console.is_terminal,
+    ) as bar:
+        task = bar.add_task("attack", total=cert.n)
+        return run_suite(
+            model, images, cert.predictions.to(device), [e.value for e in eps_values], attack, engine, batch_size, seed, steps,
+            progress=lambda done, total: bar.update(task, completed=done),
         )
-        raise typer.Exit(EXIT_VIOLATION)
-    console.print("[bold green]no certificate violated[/]: every adversarial example found lies at or beyond its certified radius")
+
+
+def _print_tightness(cert: CertifyResult, suite: SuiteResult) -> dict[str, Any]:
+    stats = tightness(cert.radii, suite.min_distance)
+    console.print(tightness_table(stats))
+    console.print(f"no adversarial example found for {stats['no_adversarial_found']} points", highlight=False)
+    return stats
+
+
+def _report_violations(violations: list[Violation]) -> None:
+    """List every violated certificate and exit with code 3, or say that none was."""
+    if not violations:
+        console.print("[bold green]no certificate violated[/]: every adversarial example found lies at or beyond its certified radius")
+        return
+    console.print(violations_table(violations))
+    shown = ", ".join(str(v.index) for v in violations[:20]) + (" ..." if len(violations) > 20 else "")
+    err_console.print(
+        f"[bold red]Error:[/] an attack contradicted {len(violations)} certificate(s) (test points {shown}).", highlight=False
+    )
+    raise typer.Exit(EXIT_VIOLATION)

@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..certify import certify, parse_eps
+from ..data import to_float_images
 from .certify_report import certify_report, certify_table, write_radii_csv
 from ..device import resolve_device
 from ..errors import CplCertError
@@ -76,7 +77,7 @@ def certify_command(
             progress=lambda done, total: bar.update(task, completed=done),
         )
     if lower_samples:
-        probe = data.images[:lower_samples].to(dev).float() / 255.0
+        probe = to_float_images(data.images[:lower_samples].to(dev))
         bounds.lower = lipschitz_lower_bound(model, probe, iters=20, generator=torch.Generator().manual_seed(0))
 
     table = certify_table(result, title=f"{model_path.name} on {data.name} ({split} split)")
