@@ -14,9 +14,9 @@ import time
 import torch
 
 from cpl_cert import build_model
-from cpl_cert.train.augment import make_augment
 from cpl_cert.data import to_float_images
 from cpl_cert.device import resolve_device
+from cpl_cert.train.augment import make_augment
 from cpl_cert.train.losses import make_loss
 
 

@@ -6,12 +6,13 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
 
 from .errors import CplCertError
 
-Content = Union[bytes, str, Callable[[str], Any]]
+Content = bytes | str | Callable[[str], Any]
 """What ``atomic_write`` writes: bytes, text, or a function that writes the file at the path it is given."""
 
 

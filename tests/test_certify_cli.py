@@ -8,12 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_frozen
 from typer.testing import CliRunner
 
 import cpl_cert
 from cpl_cert.cli import app
-
-from conftest import make_frozen
 
 runner = CliRunner()
 DESIGN_FIELDS = ("model", "sha256", "dataset", "split", "n", "lipschitz", "clean_accuracy", "certified", "device", "seconds", "images_per_second")
@@ -65,14 +64,15 @@ def test_certify_end_to_end(tiny_checkpoint, tmp_path):
     correct = [r["label"] == r["prediction"] for r in rows]
     assert report["clean_accuracy"] == pytest.approx(sum(correct) / 300)
     for entry in report["certified"]:
-        assert entry["accuracy"] == pytest.approx(sum(c and float(r["radius"]) > entry["eps"] for c, r in zip(correct, rows)) / 300)
+        assert entry["accuracy"] == pytest.approx(sum(c and float(r["radius"]) > entry["eps"] for c, r in zip(correct, rows, strict=True)) / 300)
     if has_mpl:
         assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.iterdir()) == sorted(["r.json", "r.csv"] + (["r.png"] if has_mpl else []))
 
 
 def test_certify_explicit_eps_and_dataset(tiny_checkpoint):
-    result = runner.invoke(app, ["certify", str(tiny_checkpoint), "--dataset", "fashion-mnist", "--eps", "36/255, 0.2", "--limit", "20", "--lower-bound-samples", "0"])
+    args = ["certify", str(tiny_checkpoint), "--dataset", "fashion-mnist", "--eps", "36/255, 0.2", "--limit", "20", "--lower-bound-samples", "0"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "eps = 36/255" in result.stdout and "eps = 0.2" in result.stdout
 

@@ -68,7 +68,7 @@ def test_one_epoch_cli_run_gives_a_certifiable_checkpoint(tmp_path: Path, data_d
     assert training["train_images"] == TRAIN and training["args"]["world_size"] == 1
     recorded = shlex.split(training["command"])  # the options as given (no flags among them here)
     assert recorded[:2] == ["cpl-cert", "train"]
-    assert dict(zip(recorded[2::2], recorded[3::2])) == dict(zip(args[1::2], args[2::2]))
+    assert dict(zip(recorded[2::2], recorded[3::2], strict=True)) == dict(zip(args[1::2], args[2::2], strict=True))
     lines = log_path(out).read_text().splitlines()
     assert len(lines) == 1
     entry = json.loads(lines[0])

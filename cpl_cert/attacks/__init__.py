@@ -8,4 +8,6 @@ from .options import ATTACKS, ENGINES, check_attack_options
 from .pgd import pgd_l2
 
 __all__ = [
-    "ATTACKS", "ENGINES", "SuiteResult", "Violation", "find_violations", "run_suite", "verify", "violations_at", "check_attack_options", "AttackOutcome", "apgd_l2", "apgd_targeted_l2", "checkpoints", "fmn_l2", "pgd_l2", "project"]
+    "ATTACKS", "ENGINES", "AttackOutcome", "SuiteResult", "Violation", "apgd_l2", "apgd_targeted_l2", "check_attack_options",
+    "checkpoints", "find_violations", "fmn_l2", "pgd_l2", "project", "run_suite", "verify", "violations_at",
+]

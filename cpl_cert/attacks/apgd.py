@@ -13,7 +13,7 @@ Points leave the batch as soon as their prediction changes.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -26,8 +26,8 @@ from .common import (
     empty_outcome,
     loss_and_grad,
     normalize,
-    project,
     per_point,
+    project,
     random_in_ball,
     targeted_dlr_loss,
 )

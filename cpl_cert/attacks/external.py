@@ -8,7 +8,8 @@ Square with 5000 queries, PGD-L2 with 100 steps of ``2.5 * eps / 100``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +18,10 @@ from ..errors import CplCertError
 from .common import AttackOutcome, distances, empty_outcome, is_adversarial
 from .options import ENGINE_ATTACKS
 
-INSTALL_HINT = "the torchattacks engine needs the optional package torchattacks; install it with `pip install 'cpl-cert[torchattacks]'` (or `pip install torchattacks`), or use --engine native"
+INSTALL_HINT = (
+    "the torchattacks engine needs the optional package torchattacks; install it with "
+    "`pip install 'cpl-cert[torchattacks]'` (or `pip install torchattacks`), or use --engine native"
+)
 
 
 def require_torchattacks() -> Any:

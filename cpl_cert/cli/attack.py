@@ -5,23 +5,34 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .attack_report import accuracy_rows, accuracy_table, json_report, tightness, tightness_table, violations_table
 from ..attacks.ensemble import SuiteResult, Violation, find_violations, run_suite
 from ..attacks.options import ATTACKS, ENGINES, check_attack_options
 from ..certify import CertifyResult, EpsValue, certify, parse_eps
 from ..data import ImageDataset, to_float_images
 from ..device import resolve_device
 from ..errors import CplCertError
+from ..io import file_sha256, write_json
 from ..lipschitz import LipschitzBounds, lipschitz_bounds
 from ..models import CPLNet
+from .attack_report import accuracy_rows, accuracy_table, json_report, tightness, tightness_table, violations_table
+from .common import (
+    EXIT_VIOLATION,
+    DeviceName,
+    JsonPath,
+    ModelPath,
+    check_writable,
+    console,
+    err_console,
+    handle_errors,
+    library_default,
+    load_model_and_data,
+)
 from .plots import plot_gap, require_matplotlib
-from ..io import file_sha256, write_json
-from .common import EXIT_VIOLATION, DeviceName, JsonPath, ModelPath, check_writable, console, err_console, handle_errors, library_default, load_model_and_data
 
 DEFAULT_LIMIT = 1000
 MEASURES_DISTANCE = ("minnorm", "autoattack")
@@ -45,13 +56,13 @@ def attack_command(
     attack: Annotated[
         str, typer.Option("--attack", help=f"{', '.join(ATTACKS)}: PGD-L2, APGD-CE + APGD-T, the worst case of all, FMN-L2 minimum norm.")
     ] = library_default(run_suite, "attack"),
-    eps: Annotated[Optional[str], typer.Option("--eps", help="Radii, e.g. '0.1,0.25' or '36/255' (default: the dataset's list).")] = None,
+    eps: Annotated[str | None, typer.Option("--eps", help="Radii, e.g. '0.1,0.25' or '36/255' (default: the dataset's list).")] = None,
     limit: Annotated[int, typer.Option("--limit", help="Attack the first N test points.")] = DEFAULT_LIMIT,
     engine: Annotated[
         str, typer.Option("--engine", help=f"{' or '.join(ENGINES)} (torchattacks is an optional extra).")
     ] = library_default(run_suite, "engine"),
-    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Dataset name (default: the checkpoint's).")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the dataset files.")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset name (default: the checkpoint's).")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Folder holding the dataset files.")] = None,
     device: DeviceName = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Points attacked at once.")] = library_default(run_suite, "batch_size"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random starts.")] = library_default(run_suite, "seed"),
@@ -59,9 +70,11 @@ def attack_command(
         int, typer.Option("--steps", help="Iterations of PGD and APGD per run (reference 100; FMN runs twice as many).")
     ] = library_default(run_suite, "steps"),
     json_path: JsonPath = None,
-    plot_path: Annotated[Optional[Path], typer.Option("--plot", help="PNG: certified radius and smallest adversarial distance per point (minnorm, autoattack).")] = None,
+    plot_path: Annotated[
+        Path | None, typer.Option("--plot", help="PNG: certified radius and smallest adversarial distance per point (minnorm, autoattack).")
+    ] = None,
     assume_lipschitz: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(
             "--assume-lipschitz",
             help="AUDIT ONLY: check certificates computed as if the network body were L-Lipschitz (the paper's code assumes 1) "

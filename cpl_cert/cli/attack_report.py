@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from rich.table import Table
@@ -45,7 +46,7 @@ def tightness(radii: torch.Tensor, distances: torch.Tensor) -> dict[str, Any]:
     stats: dict[str, Any] = {"points": int(usable.sum()), "no_adversarial_found": int((~torch.isfinite(distances)).sum())}
     if ratio.numel():
         qs = torch.quantile(ratio, torch.tensor([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0], dtype=torch.float64))
-        stats.update({k: float(v) for k, v in zip(("min", "p10", "p25", "median", "p75", "p90", "max"), qs)})
+        stats.update({k: float(v) for k, v in zip(("min", "p10", "p25", "median", "p75", "p90", "max"), qs, strict=True)})
         stats["mean"] = float(ratio.mean())
         stats["mean_gap"] = float((distances[usable] - radii[usable]).mean())
     return stats
@@ -77,7 +78,8 @@ def violations_table(violations: list[Violation], limit: int = 50) -> Table:
     for column in ("index", "certified radius r", "adversarial distance d", "d / r", "attack", "at eps"):
         table.add_column(column, justify="right")
     for v in violations[:limit]:
-        table.add_row(str(v.index), f"{v.radius:.6g}", f"{v.distance:.6g}", f"{v.distance / v.radius:.4f}" if v.radius > 0 else "-", v.attack, f"{v.eps:.4g}")
+        ratio = f"{v.distance / v.radius:.4f}" if v.radius > 0 else "-"
+        table.add_row(str(v.index), f"{v.radius:.6g}", f"{v.distance:.6g}", ratio, v.attack, f"{v.eps:.4g}")
     if len(violations) > limit:
         table.caption = f"... and {len(violations) - limit} more (all are in the JSON report)"
     return table

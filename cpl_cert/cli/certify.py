@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import torch
 import typer
@@ -11,37 +11,40 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..certify import certify, parse_eps
 from ..data import to_float_images
-from .certify_report import certify_report, certify_table, write_radii_csv
 from ..device import resolve_device
 from ..errors import CplCertError
-from ..lipschitz import lipschitz_bounds, lipschitz_lower_bound
-from .plots import plot_certified_accuracy, require_matplotlib
 from ..io import file_sha256, write_json
+from ..lipschitz import lipschitz_bounds, lipschitz_lower_bound
+from .certify_report import certify_report, certify_table, write_radii_csv
 from .common import DeviceName, JsonPath, ModelPath, check_writable, console, handle_errors, library_default, load_model_and_data
+from .plots import plot_certified_accuracy, require_matplotlib
 
 
 @handle_errors
 def certify_command(
     model_path: ModelPath,
     dataset: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--dataset", help="fashion-mnist, mnist, cifar10, cifar100 or folder:PATH (default: the checkpoint's dataset)."),
     ] = None,
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the dataset files (searched first).")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Folder holding the dataset files (searched first).")] = None,
     eps: Annotated[
-        Optional[str],
-        typer.Option("--eps", help="Radii, comma-separated, e.g. 0.1,0.25,36/255 (default: 36/255,72/255,108/255 for CIFAR, 0.1,0.25,0.5,1.0 for 28x28 data)."),
+        str | None,
+        typer.Option(
+            "--eps",
+            help="Radii, comma-separated, e.g. 0.1,0.25,36/255 (default: 36/255,72/255,108/255 for CIFAR, 0.1,0.25,0.5,1.0 for 28x28 data).",
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = library_default(certify, "batch_size"),
     device: DeviceName = "auto",
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Certify only the first N points.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Certify only the first N points.")] = None,
     split: Annotated[str, typer.Option("--split", help="test or train.")] = "test",
     json_path: JsonPath = None,
     radii_path: Annotated[
-        Optional[Path], typer.Option("--save-radii", help="Write per-sample index,label,prediction,margin,radius to this CSV.")
+        Path | None, typer.Option("--save-radii", help="Write per-sample index,label,prediction,margin,radius to this CSV.")
     ] = None,
     plot_path: Annotated[
-        Optional[Path], typer.Option("--plot", help="Write a PNG of certified accuracy against radius (needs matplotlib).")
+        Path | None, typer.Option("--plot", help="Write a PNG of certified accuracy against radius (needs matplotlib).")
     ] = None,
     lower_samples: Annotated[
         int, typer.Option("--lower-bound-samples", help="Test images for the empirical Lipschitz lower bound (0 skips it).")

@@ -62,7 +62,7 @@ def certify_report(result: CertifyResult, **fields: Any) -> dict[str, Any]:
 def write_radii_csv(path: str | os.PathLike[str], result: CertifyResult, indices: torch.Tensor | None = None) -> Path:
     """One row per point: ``index,label,prediction,margin,radius`` (float64 printed with repr precision); atomic."""
     index = indices if indices is not None else torch.arange(result.n)
-    rows = zip(index.tolist(), result.labels.tolist(), result.predictions.tolist(), result.margins.tolist(), result.radii.tolist())
+    rows = zip(index.tolist(), result.labels.tolist(), result.predictions.tolist(), result.margins.tolist(), result.radii.tolist(), strict=True)
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as handle:

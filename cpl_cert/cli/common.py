@@ -6,8 +6,9 @@ import functools
 import inspect
 import os
 import shlex
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import torch
 import typer
@@ -113,4 +114,4 @@ def command_line(ctx: typer.Context) -> str:
 
 ModelPath = Annotated[Path, typer.Argument(help="A cpl-cert checkpoint (.safetensors).", show_default=False)]
 DeviceName = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
-JsonPath = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")]
+JsonPath = Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -43,25 +43,28 @@ def train_command(
     std_normalize: Annotated[
         bool, Opt("--std-normalize", help="Also divide inputs by the dataset std (multiplies the Lipschitz bound by 1/min std).")
     ] = D["std_normalize"],
-    conv_depth: Annotated[Optional[int], Opt("--conv-depth", help="Number of convolutional CPL layers (overrides the preset).")] = D["conv_depth"],
-    channels: Annotated[Optional[int], Opt("--channels", help="Channels of the convolutional part.")] = D["channels"],
-    dense_depth: Annotated[Optional[int], Opt("--dense-depth", help="Number of dense CPL layers.")] = D["dense_depth"],
-    dense_inner: Annotated[Optional[int], Opt("--dense-inner", help="Inner width of the dense CPL layers.")] = D["dense_inner"],
-    conv_inner: Annotated[Optional[int], Opt("--conv-inner", help="Inner channels of the convolutional CPL layers.")] = D["conv_inner"],
-    head: Annotated[Optional[str], Opt("--head", help="truncation or lln.")] = D["head"],
-    data_dir: Annotated[Optional[Path], Opt("--data-dir", help="Folder with the dataset files.")] = D["data_dir"],
-    limit_train: Annotated[Optional[int], Opt("--limit-train", help="Train on the first N training images only.")] = D["limit_train"],
-    eval_limit: Annotated[Optional[int], Opt("--eval-limit", help="Evaluate each epoch on the first N test images only.")] = D["eval_limit"],
+    conv_depth: Annotated[int | None, Opt("--conv-depth", help="Number of convolutional CPL layers (overrides the preset).")] = D["conv_depth"],
+    channels: Annotated[int | None, Opt("--channels", help="Channels of the convolutional part.")] = D["channels"],
+    dense_depth: Annotated[int | None, Opt("--dense-depth", help="Number of dense CPL layers.")] = D["dense_depth"],
+    dense_inner: Annotated[int | None, Opt("--dense-inner", help="Inner width of the dense CPL layers.")] = D["dense_inner"],
+    conv_inner: Annotated[int | None, Opt("--conv-inner", help="Inner channels of the convolutional CPL layers.")] = D["conv_inner"],
+    head: Annotated[str | None, Opt("--head", help="truncation or lln.")] = D["head"],
+    data_dir: Annotated[Path | None, Opt("--data-dir", help="Folder with the dataset files.")] = D["data_dir"],
+    limit_train: Annotated[int | None, Opt("--limit-train", help="Train on the first N training images only.")] = D["limit_train"],
+    eval_limit: Annotated[int | None, Opt("--eval-limit", help="Evaluate each epoch on the first N test images only.")] = D["eval_limit"],
     save_every: Annotated[int, Opt("--save-every", help="Write the checkpoint every N epochs (and at the end).")] = D["save_every"],
     resume: Annotated[bool, Opt("--resume", help="Continue the run saved in --out (same options).")] = D["resume"],
     overwrite: Annotated[bool, Opt("--overwrite", help="Start over even if --out exists.")] = D["overwrite"],
     compile: Annotated[bool, Opt("--compile", help="torch.compile the training model.")] = D["compile"],
     bf16: Annotated[bool, Opt("--bf16", help="bfloat16 autocast for training (evaluation stays float32/float64).")] = D["bf16"],
     freeze_iters: Annotated[
-        Optional[int],
-        Opt("--freeze-iters", help="Power iterations for the final freeze (default: to convergence, at most 2000); any count is sound, see docs/train.md."),
+        int | None,
+        Opt(
+            "--freeze-iters",
+            help="Power iterations for the final freeze (default: to convergence, at most 2000); any count is sound, see docs/train.md.",
+        ),
     ] = D["freeze_iters"],
-    stop_after: Annotated[Optional[int], Opt("--stop-after", help="Stop cleanly after epoch N (continue later with --resume).")] = D["stop_after"],
+    stop_after: Annotated[int | None, Opt("--stop-after", help="Stop cleanly after epoch N (continue later with --resume).")] = D["stop_after"],
 ) -> None:
     """Train a CPL network with the paper's recipe; evaluate clean and certified accuracy every epoch.
 

@@ -6,9 +6,9 @@ Only the main process (rank 0) reports.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class Stopped:
     epoch: int
 
 
-TrainEvent = Union[RunStarted, Resumed, NothingToResume, AlreadyFinished, EpochStarted, StepDone, Saved, EpochEnded, Stopped]
+TrainEvent = RunStarted | Resumed | NothingToResume | AlreadyFinished | EpochStarted | StepDone | Saved | EpochEnded | Stopped
 OnEvent = Callable[[TrainEvent], None]
 
 

@@ -5,7 +5,7 @@ Both push the logit margin up, which is what a certificate ``margin / (sqrt(2) L
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
