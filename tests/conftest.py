@@ -30,6 +30,24 @@ def fresh_machine(tmp_path_factory):
         yield
 
 
+TRAIN_IMAGES, TEST_IMAGES = 2000, 500
+
+
+@pytest.fixture(scope="session")
+def train_data_dir(tmp_path_factory) -> Path:
+    """A Fashion-MNIST folder for training runs, made from the shipped test split: gzipped IDX ``train-*``
+    (its first 2,000 images) and ``t10k-*`` (the next 500)."""
+    from formats import write_idx_split
+
+    shipped = cpl_cert.load_dataset("fashion-mnist")
+    folder = tmp_path_factory.mktemp("fashion-mnist")
+    parts = {"train": slice(0, TRAIN_IMAGES), "t10k": slice(TRAIN_IMAGES, TRAIN_IMAGES + TEST_IMAGES)}
+    for prefix, part in parts.items():
+        images = [image.numpy().tobytes() for image in shipped.images[part, 0]]
+        write_idx_split(folder, prefix, images, shipped.labels[part].tolist())
+    return folder
+
+
 def make_frozen(preset: str = "cpl-tiny", input_shape=(1, 28, 28), num_classes: int = 10, seed: int = 0, **overrides):
     """A frozen model with random weights (seeded)."""
     torch.manual_seed(seed)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from formats import write_idx_split
+from conftest import TRAIN_IMAGES
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -33,18 +33,6 @@ from cpl_cert.train import TrainOptions, log_path, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CLI = Path(__file__).with_name("run_cli.py")
-TRAIN, TEST = 2000, 500
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    """``train-*`` (the shipped test split's first 2,000 images) and ``t10k-*`` (the next 500), gzipped IDX."""
-    shipped = load_dataset("fashion-mnist")
-    folder = tmp_path_factory.mktemp("fashion-mnist")
-    for prefix, part in (("train", slice(0, TRAIN)), ("t10k", slice(TRAIN, TRAIN + TEST))):
-        images = [image.numpy().tobytes() for image in shipped.images[part, 0]]
-        write_idx_split(folder, prefix, images, shipped.labels[part].tolist())
-    return folder
 
 
 def tiny(data_dir: Path) -> list[str]:
@@ -55,17 +43,17 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def test_one_epoch_cli_run_gives_a_certifiable_checkpoint(tmp_path: Path, data_dir: Path):
+def test_one_epoch_cli_run_gives_a_certifiable_checkpoint(tmp_path: Path, train_data_dir: Path):
     out = tmp_path / "new" / "folder" / "tiny.safetensors"  # train creates the folder
-    args = ["train", *tiny(data_dir), "--epochs", "1", "--eval-limit", "400", "--lr", "0.01", "--out", str(out)]
+    args = ["train", *tiny(train_data_dir), "--epochs", "1", "--eval-limit", "400", "--lr", "0.01", "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "epoch   1/1" in result.output and f"on {TRAIN:,} fashion-mnist images" in result.output
+    assert "epoch   1/1" in result.output and f"on {TRAIN_IMAGES:,} fashion-mnist images" in result.output
     model, meta = cpl_cert.load_checkpoint(out)
     training = meta["training"]
     assert training["epochs"] == 1 and training["seed"] == 0 and training["loss"]["name"] == "hinge"
     assert training["optimizer"]["name"] == "adam" and "torch" in training["versions"]
-    assert training["train_images"] == TRAIN and training["args"]["world_size"] == 1
+    assert training["train_images"] == TRAIN_IMAGES and training["args"]["world_size"] == 1
     recorded = shlex.split(training["command"])  # the options as given (no flags among them here)
     assert recorded[:2] == ["cpl-cert", "train"]
     assert dict(zip(recorded[2::2], recorded[3::2], strict=True)) == dict(zip(args[1::2], args[2::2], strict=True))
@@ -73,14 +61,14 @@ def test_one_epoch_cli_run_gives_a_certifiable_checkpoint(tmp_path: Path, data_d
     assert len(lines) == 1
     entry = json.loads(lines[0])
     assert entry["epoch"] == 1 and entry["eval_n"] == 400 and set(entry["certified"]) == {"0.1", "0.25", "0.5", "1.0"}
-    test = load_dataset("fashion-mnist", "test", data_dir=data_dir).subset(400)
+    test = load_dataset("fashion-mnist", "test", data_dir=train_data_dir).subset(400)
     cert = cpl_cert.certify(model, test, eps=[0.1, 0.25], device="cpu")
     assert cert.clean_accuracy == pytest.approx(entry["clean_accuracy"])
     assert cert.certified_accuracy(0.1) == pytest.approx(entry["certified"]["0.1"])
     assert cert.clean_accuracy > 0.3  # learnt something beyond chance (0.1)
     assert cert.bounds.upper <= 1.0 + 1e-6
     # Without --resume an existing checkpoint is not overwritten.
-    again = CliRunner().invoke(app, ["train", *tiny(data_dir), "--epochs", "1", "--limit-train", "100", "--out", str(out)])
+    again = CliRunner().invoke(app, ["train", *tiny(train_data_dir), "--epochs", "1", "--limit-train", "100", "--out", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output
 
 
@@ -91,19 +79,19 @@ def _opts(out: Path, data_dir: Path, **kw) -> TrainOptions:
     return TrainOptions(**base)
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path, data_dir: Path):
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path, train_data_dir: Path):
     full = tmp_path / "full.safetensors"
     split = tmp_path / "split.safetensors"
     events = []
-    train(_opts(full, data_dir))
-    first = train(_opts(split, data_dir, stop_after=1), on_event=events.append)
+    train(_opts(full, train_data_dir))
+    first = train(_opts(split, train_data_dir, stop_after=1), on_event=events.append)
     assert first.stopped_early and read_metadata(split)["training"]["epochs_completed"] == 1
     assert [type(e).__name__ for e in events if type(e).__name__ != "StepDone"] == [
         "RunStarted", "EpochStarted", "Saved", "EpochEnded", "Stopped"
     ]
     assert [(e.step, e.steps) for e in events if type(e).__name__ == "StepDone"] == [(s, 5) for s in range(1, 6)]
     events.clear()
-    train(_opts(split, data_dir, resume=True), on_event=events.append)
+    train(_opts(split, train_data_dir, resume=True), on_event=events.append)
     assert type(events[0]).__name__ == "Resumed" and (events[0].epoch, events[0].step) == (1, 5)
     a, b = load_file(str(full)), load_file(str(split))
     assert a.keys() == b.keys()
@@ -113,10 +101,10 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path, data_di
     assert len(log_path(split).read_text().splitlines()) == 2
     # Resuming with different options is refused with one sentence.
     with pytest.raises(cpl_cert.CplCertError, match="lr"):
-        train(_opts(split, data_dir, resume=True, epochs=2, lr=0.01))
+        train(_opts(split, train_data_dir, resume=True, epochs=2, lr=0.01))
 
 
-def test_nonfinite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_path: Path, data_dir: Path, monkeypatch):
+def test_nonfinite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_path: Path, train_data_dir: Path, monkeypatch):
     """The loss of global step 7 (epoch 2, step 3 of 5) is made NaN by wrapping the loss the run builds."""
     real_make_loss = train_setup.make_loss
 
@@ -132,7 +120,7 @@ def test_nonfinite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_path
 
     monkeypatch.setattr(train_setup, "make_loss", make_loss)
     out = tmp_path / "nan.safetensors"
-    args = [*tiny(data_dir), "--epochs", "3", "--limit-train", "600", "--eval-limit", "100", "--batch-size", "128", "--out", str(out)]
+    args = [*tiny(train_data_dir), "--epochs", "3", "--limit-train", "600", "--eval-limit", "100", "--batch-size", "128", "--out", str(out)]
     result = CliRunner().invoke(app, ["train", *args])
     assert result.exit_code == 1, result.output
     message = " ".join(result.stderr.split())
@@ -143,9 +131,9 @@ def test_nonfinite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_path
     assert meta["training"]["epochs_completed"] == 1
 
 
-def test_sigkill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: Path, data_dir: Path):
+def test_sigkill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: Path, train_data_dir: Path):
     out = tmp_path / "kill.safetensors"
-    args = [*tiny(data_dir), "--epochs", "1", "--limit-train", "300", "--eval-limit", "100", "--out", str(out)]
+    args = [*tiny(train_data_dir), "--epochs", "1", "--limit-train", "300", "--eval-limit", "100", "--out", str(out)]
     assert CliRunner().invoke(app, ["train", *args]).exit_code == 0
     before = file_sha256(out)
     proc = subprocess.Popen(
@@ -170,13 +158,13 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path:
     assert meta["training"]["seed"] == 0
 
 
-def test_two_process_gloo_run_keeps_ranks_identical(tmp_path: Path, data_dir: Path):
+def test_two_process_gloo_run_keeps_ranks_identical(tmp_path: Path, train_data_dir: Path):
     out = tmp_path / "ddp.safetensors"
     hashes = tmp_path / "hashes"
     hashes.mkdir()
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(RUN_CLI),
-        "--weights-dir", str(hashes), "--", "train", *tiny(data_dir),
+        "--weights-dir", str(hashes), "--", "train", *tiny(train_data_dir),
         "--epochs", "1", "--limit-train", "400", "--eval-limit", "100", "--batch-size", "64", "--out", str(out),
     ]
     proc = subprocess.run(cmd, env={**_env(), "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=300)

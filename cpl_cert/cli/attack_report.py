@@ -1,4 +1,4 @@
-"""Summaries of an attack run for people (Rich tables) and programs (the JSON report of DESIGN section 4)."""
+"""Summaries of an attack run for people (Rich tables) and programs (the ``attack --json`` report, docs/attack.md)."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def json_report(
     assumed_lipschitz: float | None,
     stats: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The ``attack --json`` report: DESIGN section 4's fields plus per-radius rows and violation details."""
+    """The ``attack --json`` report: accuracies, violations and settings, per-radius rows and violation details."""
     return {
         "model": model,
         "sha256": sha256,

@@ -1,4 +1,4 @@
-"""Reports of a certification run: the Rich summary table, the JSON report (DESIGN 4) and the per-sample CSV."""
+"""Reports of a certification run: the Rich summary table, the JSON report and the per-sample CSV (docs/certify.md)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _median_radius(result: CertifyResult) -> str:
 
 
 def certify_report(result: CertifyResult, **fields: Any) -> dict[str, Any]:
-    """The JSON report of DESIGN section 4; ``fields`` (model, sha256, dataset, split...) come first."""
+    """The ``certify --json`` report (docs/certify.md); ``fields`` (model, sha256, dataset, split...) come first."""
     return {
         **fields,
         "n": result.n,
