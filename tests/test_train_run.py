@@ -72,6 +72,16 @@ def test_one_epoch_cli_run_gives_a_certifiable_checkpoint(tmp_path: Path, train_
     assert again.exit_code == 1 and "already exists" in again.output
 
 
+def test_architecture_flags_set_what_they_name(tmp_path: Path, train_data_dir: Path):
+    out = tmp_path / "custom.safetensors"
+    sizes = {"--conv-depth": 1, "--channels": 4, "--conv-inner": 3, "--dense-depth": 1, "--dense-inner": 16}
+    args = [*tiny(train_data_dir), "--epochs", "1", "--limit-train", "100", "--eval-limit", "50", "--head", "lln", "--out", str(out)]
+    result = CliRunner().invoke(app, ["train", *args, *(str(v) for pair in sizes.items() for v in pair)])
+    assert result.exit_code == 0, result.output
+    config = cpl_cert.read_metadata(out)["config"]
+    assert {flag: config[flag[2:].replace("-", "_")] for flag in sizes} == sizes and config["head"] == "lln"
+
+
 def _opts(out: Path, data_dir: Path, **kw) -> TrainOptions:
     base = dict(out=out, model="cpl-tiny", epochs=2, limit_train=600, eval_limit=100, batch_size=128, device="cpu",
                 freeze_iters=50, data_dir=data_dir)
