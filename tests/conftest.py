@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 import cpl_cert
 from cpl_cert.data import SPECS
@@ -15,11 +19,25 @@ from cpl_cert.data import SPECS
 # (subprocess tests, CI neighbours); tiny batches run hundreds of times faster this way.
 torch.set_num_threads(1)
 
+# Property tests keep no example database, and hypothesis' other files go to a temporary folder
+# (set before collection, which already writes there): nothing lands in the working tree.
+settings.register_profile("cpl-cert", database=None)
+settings.load_profile("cpl-cert")
+
+
+def pytest_configure(config):
+    config.cpl_cert_hypothesis_dir = tempfile.mkdtemp(prefix="cpl-cert-hypothesis-")
+    set_hypothesis_home_dir(config.cpl_cert_hypothesis_dir)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "cpl_cert_hypothesis_dir", ""), ignore_errors=True)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def fresh_machine(tmp_path_factory):
     """Every test sees what CI sees: no system copy of a dataset, no ``$CPL_CERT_DATA``, no downloads,
-    and caches (cpl-cert's, matplotlib's) inside the test's temporary folder; subprocesses inherit it."""
+    and caches (cpl-cert's, matplotlib's) in temporary folders; subprocesses inherit it."""
     with pytest.MonkeyPatch.context() as patch:
         for name, spec in list(SPECS.items()):
             patch.setitem(SPECS, name, dataclasses.replace(spec, system_dirs=()))
