@@ -37,6 +37,17 @@ def test_library_imports_no_interface_package():
     assert len(offenders) > 30  # the scan did see the library
 
 
+def test_library_never_prints():
+    """Progress goes through callbacks (``certify(progress=)``, ``train(on_event=)``); only cli/ renders."""
+    calls = [
+        f"{path.relative_to(PACKAGE)}:{node.lineno}"
+        for path in library_files()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
+    ]
+    assert calls == []
+
+
 def test_library_imports_with_the_interface_packages_blocked():
     """Every library module imports, and trains a step's worth of code, with typer, rich and matplotlib unimportable."""
     modules = [".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__") for p in library_files()]
