@@ -28,7 +28,7 @@ def train_dense(steps: int, seed: int) -> cpl_cert.CPLNet:
     )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
-    for step in range(steps):
+    for _step in range(steps):
         idx = torch.randint(0, len(data), (256,))
         x = data.images[idx].float() / 255
         loss = F.multi_margin_loss(model(x), data.labels[idx], margin=0.7)
@@ -62,7 +62,7 @@ def main() -> None:
         violations = find_violations(suite, cert.radii)
         print(
             f"{attack:10s} {seconds:7.1f} s  {args.points / seconds:7.1f} points/s  robust "
-            + " ".join(f"{e}:{r:.3f}" for e, r in zip(eps, robust))
+            + " ".join(f"{e}:{r:.3f}" for e, r in zip(eps, robust, strict=True))
             + f"  violations {len(violations)}  rejected {suite.rejected}"
         )
 

@@ -65,7 +65,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--n-large", type=int, default=None, help="images for cpl-s on 3x32x32 (default 256 on CPU, 10000 on GPU)")
-    parser.add_argument("--n-small", type=int, default=None, help="Fashion-MNIST test images for the small preset (default 2000 on CPU, 10000 on GPU)")
+    parser.add_argument(
+        "--n-small", type=int, default=None, help="Fashion-MNIST test images for the small preset (default 2000 on CPU, 10000 on GPU)"
+    )
     parser.add_argument("--small-preset", default="cpl-xs")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()

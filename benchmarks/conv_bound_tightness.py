@@ -26,7 +26,7 @@ def main() -> None:
                 upper = conv_sigma_upper(w, (size, size))
                 start = torch.randn(1, channels, size, size, generator=g, dtype=torch.float64)
                 sigma, _ = power_iteration(
-                    lambda x: F.conv2d(x, w, padding=1), lambda y: F.conv_transpose2d(y, w, padding=1), start, 1000, 0.0
+                    lambda x, w=w: F.conv2d(x, w, padding=1), lambda y, w=w: F.conv_transpose2d(y, w, padding=1), start, 1000, 0.0
                 )
                 worst = max(worst, upper / sigma - 1)
         print(f"{size:>2}x{size:<2}  worst sigma_upper / sigma_power - 1 = {worst:.4f}")

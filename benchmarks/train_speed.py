@@ -14,10 +14,10 @@ import time
 import torch
 
 from cpl_cert import build_model
-from cpl_cert.augment import make_augment
 from cpl_cert.data import to_float_images
 from cpl_cert.device import resolve_device
-from cpl_cert.losses import make_loss
+from cpl_cert.train.augment import make_augment
+from cpl_cert.train.losses import make_loss
 
 
 def measure(preset: str, shape: tuple[int, int, int], device: torch.device, batch: int, steps: int, warmup: int, bf16: bool, compile_: bool) -> float:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ from .rounding import (
     trace_body,
 )
 from .validate import validate_model
+
 
 @dataclass
 class EpsValue:

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .errors import CplCertError
+from .io import atomic_write
 from .models import CPLNet, ModelConfig
 from .spectral import freeze, is_frozen
 from .validate import validate_against_metadata, validate_model
@@ -24,56 +23,6 @@ FORMAT_VERSION = 1
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 REQUIRED_METADATA = ("format", "config", "dataset", "training")
 MAX_HEADER_BYTES = 100_000_000
-
-
-def _fault_sleep_in_write() -> None:
-    """Test hook: ``CPL_CERT_FAULT_SLEEP_IN_WRITE=seconds`` pauses between writing the temporary file and the rename."""
-    seconds = os.environ.get("CPL_CERT_FAULT_SLEEP_IN_WRITE")
-    if seconds:
-        import time
-
-        time.sleep(float(seconds))
-
-
-def _new_file_mode(target: Path) -> int:
-    """The mode an ordinary ``open(target, "w")`` would give: the old file's, else 0666 minus the umask."""
-    if target.exists():
-        return target.stat().st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path: str | os.PathLike[str], write: Any) -> Path:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers see the old file or the new one."""
-    target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise CplCertError(f"cannot write {target}: the folder {directory} does not exist")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise CplCertError(f"cannot write {target}: {exc.strerror or exc}") from None
-    os.close(fd)
-    try:
-        os.chmod(tmp_name, _new_file_mode(target))  # mkstemp makes 0600; keep the usual permissions
-        write(tmp_name)
-        _fault_sleep_in_write()
-        with open(tmp_name, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return target
 
 
 def save_checkpoint(
@@ -98,15 +47,7 @@ def save_checkpoint(
         "dataset": json.dumps(dataset or {}, sort_keys=True),
         "training": json.dumps(training or {}, sort_keys=True),
     }
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return atomic_write(path, save(tensors, metadata=metadata))
 
 
 def _check_container(path: Path) -> None:

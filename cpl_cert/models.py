@@ -102,7 +102,7 @@ class ModelConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a dict (e.g. checkpoint metadata), with one clear error on unknown or missing keys."""
         if not isinstance(data, dict):
             raise CplCertError("the architecture config must be a JSON object")
@@ -116,7 +116,7 @@ class ModelConfig:
             raise CplCertError(f"the architecture config is incomplete or malformed ({exc})") from None
 
 
-# The paper's presets (Meunier et al. 2022, table in ../REFERENCE) and small ones that train on a CPU.
+# The paper's presets (Meunier et al. 2022, CPL-S to CPL-XL) and small ones that train on a CPU.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpl-s": dict(channels=45, conv_depth=20, dense_depth=7, conv_inner=5, dense_inner=2048, pool=4),
     "cpl-m": dict(channels=60, conv_depth=30, dense_depth=10, conv_inner=5, dense_inner=2048, pool=4),

@@ -76,7 +76,7 @@ def error_model(model: nn.Module, bounds: LipschitzBounds) -> ErrorModel:
     (each CPL layer's step, certified sigma and Lipschitz bound)."""
     rows = {row.name: row for row in bounds.layers}
     sizes = _stage_input_sizes(model)
-    stages = [_stage_constants(name, stage, rows.get(name), size) for (name, stage), size in zip(model.body(), sizes)]
+    stages = [_stage_constants(name, stage, rows.get(name), size) for (name, stage), size in zip(model.body(), sizes, strict=True)]
     return ErrorModel(stages, _head_constants(model.head), bounds.body_upper, bounds.head_pairs, bounds.pair_lipschitz())
 
 

@@ -9,8 +9,8 @@ zero-padded grid (see docs/math.md). ``freeze`` takes the step from them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -63,7 +63,8 @@ def test_minnorm_report_fields_and_plot(dense_checkpoint: Path, tmp_path: Path):
     report, plot = tmp_path / "r.json", tmp_path / "gap.png"
     pytest.importorskip("matplotlib")
     result = runner.invoke(
-        app, ["attack", str(dense_checkpoint), "--attack", "minnorm", "--limit", "50", "--eps", "0.1,36/255", "--json", str(report), "--plot", str(plot)]
+        app,
+        ["attack", str(dense_checkpoint), "--attack", "minnorm", "--limit", "50", "--eps", "0.1,36/255", "--json", str(report), "--plot", str(plot)],
     )
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
@@ -71,7 +72,7 @@ def test_minnorm_report_fields_and_plot(dense_checkpoint: Path, tmp_path: Path):
         assert key in data
     assert data["n"] == 50 and data["violations"] == []
     assert data["eps"] == pytest.approx([0.1, 36 / 255])
-    for certified, robust in zip(data["certified_accuracy"], data["robust_accuracy"]):
+    for certified, robust in zip(data["certified_accuracy"], data["robust_accuracy"], strict=True):
         assert 0 <= certified <= robust <= data["clean_accuracy"] <= 1
     assert data["tightness"]["points"] > 0 and data["tightness"]["max"] <= 1.0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -88,6 +89,9 @@ def test_minnorm_report_fields_and_plot(dense_checkpoint: Path, tmp_path: Path):
         (["--attack", "fgsm"], "unknown attack"),
         (["--engine", "foolbox"], "unknown engine"),
         (["--steps", "0"], "--steps"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--assume-lipschitz", "0"], "--assume-lipschitz"),
+        (["--assume-lipschitz", "inf"], "--assume-lipschitz"),
         (["--attack", "pgd", "--plot", "x.png"], "--plot needs"),
     ],
 )

@@ -10,11 +10,20 @@ from torch import nn
 
 import cpl_cert
 from cpl_cert.attacks import (
-    apgd_l2, apgd_targeted_l2, checkpoints, find_violations, fmn_l2, make_checker, pgd_l2, project, run_suite, verify_exact,
+    apgd_l2,
+    apgd_targeted_l2,
+    checkpoints,
+    find_violations,
+    fmn_l2,
+    make_checker,
+    pgd_l2,
+    project,
+    run_suite,
+    verify_exact,
     verify_float32,
 )
-from cpl_cert.certify import exact_points
 from cpl_cert.attacks.common import AttackOutcome
+from cpl_cert.certify import exact_points
 
 
 class Linear(nn.Module):
@@ -68,13 +77,13 @@ def test_apgd_checkpoints_follow_croce_hein():
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_minnorm_finds_exact_distance_within_one_percent(case):
+def test_minnorm_finds_the_exact_distance(case):
     model, x, pred, exact = CASES[case]()
     out = fmn_l2(model, x, pred)
     assert bool(out.found.all())
     relative = out.distance / exact - 1
-    assert float(relative.abs().max()) < 0.01
-    assert float(relative.min()) > -1e-5  # nothing can beat the true minimum
+    assert float(relative.abs().max()) < 1e-4  # observed: 1.2e-6 (linear), 1.7e-5 (ring)
+    assert float(relative.min()) > -1e-5  # nothing can beat the true minimum (float32 rounding aside)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -8,14 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_frozen
 
 import cpl_cert
 from cpl_cert.certify import parse_eps
 from cpl_cert.data import load_dataset
 from cpl_cert.errors import CplCertError
 from cpl_cert.layers import CPLConv2d, CPLLinear
-
-from conftest import make_frozen
 
 TINY = dict(channels=4, conv_depth=1, dense_depth=1, conv_inner=4, dense_inner=32, pool=4)
 REAL_ATTACK_FRACTION = 0.25  # measured: PGD closes a median 42 % of the margin here, a random start ~0 %
@@ -56,7 +55,7 @@ def per_sample_float64(model, images, labels, head: str) -> tuple[list[float], l
     with torch.no_grad():
         if head == "lln":
             w = F.normalize(model.head.weight.detach().double(), dim=1)
-        for x, y in zip(images, labels):
+        for x, y in zip(images, labels, strict=True):
             logits = exact(x[None].double() / 255.0)[0]
             top = int(logits.argmax())
             best = math.inf
@@ -81,15 +80,15 @@ def test_certified_accuracy_matches_independent_float64(fashion, head):
     labels = torch.where(torch.arange(120) % 2 == 0, own, fashion.labels[:120])
     radii, correct = per_sample_float64(model, images, labels, head)
     assert explicit_body_bound(model) == pytest.approx(cpl_cert.lipschitz_bounds(model).body_upper, rel=1e-9)
-    good = sorted(r for r, c in zip(radii, correct) if c)
+    good = sorted(r for r, c in zip(radii, correct, strict=True) if c)
     # Eps values a hair (1e-9 relative: far below float32 resolution) on either side of float64 radii of
     # correct points, so float32 radii alone would often be judged wrongly; the float64 re-check decides.
     eps = [good[len(good) // 4] * (1 - 1e-9), good[len(good) // 2] * (1 + 1e-9), good[-3] * (1 - 1e-9), 0.05]
     result = cpl_cert.certify(model, (images, labels), eps=eps, device="cpu", batch_size=32)
     assert result.n == 120
     assert result.rechecked >= 3
-    for value, entry in zip(eps, result.certified):
-        expected = sum(c and r > value for r, c in zip(radii, correct)) / 120
+    for value, entry in zip(eps, result.certified, strict=True):
+        expected = sum(c and r > value for r, c in zip(radii, correct, strict=True)) / 120
         assert entry["accuracy"] == expected
     assert result.clean_accuracy == sum(correct) / 120
     reference = torch.tensor(radii, dtype=torch.float64)

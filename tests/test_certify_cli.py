@@ -8,12 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_frozen
 from typer.testing import CliRunner
 
 import cpl_cert
 from cpl_cert.cli import app
-
-from conftest import make_frozen
 
 runner = CliRunner()
 DESIGN_FIELDS = ("model", "sha256", "dataset", "split", "n", "lipschitz", "clean_accuracy", "certified", "device", "seconds", "images_per_second")
@@ -67,7 +66,7 @@ def test_certify_end_to_end(tiny_checkpoint, tmp_path):
         correct = [r["label"] == r[prediction] for r in rows]
         assert report["clean_accuracy" + sense] == pytest.approx(sum(correct) / 300)
         for entry in report["certified"]:
-            expected = sum(c and float(r[radius]) > entry["eps"] for c, r in zip(correct, rows)) / 300
+            expected = sum(c and float(r[radius]) > entry["eps"] for c, r in zip(correct, rows, strict=True)) / 300
             assert entry["accuracy" + sense] == pytest.approx(expected)
     assert all(float(r["radius"]) <= min(float(r["radius_exact"]), float(r["radius_float32"])) for r in rows)
     if has_mpl:
@@ -76,7 +75,8 @@ def test_certify_end_to_end(tiny_checkpoint, tmp_path):
 
 
 def test_certify_explicit_eps_and_dataset(tiny_checkpoint):
-    result = runner.invoke(app, ["certify", str(tiny_checkpoint), "--dataset", "fashion-mnist", "--eps", "36/255, 0.2", "--limit", "20", "--lower-bound-samples", "0"])
+    args = ["certify", str(tiny_checkpoint), "--dataset", "fashion-mnist", "--eps", "36/255, 0.2", "--limit", "20", "--lower-bound-samples", "0"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "eps = 36/255" in result.stdout and "eps = 0.2" in result.stdout
 
@@ -127,7 +127,7 @@ def test_bad_input_exit_1_one_sentence(case, tiny_checkpoint, mismatched, tmp_pa
 
 
 def test_plot_without_matplotlib(tiny_checkpoint, tmp_path, monkeypatch):
-    import cpl_cert.plots as plots
+    import cpl_cert.cli.plots as plots
 
     real = plots.importlib.util.find_spec
     monkeypatch.setattr(plots.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
@@ -140,7 +140,7 @@ def test_plot_without_matplotlib(tiny_checkpoint, tmp_path, monkeypatch):
 def test_certified_curve_steps():
     import torch
 
-    from cpl_cert.plots import certified_curve
+    from cpl_cert.cli.plots import certified_curve
 
     correct = torch.tensor([True, True, False, True])
     radii = torch.tensor([0.3, 0.1, 0.9, 0.0], dtype=torch.float64)

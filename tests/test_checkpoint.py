@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_frozen
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import cpl_cert
 from cpl_cert.checkpoint import FORMAT
 from cpl_cert.cli import app
-
-from conftest import make_frozen
 
 runner = CliRunner()
 

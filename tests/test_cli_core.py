@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from typer.testing import CliRunner
@@ -13,6 +15,7 @@ import cpl_cert
 from cpl_cert.cli import app
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_lipschitz_table_and_json(tmp_path, tiny_checkpoint):
@@ -46,7 +49,11 @@ def test_info_prints_metadata(tiny_checkpoint):
     assert result.exit_code == 0, result.output
     meta = json.loads(result.stdout)
     assert meta["format"] == "cpl-cert/1" and meta["config"]["preset"] == "cpl-tiny"
-    assert meta["parameters"] == cpl_cert.count_parameters(cpl_cert.load_checkpoint(tiny_checkpoint)[0])
+    c = meta["config"]  # cpl-tiny on 1x28x28: conv (inner, channels, 3, 3) + bias, dense (inner, features) + bias
+    features = c["channels"] * (28 // c["pool"]) ** 2
+    conv = c["conv_depth"] * (c["conv_inner"] * c["channels"] * 9 + c["conv_inner"])
+    dense = c["dense_depth"] * (c["dense_inner"] * features + c["dense_inner"])
+    assert meta["parameters"] == conv + dense == 101_776
     table = runner.invoke(app, ["info", str(tiny_checkpoint)])
     assert table.exit_code == 0 and "fashion-mnist" in table.output
 
@@ -61,6 +68,7 @@ def test_help_and_console_entry():
         result = runner.invoke(app, args)
         assert result.exit_code == 0 and "Usage" in result.output
     proc = subprocess.run([sys.executable, "-m", "cpl_cert", "--version"], capture_output=True, text=True, check=False)
-    assert proc.returncode == 0 and proc.stdout.startswith("cpl-cert ")
+    version = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert proc.returncode == 0 and proc.stdout == f"cpl-cert {version}\n"
     usage = runner.invoke(app, ["lipschitz"])
     assert usage.exit_code == 2

@@ -1,40 +1,28 @@
-"""Dataset resolution order, IDX reading (gzipped and not), ImageFolder trees, the missing-data sentence."""
+"""Dataset resolution order, the missing-data sentences, data/model compatibility, pixel scaling."""
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import socket
-import struct
 from pathlib import Path
 
 import pytest
 import torch
+from formats import write_idx_split, write_image_folder
 
 from cpl_cert import data
-from cpl_cert.data import check_compatible, load_dataset
+from cpl_cert.data import check_compatible, load_dataset, to_float_images
 from cpl_cert.errors import CplCertError
 
 
 def write_idx(folder: Path, n: int, gz: bool, split_prefix: str = "t10k", fill: int = 0) -> None:
     """A tiny MNIST-format split of ``n`` 28x28 images (all pixels ``fill``) with labels 0..n-1 mod 10."""
-    folder.mkdir(parents=True, exist_ok=True)
-    images = struct.pack(">IIII", 0x803, n, 28, 28) + bytes([fill]) * (n * 28 * 28)
-    labels = struct.pack(">II", 0x801, n) + bytes(i % 10 for i in range(n))
-    for name, payload in ((f"{split_prefix}-images-idx3-ubyte", images), (f"{split_prefix}-labels-idx1-ubyte", labels)):
-        if gz:
-            with gzip.open(folder / f"{name}.gz", "wb") as handle:
-                handle.write(payload)
-        else:
-            (folder / name).write_bytes(payload)
+    write_idx_split(folder, split_prefix, [bytes([fill]) * 784] * n, [i % 10 for i in range(n)], gz=gz)
 
 
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
-    """Cache in tmp, no $CPL_CERT_DATA, no downloads, and a system copy we control."""
-    monkeypatch.setenv("CPL_CERT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("CPL_CERT_DATA", raising=False)
-    monkeypatch.setenv("CPL_CERT_OFFLINE", "1")
+    """A system copy of Fashion-MNIST we control (conftest already hides the real ones)."""
     system = tmp_path / "system"
     monkeypatch.setitem(data.SPECS, "fashion-mnist", dataclasses.replace(data.SPECS["fashion-mnist"], system_dirs=(str(system),)))
     return tmp_path
@@ -62,16 +50,6 @@ def test_resolution_order(isolated, monkeypatch):
     shipped = load_dataset("fashion-mnist")
     assert len(shipped) == 10000 and shipped.source.startswith("shipped")
     assert shipped.labels.bincount().tolist() == [1000] * 10  # the real test split, balanced
-    # The decompressed copies went to the cache, not next to the sources.
-    assert any((isolated / "cache").rglob("t10k-images-idx3-ubyte"))
-    assert not (isolated / "system" / "t10k-labels-idx1-ubyte").exists()
-
-
-def test_changed_source_is_restaged(isolated):
-    write_idx(isolated / "src", 3, gz=True, fill=7)
-    assert len(load_dataset("fashion-mnist", data_dir=isolated / "src")) == 3
-    write_idx(isolated / "src", 6, gz=True, fill=7)
-    assert len(load_dataset("fashion-mnist", data_dir=isolated / "src")) == 6
 
 
 def test_train_split_is_not_shipped(isolated):
@@ -119,42 +97,37 @@ def test_unknown_dataset_and_split():
         load_dataset("fashion-mnist", split="valid")
 
 
-def make_image_folder(root: Path, size=(6, 5), mode="RGB") -> None:
-    from PIL import Image
-
-    for c, name in enumerate(["cats", "dogs"]):
-        (root / name).mkdir(parents=True)
-        for i in range(3):
-            colour = (10 * i + 100 * c, 20, 30) if mode == "RGB" else 10 * i + 100 * c
-            Image.new(mode, size, colour).save(root / name / f"{i}.png")
-
-
-def test_image_folder(tmp_path):
-    make_image_folder(tmp_path / "pets")
-    ds = load_dataset(f"folder:{tmp_path / 'pets'}")
-    assert ds.images.shape == (6, 3, 5, 6) and ds.images.dtype == torch.uint8
-    assert ds.classes == ("cats", "dogs") and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    assert int(ds.images[4, 0, 0, 0]) == 110
-    check_compatible(ds, (3, 5, 6), 2)
-    with pytest.raises(CplCertError, match="shape"):
-        check_compatible(ds, (1, 28, 28), 2)
-    with pytest.raises(CplCertError, match="2 classes but the model predicts 10"):
-        check_compatible(ds, (3, 5, 6), 10)
-    # A <split>/ subfolder is used when present.
-    make_image_folder(tmp_path / "split" / "test", mode="L")
-    gray = load_dataset(f"folder:{tmp_path / 'split'}")
-    assert gray.images.shape == (6, 1, 5, 6)
-
-
 def test_image_folder_errors(tmp_path):
     with pytest.raises(CplCertError, match="does not exist"):
         load_dataset(f"folder:{tmp_path / 'none'}")
-    make_image_folder(tmp_path / "mixed")
-    from PIL import Image
-
-    Image.new("RGB", (9, 9)).save(tmp_path / "mixed" / "cats" / "big.png")
+    write_image_folder(tmp_path / "mixed", {"cats": 2}, size=(5, 6), mode="RGB")
+    write_image_folder(tmp_path / "mixed", {"dogs": 1}, size=(9, 9), mode="RGB")
     with pytest.raises(CplCertError, match="same size"):
         load_dataset(f"folder:{tmp_path / 'mixed'}")
+    (tmp_path / "empty" / "cats").mkdir(parents=True)
+    with pytest.raises(CplCertError, match="not an image folder tree"):
+        load_dataset(f"folder:{tmp_path / 'empty'}")
+
+
+def test_check_compatible(tmp_path):
+    write_image_folder(tmp_path / "pets", {"cats": 1, "dogs": 1}, size=(5, 6), mode="RGB")
+    ds = load_dataset(f"folder:{tmp_path / 'pets'}")
+    check_compatible(ds, (3, 5, 6), 2)
+    with pytest.raises(CplCertError, match=r"have shape \(3, 5, 6\) but the model expects \(1, 28, 28\)"):
+        check_compatible(ds, (1, 28, 28), 2)
+    with pytest.raises(CplCertError, match="2 classes but the model predicts 10"):
+        check_compatible(ds, (3, 5, 6), 10)
+
+
+def test_to_float_images_scales_uint8_and_refuses_other_integers():
+    pixels = torch.tensor([[0, 51, 255]], dtype=torch.uint8)
+    assert to_float_images(pixels)[0].tolist() == pytest.approx([0.0, 0.2, 1.0], rel=1e-7)
+    assert to_float_images(pixels).dtype == torch.float32
+    floats = torch.tensor([0.25, 0.5], dtype=torch.float64)
+    assert to_float_images(floats).dtype == torch.float32 and to_float_images(floats).tolist() == [0.25, 0.5]
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.bool):
+        with pytest.raises(CplCertError, match="uint8 pixels .* or floating-point pixels in \\[0, 1\\]"):
+            to_float_images(pixels.to(dtype))
 
 
 def test_subset_limit():

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+from conftest import make_frozen
+from references import all_active_jacobian_norm, exact_norm
 
 import cpl_cert
 from cpl_cert.layers import CPLConv2d, CPLLinear
-
-from conftest import make_frozen
-from references import all_active_jacobian_norm, exact_norm
 
 
 def _cpl(model):
@@ -24,7 +23,7 @@ def test_frozen_model_bound_is_one_and_above_lower_bound():
     lower = cpl_cert.lipschitz_lower_bound(model, torch.rand(8, 1, 12, 12), iters=10)
     assert 0 < lower <= bounds.upper
     rows = [row for row in bounds.layers if row.kind.startswith("cpl")]
-    for row, layer in zip(rows, _cpl(model)):
+    for row, layer in zip(rows, _cpl(model), strict=True):
         exact = exact_norm(layer)
         assert exact <= row.sigma_upper <= exact * 1.05  # certified, and tight (FFT bound at 12x12)
         assert row.sigma_power <= exact * (1 + 1e-9)

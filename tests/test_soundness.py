@@ -12,6 +12,8 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_frozen
+from references import all_active_jacobian_norm, pixel_batch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -21,9 +23,6 @@ from cpl_cert.cli import app
 from cpl_cert.errors import CplCertError
 from cpl_cert.layers import CPLLinear
 from cpl_cert.numerics import strict_math
-
-from conftest import make_frozen
-from references import all_active_jacobian_norm, pixel_batch
 
 NO_CPL = dict(channels=1, conv_depth=0, dense_depth=0)
 
@@ -156,11 +155,11 @@ def test_a_large_common_bias_offset_never_certifies_a_breakable_point():
     truth = (gaps / norms).scatter(1, top[:, None], math.inf).min(dim=1).values
     labels = top.clone()
     picks = truth.sort().values[[100, 250, 400, 550]]
-    eps = [float(v) * (1 + s) for v, s in zip(picks, (1e-7, -1e-7, 3e-7, -3e-7))]
+    eps = [float(v) * (1 + s) for v, s in zip(picks, (1e-7, -1e-7, 3e-7, -3e-7), strict=True)]
     result = cpl_cert.certify(model, (images, labels), eps=eps, device="cpu")
     assert bool((result.radii_exact <= truth * (1 + 1e-12)).all())
     assert bool((result.radii_float32 <= truth * (1 + 1e-12)).all())
-    for entry, value in zip(result.certified, eps):
+    for entry, value in zip(result.certified, eps, strict=True):
         assert entry["accuracy"] == float((truth > value).double().mean())
     # the float32 network: walk straight to each point's nearest boundary
     nearest = (gaps / norms).scatter(1, top[:, None], math.inf).argmin(dim=1)
@@ -226,7 +225,7 @@ def test_unfrozen_models_certify_like_their_frozen_twin(fashion_600):
     model = cpl_cert.build_model("cpl-tiny", input_shape=(1, 28, 28), num_classes=10).eval()
     twin = cpl_cert.build_model("cpl-tiny", input_shape=(1, 28, 28), num_classes=10)
     twin.load_state_dict(model.state_dict())
-    for (_, layer), (_, copy) in zip(cpl_cert.models.cpl_layers(model), cpl_cert.models.cpl_layers(twin)):
+    for (_, layer), (_, copy) in zip(cpl_cert.models.cpl_layers(model), cpl_cert.models.cpl_layers(twin), strict=True):
         copy.set_frozen_step(float(layer.current_step()))
     twin.eval()
     first = cpl_cert.certify(twin, fashion_600, eps=[0.05], device="cpu")

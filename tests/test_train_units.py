@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from cpl_cert.augment import Augment, make_augment
 from cpl_cert.errors import CplCertError
-from cpl_cert.losses import hinge_loss, make_loss, offset_cross_entropy
-from cpl_cert.schedule import triangular_factor, triangular_lr
+from cpl_cert.train.augment import Augment, make_augment
+from cpl_cert.train.losses import hinge_loss, make_loss, offset_cross_entropy
+from cpl_cert.train.schedule import triangular_factor, triangular_lr
 
 
 def test_schedule_shape():
@@ -24,8 +24,8 @@ def test_schedule_shape():
     assert triangular_lr(900, total, peak) == pytest.approx(peak / 40)
     values = [triangular_factor(s, total) for s in range(total)]
     assert max(values) == pytest.approx(1.0) and values.index(max(values)) == 400
-    assert all(b >= a for a, b in zip(values[:400], values[1:401]))
-    assert all(b <= a for a, b in zip(values[400:-1], values[401:]))
+    assert all(b >= a for a, b in zip(values[:400], values[1:401], strict=True))
+    assert all(b <= a for a, b in zip(values[400:-1], values[401:], strict=True))
 
 
 def test_schedule_uneven_total_still_ends_at_zero():

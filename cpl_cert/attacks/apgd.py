@@ -13,6 +13,7 @@ Points leave the batch as soon as their prediction changes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -25,8 +26,8 @@ from .common import (
     empty_outcome,
     loss_and_grad,
     normalize,
-    project,
     per_point,
+    project,
     random_in_ball,
     targeted_dlr_loss,
 )
@@ -44,6 +45,82 @@ def checkpoints(steps: int) -> list[int]:
     return [w for w in points if w <= steps]
 
 
+State = dict[str, torch.Tensor]
+Evaluate = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _evaluator(model: nn.Module) -> Evaluate:
+    """``(x, labels, target) -> (loss, grad, logits)``: cross-entropy, or targeted DLR when a target is given."""
+
+    def evaluate(x: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if target is None:
+            return loss_and_grad(model, x, ce_loss, labels)
+        return loss_and_grad(model, x, targeted_dlr_loss, labels, target)
+
+    return evaluate
+
+
+def _initial_state(start: torch.Tensor, labels: torch.Tensor, radii: torch.Tensor, target: torch.Tensor | None,
+                   x: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor) -> State:
+    """Per point: the iterate and the previous one, the best point so far, the step and the checkpoint counters."""
+    n = start.shape[0]
+    state = {
+        "start": start, "labels": labels, "eps": radii, "x": x, "x_prev": x.clone(), "grad": grad, "loss": loss,
+        "x_best": x.clone(), "grad_best": grad.clone(), "loss_best": loss.clone(),
+        "step": 2.0 * radii,
+        "increases": torch.zeros(n, dtype=torch.long, device=x.device),
+        "best_at_check": loss.clone(),
+        "reduced": torch.zeros(n, dtype=torch.bool, device=x.device),
+    }
+    if target is not None:
+        state["target"] = target
+    return state
+
+
+def _drop_hits(state: State, logits: torch.Tensor, out: AttackOutcome, idx: torch.Tensor) -> torch.Tensor:
+    """Record the points whose prediction changed in ``out`` and remove them from ``state``; returns the rest of ``idx``."""
+    hit = logits.argmax(dim=1) != state["labels"]
+    if not bool(hit.any()):
+        return idx
+    out.found[idx[hit]] = True
+    out.adversarial[idx[hit]] = state["x"][hit]
+    keep = ~hit
+    for key in state:
+        state[key] = state[key][keep]
+    return idx[keep]
+
+
+def _momentum_step(state: State, k: int, evaluate: Evaluate) -> torch.Tensor:
+    """One APGD iteration (projected gradient step, then momentum from iteration 1 on); returns the logits."""
+    s = state
+    x, step = s["x"], batch_view(s["step"], s["x"])
+    z = project(s["start"], x + step * normalize(s["grad"]), s["eps"])
+    if k > 0:
+        z = project(s["start"], x + MOMENTUM * (z - x) + (1.0 - MOMENTUM) * (x - s["x_prev"]), s["eps"])
+    s["x_prev"], s["x"] = x, z
+    loss, grad, logits = evaluate(z, s["labels"], s.get("target"))
+    s["increases"] += (loss > s["loss"]).long()
+    s["loss"], s["grad"] = loss, grad
+    better = loss > s["loss_best"]
+    s["loss_best"] = torch.where(better, loss, s["loss_best"])
+    s["x_best"] = torch.where(batch_view(better, z), z, s["x_best"])
+    s["grad_best"] = torch.where(batch_view(better, z), grad, s["grad_best"])
+    return logits
+
+
+def _at_checkpoint(state: State, height: int) -> None:
+    """Halve the step and restart from the best point where progress stalled over the last ``height`` iterations."""
+    s = state
+    reduce = (s["increases"].double() < RHO * height) | (~s["reduced"] & (s["best_at_check"] >= s["loss_best"]))
+    s["reduced"], s["best_at_check"] = reduce, s["loss_best"].clone()
+    s["increases"].zero_()
+    s["step"] = torch.where(reduce, s["step"] / 2, s["step"])
+    r = batch_view(reduce, s["x"])
+    s["x"] = torch.where(r, s["x_best"], s["x"])
+    s["x_prev"] = torch.where(r, s["x_best"], s["x_prev"])
+    s["grad"] = torch.where(r, s["grad_best"], s["grad"])
+
+
 def _apgd_run(
     model: nn.Module,
     x0: torch.Tensor,
@@ -59,71 +136,19 @@ def _apgd_run(
     """One APGD run on the points ``idx`` of the batch; records successes in ``out`` in place."""
     start, labels, radii = x0[idx], y[idx], per_point(eps, x0)[idx]
     tgt = target[idx] if target is not None else None
-
-    def evaluate(x: torch.Tensor, lab: torch.Tensor, t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if t is None:
-            return loss_and_grad(model, x, ce_loss, lab)
-        return loss_and_grad(model, x, targeted_dlr_loss, lab, t)
-
+    evaluate = _evaluator(model)
     x = random_in_ball(start, radii, generator, on_sphere=True) if random_start else start.clone()
     loss, grad, logits = evaluate(x, labels, tgt)
-    n = idx.numel()
-    state = {
-        "start": start, "labels": labels, "eps": radii, "x": x, "x_prev": x.clone(), "grad": grad, "loss": loss,
-        "x_best": x.clone(), "grad_best": grad.clone(), "loss_best": loss.clone(),
-        "step": 2.0 * radii,
-        "increases": torch.zeros(n, dtype=torch.long, device=x.device),
-        "best_at_check": loss.clone(),
-        "reduced": torch.zeros(n, dtype=torch.bool, device=x.device),
-    }
-    if tgt is not None:
-        state["target"] = tgt
-    marks = checkpoints(steps)
-    last_mark = 0
-
-    def drop_hits(logits: torch.Tensor) -> bool:
-        """Record the points whose prediction changed and remove them; True when none are left."""
-        nonlocal idx
-        hit = logits.argmax(dim=1) != state["labels"]
-        if bool(hit.any()):
-            out.found[idx[hit]] = True
-            out.adversarial[idx[hit]] = state["x"][hit]
-            keep = ~hit
-            idx = idx[keep]
-            for key in state:
-                state[key] = state[key][keep]
-        return idx.numel() == 0
-
-    if drop_hits(logits):
-        return
+    state = _initial_state(start, labels, radii, tgt, x, loss, grad)
+    idx = _drop_hits(state, logits, out, idx)
+    marks, last_mark = checkpoints(steps), 0
     for k in range(steps):
-        s = state
-        x, step = s["x"], batch_view(s["step"], s["x"])
-        z = project(s["start"], x + step * normalize(s["grad"]), s["eps"])
-        if k > 0:
-            z = project(s["start"], x + MOMENTUM * (z - x) + (1.0 - MOMENTUM) * (x - s["x_prev"]), s["eps"])
-        s["x_prev"], s["x"] = x, z
-        loss, grad, logits = evaluate(z, s["labels"], s.get("target"))
-        s["increases"] += (loss > s["loss"]).long()
-        s["loss"], s["grad"] = loss, grad
-        better = loss > s["loss_best"]
-        s["loss_best"] = torch.where(better, loss, s["loss_best"])
-        s["x_best"] = torch.where(batch_view(better, z), z, s["x_best"])
-        s["grad_best"] = torch.where(batch_view(better, z), grad, s["grad_best"])
-        if drop_hits(logits):
+        if idx.numel() == 0:
             return
-        if k + 1 in marks:
-            s = state
-            height = k + 1 - last_mark
+        idx = _drop_hits(state, _momentum_step(state, k, evaluate), out, idx)
+        if k + 1 in marks and idx.numel():
+            _at_checkpoint(state, k + 1 - last_mark)
             last_mark = k + 1
-            reduce = (s["increases"].double() < RHO * height) | (~s["reduced"] & (s["best_at_check"] >= s["loss_best"]))
-            s["reduced"], s["best_at_check"] = reduce, s["loss_best"].clone()
-            s["increases"].zero_()
-            s["step"] = torch.where(reduce, s["step"] / 2, s["step"])
-            r = batch_view(reduce, s["x"])
-            s["x"] = torch.where(r, s["x_best"], s["x"])
-            s["x_prev"] = torch.where(r, s["x_best"], s["x_prev"])
-            s["grad"] = torch.where(r, s["grad_best"], s["grad"])
 
 
 def apgd_l2(

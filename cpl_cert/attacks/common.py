@@ -29,7 +29,7 @@ class AttackOutcome:
     name: str
     settings: dict[str, Any] = field(default_factory=dict)
 
-    def merge(self, other: "AttackOutcome") -> "AttackOutcome":
+    def merge(self, other: AttackOutcome) -> AttackOutcome:
         """Per point, keep the closer success of the two (the worst case for the model)."""
         take = other.found & (~self.found | (other.distance < self.distance))
         shape = (-1, *[1] * (self.adversarial.dim() - 1))

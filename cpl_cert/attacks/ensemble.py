@@ -14,22 +14,20 @@ example provably closer than the radius of the same sense.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import CplCertError
 from ..numerics import strict_math
 from .apgd import apgd_l2, apgd_targeted_l2
 from .check import Checker, make_checker, verify_exact, verify_float32
 from .common import AttackOutcome
 from .minnorm import fmn_l2
+from .options import check_attack_options
 from .pgd import pgd_l2
-
-ATTACKS = ("pgd", "apgd", "autoattack", "minnorm")
-ENGINES = ("native", "torchattacks")
 
 
 @dataclass
@@ -54,7 +52,7 @@ class SuiteResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def empty(cls, eps: list[float], n: int, device: torch.device) -> "SuiteResult":
+    def empty(cls, eps: list[float], n: int, device: torch.device) -> SuiteResult:
         def inf() -> torch.Tensor:
             return torch.full((len(eps), n), math.inf, dtype=torch.float64, device=device)
 
@@ -74,7 +72,7 @@ class SuiteResult:
             distance[e, part] = torch.where(closer, new, distance[e, part])
             source[e, part] = torch.where(closer, torch.full_like(source[e, part], code), source[e, part])
 
-    def to_cpu(self) -> "SuiteResult":
+    def to_cpu(self) -> SuiteResult:
         for name in ("distance", "source", "distance_float32", "source_float32"):
             setattr(self, name, getattr(self, name).cpu())
         return self
@@ -104,7 +102,10 @@ def _native(
         return [minnorm]
     plan: list[Callable[[torch.Tensor, torch.Tensor], AttackOutcome]] = []
     if attack in ("apgd", "autoattack"):
-        plan += [lambda a, b: apgd_l2(model, a, b, eps, steps=steps, generator=generator), lambda a, b: apgd_targeted_l2(model, a, b, eps, steps=steps, generator=generator)]
+        plan += [
+            lambda a, b: apgd_l2(model, a, b, eps, steps=steps, generator=generator),
+            lambda a, b: apgd_targeted_l2(model, a, b, eps, steps=steps, generator=generator),
+        ]
     if attack in ("pgd", "autoattack"):
         plan.append(lambda a, b: pgd_l2(model, a, b, eps, steps=steps, generator=generator))
     outcomes: list[AttackOutcome] = []
@@ -148,9 +149,7 @@ def run_suite(
     ``steps`` is the iteration budget of PGD and APGD (reference: 100); FMN gets twice as many.
     Every example is verified in both senses (``cpl_cert.attacks.check``) before it counts.
     """
-    _check_engine(attack, engine)
-    if batch_size < 1:
-        raise CplCertError(f"--batch-size must be positive, got {batch_size}")
+    check_attack_options(attack, engine, steps, batch_size)
     model.eval()
     with strict_math():
         checker = make_checker(model)
@@ -170,19 +169,6 @@ def run_suite(
             progress(part.stop, n)
     result.rejected = int(rejected.sum())
     return result.to_cpu()
-
-
-def _check_engine(attack: str, engine: str) -> None:
-    if attack not in ATTACKS:
-        raise CplCertError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
-    if engine not in ENGINES:
-        raise CplCertError(f"unknown engine {engine!r}; choose native or torchattacks")
-    if engine == "torchattacks":
-        from .external import ENGINE_ATTACKS, require_torchattacks
-
-        require_torchattacks()
-        if attack not in ENGINE_ATTACKS:
-            raise CplCertError(f"--engine torchattacks runs {', '.join(ENGINE_ATTACKS)}, not {attack}; use --engine native for {attack}")
 
 
 def _attack_batch(

@@ -8,17 +8,20 @@ Square with 5000 queries, PGD-L2 with 100 steps of ``2.5 * eps / 100``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import CplCertError
 from .common import AttackOutcome, distances, empty_outcome, is_adversarial
+from .options import ENGINE_ATTACKS
 
-INSTALL_HINT = "the torchattacks engine needs the optional package torchattacks; install it with `pip install 'cpl-cert[torchattacks]'` (or `pip install torchattacks`), or use --engine native"
-
-ENGINE_ATTACKS = {"pgd": ("PGDL2",), "apgd": ("APGD", "APGDT"), "autoattack": ("APGD", "APGDT", "FAB", "Square")}
+INSTALL_HINT = (
+    "the torchattacks engine needs the optional package torchattacks; install it with "
+    "`pip install 'cpl-cert[torchattacks]'` (or `pip install torchattacks`), or use --engine native"
+)
 
 
 def require_torchattacks() -> Any:
@@ -53,10 +56,11 @@ def engine_settings(attack: str) -> dict[str, Any]:
 
 
 def torchattacks_attack(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, eps: float, attack: str, seed: int) -> list[AttackOutcome]:
-    """Run the torchattacks attacks of ``attack`` in turn, each on the points still unbroken."""
+    """Run the torchattacks attacks of ``attack`` in turn, each on the points still unbroken.
+
+    ``attack`` is one of ``ENGINE_ATTACKS`` (``options.check_attack_options`` has checked it).
+    """
     ta = require_torchattacks()
-    if attack not in ENGINE_ATTACKS:
-        raise CplCertError(f"--engine torchattacks runs {', '.join(ENGINE_ATTACKS)}, not {attack}; use --engine native for {attack}")
     with torch.no_grad():
         num_classes = int(model(x0[:1]).shape[1])
     builders = _builders(ta, eps, num_classes, seed)

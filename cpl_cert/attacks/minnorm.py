@@ -19,7 +19,6 @@ from torch import nn
 
 from .common import AttackOutcome, batch_view, distances, l2_norm, loss_and_grad, normalize, project
 
-
 CLEAR_MARGIN = 1e-5
 """A candidate only becomes the best one when its margin is below ``-CLEAR_MARGIN`` (logit units), so float
 rounding cannot make it non-adversarial on re-verification; it costs about ``1e-5 / ||grad||`` in distance."""

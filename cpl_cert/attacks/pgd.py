@@ -11,7 +11,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import AttackOutcome, batch_view, ce_loss, per_point, distances, empty_outcome, loss_and_grad, margin_loss, normalize, project, random_in_ball
+from .common import (
+    AttackOutcome,
+    batch_view,
+    ce_loss,
+    distances,
+    empty_outcome,
+    loss_and_grad,
+    margin_loss,
+    normalize,
+    per_point,
+    project,
+    random_in_ball,
+)
 
 LOSSES = {"ce": ce_loss, "margin": margin_loss}
 

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
-from typing import Any
 
 from rich.table import Table
 
-from .checkpoint import atomic_write
-from .lipschitz import LipschitzBounds
+from ..lipschitz import LipschitzBounds
 
 
 def _fmt(value: float | None, digits: int = 6) -> str:
@@ -33,9 +28,3 @@ def lipschitz_table(bounds: LipschitzBounds, title: str = "Lipschitz bounds") ->
             row.name, row.kind, _fmt(row.step), _fmt(row.sigma_power), _fmt(row.sigma_upper), _fmt(row.bound, 8), style=style
         )
     return table
-
-
-def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
-    """Write ``data`` as indented JSON, atomically (no half-written report on failure)."""
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

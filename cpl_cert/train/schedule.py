@@ -17,7 +17,7 @@ def triangular_factor(step: int, total: int) -> float:
     if total <= 1:
         return 1.0
     progress = min(max(step / (total - 1), 0.0), 1.0)
-    xs, ys = zip(*KNOTS)
+    xs, ys = zip(*KNOTS, strict=True)
     return float(np.interp(progress, xs, ys))
 
 

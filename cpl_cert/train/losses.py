@@ -5,12 +5,12 @@ Both push the logit margin up, which is what a certificate ``margin / (sqrt(2) L
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .errors import CplCertError
+from ..errors import CplCertError
 
 LOSSES = ("hinge", "offset-ce")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

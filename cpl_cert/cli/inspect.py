@@ -10,13 +10,14 @@ import torch
 import typer
 from rich.table import Table
 
-from ..checkpoint import file_sha256, load_checkpoint, read_metadata
+from ..checkpoint import load_checkpoint, read_metadata
 from ..device import resolve_device
 from ..errors import CplCertError
+from ..io import file_sha256, write_json
 from ..lipschitz import lipschitz_bounds, lipschitz_lower_bound
 from ..models import count_parameters
-from ..report import lipschitz_table, write_json
 from .common import DeviceName, JsonPath, ModelPath, check_writable, console, handle_errors
+from .report import lipschitz_table
 
 
 @handle_errors

@@ -3,45 +3,48 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..certify import certify, parse_eps
-from ..certify_report import certify_report, certify_table, write_radii_csv
-from ..checkpoint import file_sha256
+from ..data import to_float_images
 from ..device import resolve_device
 from ..errors import CplCertError
+from ..io import file_sha256, write_json
 from ..lipschitz import lipschitz_bounds, lipschitz_lower_bound
-from ..plots import plot_certified_accuracy, require_matplotlib
-from ..report import write_json
-from .common import DeviceName, JsonPath, ModelPath, check_writable, console, err_console, handle_errors, load_model_and_data
+from .certify_report import certify_report, certify_table, write_radii_csv
+from .common import DeviceName, JsonPath, ModelPath, check_writable, console, err_console, handle_errors, library_default, load_model_and_data
+from .plots import plot_certified_accuracy, require_matplotlib
 
 
 @handle_errors
 def certify_command(
     model_path: ModelPath,
     dataset: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--dataset", help="fashion-mnist, mnist, cifar10, cifar100 or folder:PATH (default: the checkpoint's dataset)."),
     ] = None,
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the dataset files (searched first).")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Folder holding the dataset files (searched first).")] = None,
     eps: Annotated[
-        Optional[str],
-        typer.Option("--eps", help="Radii, comma-separated, e.g. 0.1,0.25,36/255 (default: 36/255,72/255,108/255 for CIFAR, 0.1,0.25,0.5,1.0 for 28x28 data)."),
+        str | None,
+        typer.Option(
+            "--eps",
+            help="Radii, comma-separated, e.g. 0.1,0.25,36/255 (default: 36/255,72/255,108/255 for CIFAR, 0.1,0.25,0.5,1.0 for 28x28 data).",
+        ),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1024,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = library_default(certify, "batch_size"),
     device: DeviceName = "auto",
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Certify only the first N points.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Certify only the first N points.")] = None,
     split: Annotated[str, typer.Option("--split", help="test or train.")] = "test",
     json_path: JsonPath = None,
     radii_path: Annotated[
-        Optional[Path], typer.Option("--save-radii", help="Write per-sample index,label,prediction,margin,radius to this CSV.")
+        Path | None, typer.Option("--save-radii", help="Write per-sample index,label,prediction,margin,radius to this CSV.")
     ] = None,
     plot_path: Annotated[
-        Optional[Path], typer.Option("--plot", help="Write a PNG of certified accuracy against radius (needs matplotlib).")
+        Path | None, typer.Option("--plot", help="Write a PNG of certified accuracy against radius (needs matplotlib).")
     ] = None,
     lower_samples: Annotated[
         int, typer.Option("--lower-bound-samples", help="Test images for the empirical Lipschitz lower bound (0 skips it).")
@@ -53,11 +56,7 @@ def certify_command(
     margin / (sqrt(2) L) with a truncation head, min_j (f_top - f_j) / (L_body ||w_top - w_j||) with
     an LLN head; radii near an eps are recomputed in float64 before they count (docs/certify.md).
     """
-    # Everything that can be wrong with the options is checked before any work starts.
-    if limit is not None and limit < 1:
-        raise CplCertError(f"--limit must be a positive number of points, got {limit}")
-    if batch_size < 1:
-        raise CplCertError(f"--batch-size must be positive, got {batch_size}")
+    # --limit and --batch-size are checked by the library (ImageDataset.subset, certify).
     if lower_samples < 0:
         raise CplCertError(f"--lower-bound-samples must be 0 or more, got {lower_samples}")
     eps_values = parse_eps(eps) if eps is not None else None
@@ -81,7 +80,7 @@ def certify_command(
             progress=lambda done, total: bar.update(task, completed=done),
         )
     if lower_samples:
-        probe = data.images[:lower_samples].to(dev).float() / 255.0
+        probe = to_float_images(data.images[:lower_samples].to(dev))
         bounds.lower = lipschitz_lower_bound(model, probe, iters=20, generator=torch.Generator().manual_seed(0))
 
     table = certify_table(result, title=f"{model_path.name} on {data.name} ({split} split)")

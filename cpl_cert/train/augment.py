@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import CplCertError
+from ..errors import CplCertError
 
 AUGMENTS = ("auto", "none", "crop", "crop-flip")
 

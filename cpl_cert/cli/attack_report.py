@@ -1,16 +1,17 @@
-"""Summaries of an attack run for people (Rich tables) and programs (the JSON report of DESIGN section 4)."""
+"""Summaries of an attack run for people (Rich tables) and programs (the ``attack --json`` report, docs/attack.md)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from rich.table import Table
 
-from .attacks.check import Violation, violations_at
-from .attacks.ensemble import SuiteResult
-from .certify import CertifyResult, EpsValue
+from ..attacks.check import Violation, violations_at
+from ..attacks.ensemble import SuiteResult
+from ..certify import CertifyResult, EpsValue
 
 
 def accuracy_rows(cert: CertifyResult, suite: SuiteResult, eps: Sequence[EpsValue]) -> list[dict[str, Any]]:
@@ -46,7 +47,7 @@ def tightness(radii: torch.Tensor, distances: torch.Tensor) -> dict[str, Any]:
     stats: dict[str, Any] = {"points": int(usable.sum()), "no_adversarial_found": int((~torch.isfinite(distances)).sum())}
     if ratio.numel():
         qs = torch.quantile(ratio, torch.tensor([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0], dtype=torch.float64))
-        stats.update({k: float(v) for k, v in zip(("min", "p10", "p25", "median", "p75", "p90", "max"), qs)})
+        stats.update({k: float(v) for k, v in zip(("min", "p10", "p25", "median", "p75", "p90", "max"), qs, strict=True)})
         stats["mean"] = float(ratio.mean())
         stats["mean_gap"] = float((distances[usable] - radii[usable]).mean())
     return stats
@@ -78,7 +79,8 @@ def violations_table(violations: list[Violation], limit: int = 50) -> Table:
     for column in ("index", "certified radius r", "adversarial distance d", "d / r", "attack", "at eps"):
         table.add_column(column, justify="right")
     for v in violations[:limit]:
-        table.add_row(str(v.index), f"{v.radius:.6g}", f"{v.distance:.6g}", f"{v.distance / v.radius:.4f}" if v.radius > 0 else "-", v.attack, f"{v.eps:.4g}")
+        ratio = f"{v.distance / v.radius:.4f}" if v.radius > 0 else "-"
+        table.add_row(str(v.index), f"{v.radius:.6g}", f"{v.distance:.6g}", ratio, v.attack, f"{v.eps:.4g}")
     if len(violations) > limit:
         table.caption = f"... and {len(violations) - limit} more (all are in the JSON report)"
     return table
@@ -109,7 +111,7 @@ def json_report(
     assumed_lipschitz: float | None,
     stats: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The ``attack --json`` report: DESIGN section 4's fields plus per-radius rows and violation details."""
+    """The ``attack --json`` report: accuracies, violations and settings, per-radius rows and violation details."""
     return {
         "model": model,
         "sha256": sha256,

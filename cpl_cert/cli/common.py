@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
-import sys
+import shlex
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import torch
 import typer
@@ -87,10 +89,29 @@ def load_model_and_data(
     return model, meta, data.subset(limit)
 
 
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()
+def library_default(func: Callable[..., Any], name: str) -> Any:
+    """The default of ``func``'s parameter ``name``: a command's defaults are the library's."""
+    return inspect.signature(func).parameters[name].default
+
+
+def command_line(ctx: typer.Context) -> str:
+    """The running command as the user gave it: ``cpl-cert <command>`` and the options set on the
+    command line (the same whether started as ``cpl-cert``, ``python -m cpl_cert`` or under torchrun)."""
+    parts = ["cpl-cert", ctx.info_name or ""]
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name) if param.name else None
+        if source is None or source.name != "COMMANDLINE":
+            continue
+        value = ctx.params[param.name]
+        if param.param_type_name != "option":
+            parts.append(str(value))
+        elif getattr(param, "is_flag", False):
+            parts.append(param.opts[0] if value else (param.secondary_opts or param.opts)[0])
+        else:
+            parts += [param.opts[0], str(value)]
+    return shlex.join(parts)
 
 
 ModelPath = Annotated[Path, typer.Argument(help="A cpl-cert checkpoint (.safetensors).", show_default=False)]
 DeviceName = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
-JsonPath = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")]
+JsonPath = Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")]

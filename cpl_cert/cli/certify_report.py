@@ -1,4 +1,4 @@
-"""Reports of a certification run: the Rich summary table, the JSON report (DESIGN 4) and the per-sample CSV."""
+"""Reports of a certification run: the Rich summary table, the JSON report and the per-sample CSV (docs/certify.md)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from .certify import CertifyResult
-from .checkpoint import atomic_write
+from ..certify import CertifyResult
+from ..io import atomic_write
 
 CSV_HEADER = ("index", "label", "prediction", "prediction_float32", "margin", "radius", "radius_exact", "radius_float32")
 
@@ -46,7 +46,7 @@ def _median_radius(radii: torch.Tensor) -> str:
 
 
 def certify_report(result: CertifyResult, **fields: Any) -> dict[str, Any]:
-    """The JSON report of DESIGN section 4; ``fields`` (model, sha256, dataset, split...) come first."""
+    """The ``certify --json`` report (docs/certify.md); ``fields`` (model, sha256, dataset, split...) come first."""
     return {
         **fields,
         "n": result.n,
@@ -73,7 +73,7 @@ def write_radii_csv(path: str | os.PathLike[str], result: CertifyResult, indices
     index = indices if indices is not None else torch.arange(result.n)
     columns = (result.labels, result.predictions, result.predictions_float32, result.margins, result.radii,
                result.radii_exact, result.radii_float32)
-    rows = zip(index.tolist(), *(c.tolist() for c in columns))
+    rows = zip(index.tolist(), *(c.tolist() for c in columns), strict=True)
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as handle:

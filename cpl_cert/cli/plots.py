@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write
-from .errors import CplCertError
+from ..errors import CplCertError
+from ..io import atomic_write
 
 INSTALL_HINT = "--plot needs matplotlib, which is not installed; install it with: pip install 'cpl-cert[plot]'"
 

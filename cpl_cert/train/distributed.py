@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import CplCertError
+from ..errors import CplCertError
 
 
 @dataclass(frozen=True)

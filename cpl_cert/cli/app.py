@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from . import __version__
-from .commands.attack import attack_command
-from .commands.certify import certify_command
-from .commands.inspect import info_command, lipschitz_command
-from .commands.train import train_command
+from .. import __version__
+from .attack import attack_command
+from .certify import certify_command
+from .inspect import info_command, lipschitz_command
+from .train import train_command
 
 app = typer.Typer(
     name="cpl-cert",
@@ -34,7 +34,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = None,
 ) -> None:
     """cpl-cert: certified robustness for CPL networks."""

@@ -1,0 +1,186 @@
+"""``cpl-cert attack``: attack a checkpoint's test points and check every certificate against the attacks."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..attacks.check import Violation, find_violations
+from ..attacks.ensemble import SuiteResult, run_suite
+from ..attacks.options import ATTACKS, ENGINES, check_attack_options
+from ..certify import CertifyResult, EpsValue, certify, exact_points, parse_eps
+from ..data import ImageDataset, to_float_images
+from ..device import resolve_device
+from ..errors import CplCertError
+from ..io import file_sha256, write_json
+from ..lipschitz import LipschitzBounds, lipschitz_bounds
+from ..models import CPLNet
+from .attack_report import accuracy_rows, accuracy_table, json_report, tightness, tightness_table, violations_table
+from .common import (
+    EXIT_VIOLATION,
+    DeviceName,
+    JsonPath,
+    ModelPath,
+    check_writable,
+    console,
+    err_console,
+    handle_errors,
+    library_default,
+    load_model_and_data,
+)
+from .plots import plot_gap, require_matplotlib
+
+DEFAULT_LIMIT = 1000
+MEASURES_DISTANCE = ("minnorm", "autoattack")
+"""The attacks that measure each point's smallest adversarial distance (tightness table, gap plot)."""
+
+
+def assume_body_bound(bounds: LipschitzBounds, value: float) -> LipschitzBounds:
+    """``bounds`` with the body's Lipschitz bound replaced by an assumed ``value`` (for auditing only)."""
+    head = bounds.layers[-1].bound
+    return dataclasses.replace(bounds, body_upper=value, upper=value * head)
+
+
+def _check_assumed_bound(value: float | None) -> None:
+    if value is not None and not (0 < value < float("inf")):
+        raise CplCertError(f"--assume-lipschitz must be a positive number, got {value}")
+
+
+@handle_errors
+def attack_command(
+    model_path: ModelPath,
+    attack: Annotated[
+        str, typer.Option("--attack", help=f"{', '.join(ATTACKS)}: PGD-L2, APGD-CE + APGD-T, the worst case of all, FMN-L2 minimum norm.")
+    ] = library_default(run_suite, "attack"),
+    eps: Annotated[str | None, typer.Option("--eps", help="Radii, e.g. '0.1,0.25' or '36/255' (default: the dataset's list).")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Attack the first N test points.")] = DEFAULT_LIMIT,
+    engine: Annotated[
+        str, typer.Option("--engine", help=f"{' or '.join(ENGINES)} (torchattacks is an optional extra).")
+    ] = library_default(run_suite, "engine"),
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset name (default: the checkpoint's).")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Folder holding the dataset files.")] = None,
+    device: DeviceName = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Points attacked at once.")] = library_default(run_suite, "batch_size"),
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random starts.")] = library_default(run_suite, "seed"),
+    steps: Annotated[
+        int, typer.Option("--steps", help="Iterations of PGD and APGD per run (reference 100; FMN runs twice as many).")
+    ] = library_default(run_suite, "steps"),
+    json_path: JsonPath = None,
+    plot_path: Annotated[
+        Path | None, typer.Option("--plot", help="PNG: certified radius and smallest adversarial distance per point (minnorm, autoattack).")
+    ] = None,
+    assume_lipschitz: Annotated[
+        float | None,
+        typer.Option(
+            "--assume-lipschitz",
+            help="AUDIT ONLY: check certificates computed as if the network body were L-Lipschitz (the paper's code assumes 1) "
+            "instead of cpl-cert's certified bound; such certificates are not guarantees.",
+        ),
+    ] = None,
+) -> None:
+    """Attack test points and check every certificate: robust accuracy beside certified accuracy.
+
+    Each point is attacked with respect to its clean prediction; an adversarial example (re-verified in
+    float64) closer than the point's certified radius is a certificate violation: all are listed and
+    the command exits with code 3.
+    """
+    check_attack_options(attack, engine, steps, batch_size)
+    _check_assumed_bound(assume_lipschitz)
+    eps_values = parse_eps(eps) if eps is not None else None
+    _check_outputs(json_path, plot_path, attack)
+    dev = resolve_device(device)
+    model, _, data = load_model_and_data(model_path, dataset, data_dir, "test", limit, dev)
+    eps_values = eps_values or parse_eps(",".join(data.default_eps))
+    start = time.perf_counter()
+    bounds = _bounds(model, assume_lipschitz)
+    cert = certify(model, data, eps=[e.label for e in eps_values], device=dev, batch_size=batch_size, bounds=bounds)
+    suite = _run_attacks(model, data, cert, eps_values, attack, engine, batch_size, seed, steps)
+    violations = find_violations(suite, cert)
+    seconds = time.perf_counter() - start
+    rows = accuracy_rows(cert, suite, eps_values)
+    bound_text = f"assumed body bound {assume_lipschitz:g}" if assume_lipschitz is not None else f"certified bound {bounds.upper:.6g}"
+    console.print(accuracy_table(rows, f"{model_path.name}: {attack} ({engine}) on {cert.n} {data.name} test points, {bound_text}"))
+    stats = _print_tightness(cert, suite) if attack in MEASURES_DISTANCE else None
+    if suite.rejected:
+        console.print(f"{suite.rejected} points had candidate adversarial examples that failed float64 re-verification (discarded)", highlight=False)
+    console.print(f"done in {seconds:.1f} s on {cert.device}", highlight=False)
+    if json_path is not None:
+        report = json_report(
+            model=str(model_path), sha256=file_sha256(model_path), dataset=data.name, cert=cert, suite=suite, rows=rows,
+            violations=violations, attack=attack, engine=engine, seconds=seconds, seed=seed,
+            assumed_lipschitz=assume_lipschitz, stats=stats,
+        )
+        write_json(json_path, report)
+        console.print(f"wrote {json_path}")
+    if plot_path is not None:
+        plot_gap(plot_path, cert.radii_exact, suite.min_distance, f"{model_path.name}: certified radius vs smallest adversarial distance")
+        console.print(f"wrote {plot_path}")
+    _report_violations(violations)
+
+
+def _check_outputs(json_path: Path | None, plot_path: Path | None, attack: str) -> None:
+    """Fail before any work when an output cannot be written or the plot cannot be drawn."""
+    check_writable(json_path)
+    check_writable(plot_path)
+    if plot_path is not None:
+        require_matplotlib()
+        if attack not in MEASURES_DISTANCE:
+            raise CplCertError("--plot needs --attack minnorm or autoattack, which measure each point's smallest adversarial distance")
+
+
+def _bounds(model: CPLNet, assume_lipschitz: float | None) -> LipschitzBounds:
+    """cpl-cert's certified bounds, or (auditing only, with a warning) bounds with an assumed body bound."""
+    bounds = lipschitz_bounds(model)
+    if assume_lipschitz is None:
+        return bounds
+    err_console.print(
+        f"[bold yellow]Warning:[/] certificates computed with an ASSUMED body bound L = {assume_lipschitz:g} "
+        "(--assume-lipschitz), not cpl-cert's certified bound; they are being audited, not guaranteed.",
+        highlight=False,
+    )
+    return assume_body_bound(bounds, assume_lipschitz)
+
+
+def _run_attacks(
+    model: CPLNet, data: ImageDataset, cert: CertifyResult, eps_values: list[EpsValue],
+    attack: str, engine: str, batch_size: int, seed: int, steps: int,
+) -> SuiteResult:
+    """Attack every point's clean prediction at every radius, with a progress bar on a terminal."""
+    device = next(model.buffers()).device
+    pixels = data.images.to(device)
+    images = to_float_images(pixels)
+    with Progress(
+        TextColumn(f"attack {attack}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True, disable=not err_console.is_terminal,
+    ) as bar:
+        task = bar.add_task("attack", total=cert.n)
+        return run_suite(
+            model, images, cert.predictions.to(device), [e.value for e in eps_values], attack, engine, batch_size, seed, steps,
+            progress=lambda done, total: bar.update(task, completed=done),
+            reference_float32=cert.predictions_float32.to(device), clean=exact_points(pixels),
+        )
+
+
+def _print_tightness(cert: CertifyResult, suite: SuiteResult) -> dict[str, Any]:
+    stats = tightness(cert.radii_exact, suite.min_distance)
+    console.print(tightness_table(stats))
+    console.print(f"no adversarial example found for {stats['no_adversarial_found']} points", highlight=False)
+    return stats
+
+
+def _report_violations(violations: list[Violation]) -> None:
+    """List every violated certificate and exit with code 3, or say that none was."""
+    if not violations:
+        console.print("[bold green]no certificate violated[/]: every adversarial example found lies at or beyond its certified radius")
+        return
+    console.print(violations_table(violations))
+    shown = ", ".join(str(v.index) for v in violations[:20]) + (" ..." if len(violations) > 20 else "")
+    err_console.print(
+        f"[bold red]Error:[/] an attack contradicted {len(violations)} certificate(s) (test points {shown}).", highlight=False
+    )
+    raise typer.Exit(EXIT_VIOLATION)

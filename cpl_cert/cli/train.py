@@ -1,0 +1,78 @@
+"""``cpl-cert train``: a thin wrapper over ``cpl_cert.train.train``; defaults come from ``TrainOptions``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..models import PRESETS
+from ..train import TrainOptions, default_options, log_path, train
+from ..train.augment import AUGMENTS
+from ..train.losses import LOSSES
+from ..train.options import OPTIMIZERS
+from .common import DeviceName, command_line, console, handle_errors
+from .train_display import TrainDisplay
+
+Opt = typer.Option
+D = default_options()
+
+
+@handle_errors
+def train_command(
+    ctx: typer.Context,
+    out: Annotated[Path, Opt("--out", help="Checkpoint to write (.safetensors; its folder is created); the log goes to <out>.log.jsonl.")],
+    model: Annotated[str, Opt("--model", help=f"Preset: {', '.join(PRESETS)}.")] = D["model"],
+    dataset: Annotated[str, Opt("--dataset", help="fashion-mnist, mnist, cifar10, cifar100 or folder:PATH.")] = D["dataset"],
+    epochs: Annotated[int, Opt("--epochs", help="Number of epochs (the schedule spans all of them).")] = D["epochs"],
+    loss: Annotated[str, Opt("--loss", help=f"{' or '.join(LOSSES)}: the paper's multi-class hinge, or SLL/AOL's offset cross-entropy.")] = D["loss"],
+    margin: Annotated[float, Opt("--margin", help="Margin of the hinge loss.")] = D["margin"],
+    offset: Annotated[float, Opt("--offset", help="Logit offset of offset-ce.")] = D["offset"],
+    temperature: Annotated[float, Opt("--temperature", help="Temperature of offset-ce.")] = D["temperature"],
+    optimizer: Annotated[str, Opt("--optimizer", help=f"{' or '.join(OPTIMIZERS)} (sgd: Nesterov momentum).")] = D["optimizer"],
+    lr: Annotated[float, Opt("--lr", help="Peak learning rate of the triangular schedule.")] = D["lr"],
+    momentum: Annotated[float, Opt("--momentum", help="SGD momentum.")] = D["momentum"],
+    weight_decay: Annotated[float, Opt("--weight-decay", help="Weight decay.")] = D["weight_decay"],
+    batch_size: Annotated[int, Opt("--batch-size", help="Global batch size (split over processes).")] = D["batch_size"],
+    augment: Annotated[
+        str, Opt("--augment", help=f"{', '.join(AUGMENTS)} (auto: CIFAR reflect-pad 4 + crop + flip; 28x28 zero-pad 2 + crop).")
+    ] = D["augment"],
+    seed: Annotated[int, Opt("--seed", help="Seed of the initialisation, shuffling and augmentation.")] = D["seed"],
+    device: DeviceName = D["device"],
+    std_normalize: Annotated[
+        bool, Opt("--std-normalize", help="Also divide inputs by the dataset std (multiplies the Lipschitz bound by 1/min std).")
+    ] = D["std_normalize"],
+    conv_depth: Annotated[int | None, Opt("--conv-depth", help="Number of convolutional CPL layers (overrides the preset).")] = D["conv_depth"],
+    channels: Annotated[int | None, Opt("--channels", help="Channels of the convolutional part.")] = D["channels"],
+    dense_depth: Annotated[int | None, Opt("--dense-depth", help="Number of dense CPL layers.")] = D["dense_depth"],
+    dense_inner: Annotated[int | None, Opt("--dense-inner", help="Inner width of the dense CPL layers.")] = D["dense_inner"],
+    conv_inner: Annotated[int | None, Opt("--conv-inner", help="Inner channels of the convolutional CPL layers.")] = D["conv_inner"],
+    head: Annotated[str | None, Opt("--head", help="truncation or lln.")] = D["head"],
+    data_dir: Annotated[Path | None, Opt("--data-dir", help="Folder with the dataset files.")] = D["data_dir"],
+    limit_train: Annotated[int | None, Opt("--limit-train", help="Train on the first N training images only.")] = D["limit_train"],
+    eval_limit: Annotated[int | None, Opt("--eval-limit", help="Evaluate each epoch on the first N test images only.")] = D["eval_limit"],
+    save_every: Annotated[int, Opt("--save-every", help="Write the checkpoint every N epochs (and at the end).")] = D["save_every"],
+    resume: Annotated[bool, Opt("--resume", help="Continue the run saved in --out (same options).")] = D["resume"],
+    overwrite: Annotated[bool, Opt("--overwrite", help="Start over even if --out exists.")] = D["overwrite"],
+    compile: Annotated[bool, Opt("--compile", help="torch.compile the training model.")] = D["compile"],
+    bf16: Annotated[bool, Opt("--bf16", help="bfloat16 autocast for training (evaluation stays float32/float64).")] = D["bf16"],
+    freeze_iters: Annotated[
+        int | None,
+        Opt(
+            "--freeze-iters",
+            help="Power iterations for the final freeze (default: to convergence, at most 2000); any count is sound, see docs/train.md.",
+        ),
+    ] = D["freeze_iters"],
+    stop_after: Annotated[int | None, Opt("--stop-after", help="Stop cleanly after epoch N (continue later with --resume).")] = D["stop_after"],
+) -> None:
+    """Train a CPL network with the paper's recipe; evaluate clean and certified accuracy every epoch.
+
+    Resumable (--resume), distributed under torchrun (DDP: NCCL on GPUs, gloo on CPUs).
+    """
+    # Every parameter but ctx is a TrainOptions field of the same name.
+    options = TrainOptions(**{k: v for k, v in locals().items() if k != "ctx"}, command=command_line(ctx))
+    with TrainDisplay(console) as display:
+        result = train(options, on_event=display)
+    if result.history:
+        console.print(f"wrote {out} and {log_path(out)} ({result.wall_seconds:.0f} s in all)", highlight=False)

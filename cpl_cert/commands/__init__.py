@@ -1,1 +1,0 @@
-"""One module per command of the ``cpl-cert`` command line; each is a thin wrapper over the library."""

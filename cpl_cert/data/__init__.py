@@ -1,0 +1,12 @@
+"""Datasets by name, found offline first, held in memory as one uint8 tensor.
+
+``registry`` knows the names and shapes, ``idx`` and ``cifar`` read the file formats, ``folder``
+reads ImageFolder trees and ``resolve`` decides where to look. The Fashion-MNIST test split ships in
+``fashion-mnist/`` so that certification works offline out of the box.
+"""
+
+from .dataset import ImageDataset, check_compatible, to_float_images
+from .registry import SPECS, DatasetSpec, dataset_names
+from .resolve import load_dataset
+
+__all__ = ["SPECS", "DatasetSpec", "ImageDataset", "check_compatible", "dataset_names", "load_dataset", "to_float_images"]

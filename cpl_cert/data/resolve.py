@@ -1,0 +1,147 @@
+"""Finding a named dataset: ``--data-dir``, ``$CPL_CERT_DATA``, a system copy, the shipped test split, a download.
+
+Each place is tried in that order and the first that holds the split's files wins. The download
+(torchvision's, into ``$CPL_CERT_CACHE`` or ``~/.cache/cpl-cert``) is skipped when
+``$CPL_CERT_OFFLINE`` is set. When nothing works, one sentence says where it looked and how to get
+the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import socket
+from pathlib import Path
+
+import torch
+
+from ..errors import CplCertError
+from .cifar import read_batches
+from .dataset import ImageDataset
+from .folder import load_folder
+from .idx import find_idx_file, read_idx_split
+from .registry import SPECS, SPLITS, DatasetSpec, dataset_names
+
+SHIPPED_FASHION_MNIST = Path(__file__).parent / "fashion-mnist"
+"""The Fashion-MNIST test split that ships inside the package (MIT licence, notice in that folder)."""
+
+DOWNLOAD_TIMEOUT_S = 10.0
+"""Socket timeout of a dataset download: no answer in this many seconds means no network."""
+
+READ_ERRORS = (OSError, ValueError, EOFError, pickle.UnpicklingError)
+
+Split = tuple[torch.Tensor, torch.Tensor, Path]
+
+
+def cache_dir() -> Path:
+    """Where downloads go: ``$CPL_CERT_CACHE`` or ``~/.cache/cpl-cert``."""
+    base = os.environ.get("CPL_CERT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "cpl-cert")
+    return Path(base)
+
+
+def _read_idx_dir(folder: Path, spec: DatasetSpec, split: str) -> Split | None:
+    """The split from IDX files in ``folder`` or a torchvision-style subfolder of it, if any holds them."""
+    images_name, labels_name = spec.files[split]
+    for where in (folder, folder / spec.folder / "raw", folder / spec.name, folder / spec.folder):
+        images_file = find_idx_file(where, images_name)
+        labels_file = find_idx_file(where, labels_name)
+        if images_file is not None and labels_file is not None:
+            return (*read_idx_split(images_file, labels_file), where)
+    return None
+
+
+def _read_cifar_dir(folder: Path, spec: DatasetSpec, split: str) -> Split | None:
+    """The split from pickled batches in ``folder/<cifar-10-batches-py>`` or ``folder`` itself, if present."""
+    names = spec.files[split]
+    for where in (folder / spec.folder, folder):
+        if all((where / name).is_file() for name in names):
+            return (*read_batches(where, names, spec.label_key), where)
+    return None
+
+
+def read_split(spec: DatasetSpec, folder: Path, split: str) -> Split | None:
+    """``(images, labels, folder read)`` when ``folder`` holds the split, else ``None``."""
+    reader = _read_idx_dir if spec.file_format == "idx" else _read_cifar_dir
+    return reader(folder, spec, split)
+
+
+def _candidate_dirs(spec: DatasetSpec, data_dir: str | os.PathLike[str] | None, split: str) -> list[tuple[str, Path]]:
+    """The places to look, in order, each with the name the data's ``source`` will give it."""
+    candidates: list[tuple[str, Path]] = []
+    if data_dir is not None:
+        candidates.append(("--data-dir", Path(data_dir)))
+    if os.environ.get("CPL_CERT_DATA"):
+        candidates.append(("$CPL_CERT_DATA", Path(os.environ["CPL_CERT_DATA"])))
+    candidates.extend(("system copy", Path(d)) for d in spec.system_dirs)
+    if spec.name == "fashion-mnist" and split == "test":
+        candidates.append(("shipped test split", SHIPPED_FASHION_MNIST))
+    return candidates
+
+
+def _dataset(spec: DatasetSpec, split: str, found: Split, origin: str) -> ImageDataset:
+    images, labels, where = found
+    return ImageDataset(spec.name, split, images, labels, spec.classes, spec.mean, spec.std, f"{origin}: {where}", spec.default_eps)
+
+
+def _download(spec: DatasetSpec, split: str, root: Path) -> Split | None:
+    """torchvision's download into ``root``, then our reader; quiet (its prints and progress bars are
+    swallowed) and with a socket timeout so that a machine without network fails in seconds."""
+    import torchvision.datasets as tvd
+
+    root.mkdir(parents=True, exist_ok=True)
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            getattr(tvd, spec.torchvision_class)(str(root), train=(split == "train"), download=True)
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+    return read_split(spec, root, split)
+
+
+def _load_named(spec: DatasetSpec, split: str, data_dir: str | os.PathLike[str] | None, download: bool) -> ImageDataset:
+    looked: list[str] = []
+    for origin, folder in _candidate_dirs(spec, data_dir, split):
+        looked.append(str(folder))
+        try:
+            found = read_split(spec, folder, split)
+        except READ_ERRORS as exc:
+            raise CplCertError(f"the {spec.name} files in {folder} are unreadable ({exc})") from None
+        if found is not None:
+            return _dataset(spec, split, found, origin)
+    if download and not os.environ.get("CPL_CERT_OFFLINE"):
+        root = cache_dir() / "downloads"
+        try:
+            found = _download(spec, split, root)
+        except Exception:  # noqa: BLE001 - any download failure ends in the one sentence below
+            found = None
+        if found is not None:
+            return _dataset(spec, split, found, "download")
+        failure = f"a download into {root} failed (no network?)"
+    else:
+        failure = "downloads are off" + (" ($CPL_CERT_OFFLINE is set)" if download else "")
+    where = f"looked in {', '.join(looked)}" if looked else "no local copy is known"
+    raise CplCertError(
+        f"could not find the {spec.name} {split} split: {where} and {failure}; "
+        f"fetch it on a connected machine with torchvision.datasets.{spec.torchvision_class}(ROOT, download=True) "
+        f"and pass --data-dir ROOT or set $CPL_CERT_DATA=ROOT"
+    )
+
+
+def load_dataset(
+    name: str,
+    split: str = "test",
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool = True,
+) -> ImageDataset:
+    """Load ``split`` ("train" or "test") of a dataset by name (see the module docstring for the search order)."""
+    if split not in SPLITS:
+        raise CplCertError(f"unknown split {split!r}; use train or test")
+    if name.startswith("folder:"):
+        return load_folder(Path(name[len("folder:") :]), split)
+    spec = SPECS.get(name)
+    if spec is None:
+        raise CplCertError(f"unknown dataset {name!r}; choose one of {', '.join(dataset_names())}")
+    return _load_named(spec, split, data_dir, download)

@@ -1,0 +1,118 @@
+"""What a training run reports while it runs: one small dataclass per event, passed to ``on_event``.
+
+The library never prints; ``cpl-cert train`` renders these events (progress bar, one line per epoch).
+Only the main process (rank 0) reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """One epoch's figures; also one line of the JSON-lines log."""
+
+    epoch: int
+    step: int
+    lr: float
+    train_loss: float
+    train_accuracy: float
+    clean_accuracy: float
+    certified: dict[str, float]
+    lipschitz_upper: float
+    epoch_seconds: float
+    images_per_second: float
+    eval_seconds: float
+    eval_n: int
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    """The run is set up and about to train its first (or next) epoch."""
+
+    model: str
+    parameters: int
+    train_images: int
+    dataset: str
+    epochs: int
+    steps_per_epoch: int
+    loss: str
+    optimizer: str
+    lr: float
+    augmentation: str
+    device: str
+    world_size: int
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The run continues the one saved in ``path`` after ``epoch`` (global step ``step``)."""
+
+    path: Path
+    epoch: int
+    step: int
+
+
+@dataclass(frozen=True)
+class NothingToResume:
+    """``resume`` was asked for but ``path`` does not exist yet: a new run starts."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class AlreadyFinished:
+    """The run saved in ``path`` already completed all its ``epochs``: nothing to do."""
+
+    path: Path
+    epochs: int
+
+
+@dataclass(frozen=True)
+class EpochStarted:
+    epoch: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """``step`` of the epoch's ``steps`` optimiser steps are done (no host sync is made to report it)."""
+
+    epoch: int
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class Saved:
+    """The checkpoint (frozen model plus resume state) was written to ``path`` after ``epoch``."""
+
+    path: Path
+    epoch: int
+
+
+@dataclass(frozen=True)
+class EpochEnded:
+    """The epoch is trained and evaluated (and saved when ``saved``)."""
+
+    stats: EpochStats
+    epochs: int
+    saved: bool
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The run stopped after ``epoch`` as asked (``stop_after``); ``resume`` continues it."""
+
+    epoch: int
+
+
+TrainEvent = RunStarted | Resumed | NothingToResume | AlreadyFinished | EpochStarted | StepDone | Saved | EpochEnded | Stopped
+OnEvent = Callable[[TrainEvent], None]
+
+
+def ignore(event: TrainEvent) -> None:
+    """The default ``on_event``: report nothing."""

@@ -1,0 +1,115 @@
+"""``train(TrainOptions(...))``: the CPL paper's recipe, evaluated every epoch, resumable, optionally distributed.
+
+Each epoch trains (``epoch.run_epoch``), then a frozen copy is certified on the test split
+(``evaluate.evaluate``) and written atomically with the resume state (``save.save_run``). Under
+``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DDP with ``broadcast_buffers`` so the
+power-iteration vectors stay identical on every rank; each rank trains on its shard of every epoch;
+only rank 0 evaluates, writes and reports. See docs/train.md.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..device import resolve_device
+from ..errors import CplCertError
+from . import distributed as dist_utils
+from .epoch import run_epoch
+from .evaluate import evaluate
+from .events import AlreadyFinished, EpochEnded, EpochStarted, EpochStats, OnEvent, RunStarted, Saved, Stopped, ignore
+from .options import TrainOptions, check_options
+from .save import append_log, save_run
+from .setup import Run, build_run, prepare_training, resume_if_asked
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns: the checkpoint, the per-epoch history and the total wall time."""
+
+    out: Path
+    history: list[EpochStats] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    stopped_early: bool = False
+
+
+def _check_out(opts: TrainOptions) -> None:
+    """Create the checkpoint's folder; refuse to overwrite an existing checkpoint unless asked."""
+    out = Path(opts.out)
+    if out.is_dir():
+        raise CplCertError(f"cannot write {out}: it is a folder")
+    if out.exists() and not opts.resume and not opts.overwrite:
+        raise CplCertError(f"{out} already exists; pass --resume to continue that run or --overwrite to start over")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CplCertError(f"cannot create the folder {out.parent} ({exc.strerror or exc})") from None
+
+
+def train(opts: TrainOptions, on_event: OnEvent | None = None) -> TrainResult:
+    """Train, evaluate and checkpoint as ``opts`` says; raises ``CplCertError`` on bad input or divergence.
+
+    ``on_event`` receives the run's progress (``cpl_cert.train.events``) on the main process.
+    """
+    info = dist_utils.env_info()
+    check_options(opts, info.world_size)
+    if info.is_main:
+        _check_out(opts)
+    device = dist_utils.setup(info, resolve_device(opts.device))
+    report = on_event if (on_event is not None and info.is_main) else ignore
+    try:
+        return _train(build_run(opts, info, device), report)
+    finally:
+        dist_utils.teardown(info)
+
+
+def _started(run: Run) -> RunStarted:
+    opts = run.opts
+    return RunStarted(
+        model=run.config.preset or "custom", parameters=sum(p.numel() for p in run.model.parameters()),
+        train_images=len(run.train_data), dataset=opts.dataset, epochs=opts.epochs,
+        steps_per_epoch=run.layout.steps_per_epoch, loss=opts.loss, optimizer=opts.optimizer, lr=opts.lr,
+        augmentation=run.augment.describe(), device=str(run.device), world_size=run.info.world_size,
+    )
+
+
+def _train(run: Run, on_event: OnEvent) -> TrainResult:
+    run.started = time.perf_counter()
+    resume_if_asked(run, on_event)
+    if run.start_epoch >= run.opts.epochs:
+        on_event(AlreadyFinished(run.out, run.opts.epochs))
+        return TrainResult(run.out, wall_seconds=run.wall_before)
+    prepare_training(run)
+    on_event(_started(run))
+    result = TrainResult(run.out)
+    for epoch in range(run.start_epoch + 1, run.opts.epochs + 1):
+        on_event(EpochStarted(epoch, run.layout.steps_per_epoch))
+        stats = _finish_epoch(run, epoch, on_event)
+        if stats is not None:
+            result.history.append(stats)
+        dist_utils.barrier(run.info)
+        if run.opts.stop_after is not None and run.opts.stop_after <= epoch < run.opts.epochs:
+            on_event(Stopped(epoch))
+            result.stopped_early = True
+            break
+    result.wall_seconds = run.wall_seconds()
+    return result
+
+
+def _finish_epoch(run: Run, epoch: int, on_event: OnEvent) -> EpochStats | None:
+    """Train one epoch, then (main process) evaluate, log and save it; returns its stats on the main process."""
+    totals = run_epoch(run, epoch, on_event)
+    opts = run.opts
+    save_now = epoch % opts.save_every == 0 or epoch == opts.epochs or epoch == opts.stop_after
+    if save_now and not dist_utils.weights_match(list(run.model.state_dict().values()), run.info):
+        raise CplCertError(f"the model weights differ between processes after epoch {epoch}; refusing to save an inconsistent checkpoint")
+    if not run.info.is_main:
+        return None
+    frozen, stats = evaluate(run, epoch, totals)
+    append_log(run.log, stats)
+    if save_now:
+        save_run(run, frozen, stats)
+        on_event(Saved(run.out, epoch))
+    on_event(EpochEnded(stats, opts.epochs, save_now))
+    return stats
