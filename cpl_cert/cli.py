@@ -9,7 +9,10 @@ import typer
 from . import __version__
 from .commands.attack import attack_command
 from .commands.certify import certify_command
+from .commands.export import export_command
+from .commands.importer import import_command
 from .commands.inspect import info_command, lipschitz_command
+from .commands.predict import predict_command
 from .commands.train import train_command
 
 app = typer.Typer(
@@ -45,6 +48,9 @@ app.command("certify")(certify_command)
 app.command("attack")(attack_command)
 app.command("lipschitz")(lipschitz_command)
 app.command("info")(info_command)
+app.command("import")(import_command)
+app.command("predict")(predict_command)
+app.command("export")(export_command)
 
 
 def main() -> None:
