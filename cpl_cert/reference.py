@@ -113,6 +113,13 @@ def _unpickling_message(path: Path, exc: Exception) -> str:
     )
 
 
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors header: an 8-byte little-endian length that fits the file, then a JSON object."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8 and head[8:] == b"{"
+
+
 def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a ``torch.save`` file, read with ``weights_only=True`` on the CPU; one sentence on failure."""
     file = Path(path)
@@ -120,6 +127,8 @@ def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CplCertError(f"{file} does not exist")
     if file.is_dir():
         raise CplCertError(f"{file} is a folder, not a torch.save file")
+    if _is_safetensors(file):  # torch.load would read it, but it is no reference-code file
+        raise CplCertError(f"{file} is a safetensors file, not a torch.save file of the reference code (a cpl-cert checkpoint needs no import)")
     try:
         state = torch.load(file, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
@@ -136,14 +145,12 @@ def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _strip_prefix(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """The tensors without the wrappers' key prefix (the longest of ``PREFIXES`` that every key has)."""
+def _strip_prefix(state: dict[str, torch.Tensor], path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """The wrappers' key prefix (the longest of ``PREFIXES`` that every key has) and the tensors without it."""
     if not state:
         raise CplCertError(f"{path} holds an empty state_dict")
-    for prefix in PREFIXES:
-        if all(key.startswith(prefix) for key in state):
-            return {key[len(prefix):]: value for key, value in state.items()}
-    raise CplCertError(f"{path} is not a reference CPL state_dict")  # unreachable: "" always matches
+    prefix = next(p for p in PREFIXES if all(key.startswith(p) for key in state))  # "" always matches
+    return prefix, {key[len(prefix):]: value for key, value in state.items()}
 
 
 # --- architecture ---------------------------------------------------------------------------------
@@ -157,27 +164,27 @@ def _count(state: dict[str, torch.Tensor], template: str, start: int) -> int:
     return index - start
 
 
-def infer_architecture(state: dict[str, torch.Tensor], num_classes: int, lln: bool, path: Path) -> ReferenceArchitecture:
-    """Depth, channels and widths from the tensor shapes (keys already stripped of their prefix)."""
+def infer_architecture(state: dict[str, torch.Tensor], num_classes: int, lln: bool, path: Path, prefix: str = "") -> ReferenceArchitecture:
+    """Depth, channels and widths from the tensor shapes (keys without ``prefix``, which messages add back)."""
     depth = _count(state, "stable_block.{}.kernel", 0)
     depth_linear = _count(state, "layers_linear.{}.weights", 1)
     if depth == 0 and depth_linear == 0 and "last_last.weight" not in state:
         first = next(iter(state))
         raise CplCertError(
-            f"{path} is not a reference CPL state_dict: it has no stable_block.0.kernel, layers_linear.1.weights "
-            f"or last_last.weight tensor (its first tensor is {first})"
+            f"{path} is not a reference CPL state_dict: it has no {prefix}stable_block.0.kernel, {prefix}layers_linear.1.weights "
+            f"or {prefix}last_last.weight tensor (its first tensor is {prefix}{first})"
         )
     conv_size = n_features = 0
     if depth:
         kernel = state["stable_block.0.kernel"]
         if kernel.dim() != 4:
-            raise CplCertError(f"{path}: stable_block.0.kernel has shape {tuple(kernel.shape)}, not (inner, channels, 3, 3)")
+            raise CplCertError(f"{path}: {prefix}stable_block.0.kernel has shape {tuple(kernel.shape)}, not (inner, channels, 3, 3)")
         conv_size, channels = int(kernel.shape[0]), int(kernel.shape[1])
     else:
         width_source = "layers_linear.1.weights" if depth_linear else "last_last.weight"
         width = int(state[width_source].shape[-1])
         if width % 64:
-            raise CplCertError(f"{path}: {width_source} has {width} input features, not a multiple of 64 (channels x 8 x 8)")
+            raise CplCertError(f"{path}: {prefix}{width_source} has {width} input features, not a multiple of 64 (channels x 8 x 8)")
         channels = width // 64
     if depth_linear:
         n_features = int(state["layers_linear.1.weights"].shape[0])
@@ -202,34 +209,35 @@ def expected_shapes(arch: ReferenceArchitecture) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_tensors(state: dict[str, torch.Tensor], arch: ReferenceArchitecture, path: Path) -> None:
+def check_tensors(state: dict[str, torch.Tensor], arch: ReferenceArchitecture, path: Path, prefix: str = "") -> None:
     """Every key present, none extra, every shape right, every value finite, both copies equal."""
     expected = expected_shapes(arch)
+    p = prefix
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     if "last_last.weight" in unexpected and not arch.lln:
-        raise CplCertError(f"{path} has an LLN head (last_last.weight); pass --lln")
+        raise CplCertError(f"{path} has an LLN head ({p}last_last.weight); pass --lln")
     if "last_last.weight" in missing:
-        raise CplCertError(f"{path} has no LLN head (no last_last.weight); drop --lln")
+        raise CplCertError(f"{path} has no LLN head (no {p}last_last.weight); drop --lln")
     if missing:
-        raise CplCertError(f"{path} lacks the tensor {missing[0]} ({len(missing)} missing) that a reference CPL network of its shape has")
+        raise CplCertError(f"{path} lacks the tensor {p}{missing[0]} ({len(missing)} missing) that a reference CPL network of its shape has")
     if unexpected:
-        raise CplCertError(f"{path} has a tensor {unexpected[0]} ({len(unexpected)} unexpected) that a reference CPL network does not have")
+        raise CplCertError(f"{path} has a tensor {p}{unexpected[0]} ({len(unexpected)} unexpected) that a reference CPL network does not have")
     if arch.lln and state["last_last.weight"].shape[0] != arch.num_classes:
         rows = state["last_last.weight"].shape[0]
         raise CplCertError(f"{path}: the LLN head predicts {rows} classes but the dataset has {arch.num_classes}; check --dataset")
     for key, shape in expected.items():
         tensor = state[key]
         if tuple(tensor.shape) != shape:
-            raise CplCertError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, a reference CPL network of its shape needs {shape}")
+            raise CplCertError(f"{path}: tensor {p}{key} has shape {tuple(tensor.shape)}, a reference CPL network of its shape needs {shape}")
         if not tensor.is_floating_point():
-            raise CplCertError(f"{path}: tensor {key} holds {tensor.dtype} values, not floating point")
+            raise CplCertError(f"{path}: tensor {p}{key} holds {tensor.dtype} values, not floating point")
         if not bool(torch.isfinite(tensor).all()):
-            raise CplCertError(f"{path}: tensor {key} contains NaN or infinite values")
+            raise CplCertError(f"{path}: tensor {p}{key} contains NaN or infinite values")
     for key in expected:
         twin = _twin(key)
         if twin is not None and not torch.equal(state[key], state[twin]):
-            raise CplCertError(f"{path}: {key} and {twin} should be the same tensor but differ")
+            raise CplCertError(f"{path}: {p}{key} and {p}{twin} should be the same tensor but differ")
 
 
 def _twin(key: str) -> str | None:
@@ -245,9 +253,9 @@ def read_reference(path: str | Path, dataset: str, lln: bool) -> tuple[dict[str,
     file = Path(path)
     if dataset not in REFERENCE_DATA:
         raise CplCertError(f"the reference code trains on cifar10 or cifar100, not {dataset!r}")
-    state = _strip_prefix(load_reference_state_dict(file), file)
-    arch = infer_architecture(state, REFERENCE_DATA[dataset].num_classes, lln, file)
-    check_tensors(state, arch, file)
+    prefix, state = _strip_prefix(load_reference_state_dict(file), file)
+    arch = infer_architecture(state, REFERENCE_DATA[dataset].num_classes, lln, file, prefix)
+    check_tensors(state, arch, file, prefix)
     return {key: value.float() for key, value in state.items()}, arch
 
 

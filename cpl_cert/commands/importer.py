@@ -10,22 +10,25 @@ from rich.table import Table
 
 from ..checkpoint import save_checkpoint
 from ..errors import CplCertError
-from ..reference import STEPS_MODES, ImportedModel, import_reference
+from ..reference import EVAL_ITERS, STEPS_MODES, ImportedModel, import_reference
 from .common import check_writable, console, err_console, handle_errors
+
+
+SOURCE_LABELS = {"eval_sv_max": "eval_sv_max", f"power-iteration-{EVAL_ITERS}": f"{EVAL_ITERS} it."}
 
 
 def layer_table(imported: ImportedModel) -> Table:
     """One row per CPL layer: the reference's sigma and step, the bound that step gives, the written step."""
     p = imported.provenance
-    table = Table(title=f"CPL layers of {p['source']}")
-    for column in ("layer", "sigma (reference)", "from", "step (reference)", "Lip bound (reference step)", "step (written)"):
+    table = Table(title=f"CPL layers of {p['source']}", caption=f"sigma from: eval_sv_max (cached by the reference) or {EVAL_ITERS} power iterations from pm.u (it.)")
+    for column in ("layer", "sigma (ref.)", "from", "step (ref.)", "bound (ref. step)", "step (written)"):
         table.add_column(column, justify="left" if column in ("layer", "from") else "right")
     arch = imported.architecture
     names = [f"convs.{i}" for i in range(arch.depth)] + [f"dense.{j}" for j in range(arch.depth_linear)]
     rows = zip(names, p["reference_sigmas"], p["reference_sigma_sources"], p["reference_steps"], p["reference_steps_layer_bounds"], p["written_steps"])
     for name, sigma, source, ref_step, bound, step in rows:
         style = "bold red" if bound > 1.0 + 1e-12 else None
-        table.add_row(name, f"{sigma:.6g}", source, f"{ref_step:.6g}", f"{bound:.8g}", f"{step:.6g}", style=style)
+        table.add_row(name, f"{sigma:.6g}", SOURCE_LABELS.get(source, source), f"{ref_step:.6g}", f"{bound:.8g}", f"{step:.6g}", style=style)
     return table
 
 

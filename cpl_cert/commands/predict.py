@@ -42,7 +42,7 @@ def records(inputs: Inputs, result: PredictResult, names: list[str]) -> list[dic
 def predictions_table(rows: list[dict[str, Any]], eps_label: str | None, title: str) -> Table:
     table = Table(title=title)
     for column in ("input", "class", "name", "certified radius") + ((f"certified at {eps_label}",) if eps_label else ()):
-        table.add_column(column, justify="right" if column in ("class", "certified radius") else "left")
+        table.add_column(column, justify="right" if column in ("class", "certified radius") else "left", overflow="fold")
     for row in rows:
         cells = [row["input"], str(row["class"]), row["name"], f"{row['radius']:.6g}"]
         if eps_label:
