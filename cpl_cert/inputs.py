@@ -111,9 +111,11 @@ def read_array(path: Path) -> torch.Tensor:
     if array.dtype not in FLOAT_DTYPES:
         raise CplCertError(f"{path} holds {array.dtype} values; give uint8 pixels (0-255) or floats in [0, 1]")
     values = array.astype(np.float64)
-    if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+    if not np.isfinite(values).all():
+        raise CplCertError(f"{path} holds NaN or infinite values")
+    if values.min() < 0 or values.max() > 1:
         raise CplCertError(
-            f"{path} holds floats outside [0, 1] (from {np.nanmin(values):g} to {np.nanmax(values):g}); "
+            f"{path} holds floats outside [0, 1] (from {values.min():g} to {values.max():g}); "
             "scale pixels to [0, 1] or save them as uint8"
         )
     return torch.from_numpy(values)

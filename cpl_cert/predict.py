@@ -42,7 +42,7 @@ class PredictResult:
 def predict(
     model: CPLNet,
     images: torch.Tensor,
-    eps: float | str | None = None,
+    eps: float | str | EpsValue | None = None,
     device: str | torch.device | None = "auto",
     batch_size: int = 1024,
     bounds: LipschitzBounds | None = None,
@@ -60,7 +60,7 @@ def predict(
         images = images[None]
     eps_value = None
     if eps is not None:
-        parsed = parse_eps(eps)
+        parsed = parse_eps(eps if isinstance(eps, str) else [eps])
         if len(parsed) != 1:
             raise CplCertError(f"give one eps, got {len(parsed)}")
         eps_value = parsed[0]

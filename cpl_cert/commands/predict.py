@@ -11,6 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..certify import parse_eps
 from ..checkpoint import atomic_write, load_checkpoint
 from ..device import resolve_device
 from ..errors import CplCertError
@@ -79,6 +80,9 @@ def predict_command(
     """
     if batch_size < 1:
         raise CplCertError(f"--batch-size must be positive, got {batch_size}")
+    eps_values = parse_eps(eps) if eps is not None else None
+    if eps_values is not None and len(eps_values) != 1:
+        raise CplCertError(f"give one eps, got {len(eps_values)}")
     to_stdout = json_path is not None and str(json_path) == "-"
     if json_path is not None and not to_stdout:
         check_writable(json_path)
@@ -91,7 +95,7 @@ def predict_command(
         task = bar.add_task("reading", total=None)
         data = load_inputs(inputs, model.config.input_shape, resize=resize, progress=lambda done, total: bar.update(task, completed=done, total=total))
         bar.update(task, description="certifying", completed=0, total=len(data))
-        result = predict(model, data.images, eps=eps, device=dev, batch_size=batch_size, progress=lambda done, total: bar.update(task, completed=done))
+        result = predict(model, data.images, eps=eps_values[0] if eps_values else None, device=dev, batch_size=batch_size, progress=lambda done, total: bar.update(task, completed=done))
     rows = records(data, result, class_names(meta, model.config.num_classes))
     if json_path is not None:
         write_json_lines(json_path, rows)
