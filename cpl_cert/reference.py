@@ -37,7 +37,7 @@ from .errors import CplCertError
 from .layers import STEP_EPSILON, CPLConv2d, CPLLinear
 from .lipschitz import lipschitz_bounds
 from .models import CPLNet, ModelConfig, cpl_layers
-from .spectral import freeze
+from .spectral import freeze, layer_operators, power_iteration
 
 StepsMode = Literal["certified", "reference"]
 STEPS_MODES = ("certified", "reference")
@@ -347,6 +347,21 @@ def converted_state_dict(state: dict[str, torch.Tensor], arch: ReferenceArchitec
     return out
 
 
+@torch.no_grad()
+def converge_vector(layer: CPLConv2d | CPLLinear) -> None:
+    """Run the layer's power iteration to convergence without touching its step, so that the stored
+    vector (shown by ``cpl-cert lipschitz``) estimates ``||W||_2`` well; the function stays the same."""
+    apply_w, apply_wt = layer_operators(layer, torch.float32)
+    apply_w64 = layer_operators(layer, torch.float64)[0]
+
+    def measure(vec: torch.Tensor) -> float:  # sigma of the vector in float64, as freeze measures it
+        vec = vec.double()
+        return float(apply_w64(vec / vec.norm()).norm())
+
+    _, u = power_iteration(apply_w, apply_wt, layer.u.float(), 2000, 1e-7, check_every=10, measure=measure)
+    layer.u.copy_(u)
+
+
 def build_reference_model(
     state: dict[str, torch.Tensor], arch: ReferenceArchitecture, dataset: str, norm_input: bool, steps: list[float]
 ) -> CPLNet:
@@ -379,9 +394,13 @@ def import_reference(
     sigmas = reference_sigmas(state, arch)
     ref_steps = [reference_step(sigma) for sigma, _ in sigmas]
     model = build_reference_model(state, arch, dataset, norm_input, ref_steps)
-    ref_bounds = lipschitz_bounds(model)
     if steps == "certified":
+        ref_bounds = lipschitz_bounds(model)
         freeze(model)
+    else:
+        for _, layer in cpl_layers(model):
+            converge_vector(layer)
+        ref_bounds = lipschitz_bounds(model)
     bounds = ref_bounds if steps == "reference" else lipschitz_bounds(model)
     new_steps = [float(layer.step) for _, layer in cpl_layers(model)]
     data = REFERENCE_DATA[dataset]
