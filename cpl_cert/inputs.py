@@ -8,9 +8,9 @@ refused with one sentence; sizes change only when the caller asks (``resize=True
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

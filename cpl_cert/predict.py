@@ -7,8 +7,8 @@ and certified radii are kept, so they are exactly the numbers ``certify`` gives 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -271,11 +271,11 @@ def reference_sigma(weight: torch.Tensor, u: torch.Tensor, iters: int = EVAL_ITE
     """The reference code's evaluation estimate of ``||W||_2``: ``iters`` power iterations from ``u``
     in float32, then ``<W u, v>`` with ``v`` the last normalised ``W u`` (a lower estimate)."""
     if weight.dim() == 4:
-        apply_w = lambda x: F.conv2d(x, weight, padding=1)  # noqa: E731
-        apply_wt = lambda y: F.conv_transpose2d(y, weight, padding=1)  # noqa: E731
+        apply_w = lambda x: F.conv2d(x, weight, padding=1)
+        apply_wt = lambda y: F.conv_transpose2d(y, weight, padding=1)
     else:
-        apply_w = lambda x: F.linear(x, weight)  # noqa: E731
-        apply_wt = lambda y: F.linear(y, weight.t())  # noqa: E731
+        apply_w = lambda x: F.linear(x, weight)
+        apply_wt = lambda y: F.linear(y, weight.t())
     u = u.float()
     v = _unit(apply_w(u))
     for _ in range(iters):

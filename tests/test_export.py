@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_frozen
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -22,8 +23,6 @@ import cpl_cert
 from cpl_cert.checkpoint import file_sha256
 from cpl_cert.cli import app
 from cpl_cert.data import FASHION_CLASSES
-
-from conftest import make_frozen
 
 runner = CliRunner()
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "fmnist-cpl-xs.safetensors"
@@ -74,7 +73,7 @@ def test_shipped_model_runs_in_onnxruntime_with_its_certificate(onnx_packages, t
     assert "onnxruntime check: max |logit difference|" in result.stdout
     data = cpl_cert.load_dataset("fashion-mnist").subset(1000)
     x = data.images.float() / 255
-    model, meta = cpl_cert.load_checkpoint(SHIPPED)
+    model, _ = cpl_cert.load_checkpoint(SHIPPED)
     with torch.no_grad():
         expected = model(x)
     logits = run_onnx(out, x)

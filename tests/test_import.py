@@ -12,15 +12,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_net import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    PREFIX,
+    Arch,
+    layer_keys,
+    power_sigma,
+    reference_logits,
+    reference_module,
+    reference_sigmas,
+)
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import cpl_cert
 from cpl_cert.cli import app
-from reference_net import (
-    CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, PREFIX, Arch, layer_keys, power_sigma, reference_logits,
-    reference_module, reference_sigmas,
-)
 
 runner = CliRunner()
 

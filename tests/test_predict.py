@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_frozen
 from PIL import Image
 from typer.testing import CliRunner
 
 import cpl_cert
 from cpl_cert.cli import app
 from cpl_cert.data import FASHION_CLASSES
-
-from conftest import make_frozen
 
 runner = CliRunner()
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "fmnist-cpl-xs.safetensors"

@@ -13,6 +13,7 @@ from ..export import DEFAULT_OPSET, export_onnx, onnx_metadata, require_onnx
 from ..lipschitz import lipschitz_bounds
 from .common import ModelPath, check_writable, console, handle_errors
 
+
 @handle_errors
 def export_command(
     model_path: ModelPath,

@@ -13,7 +13,6 @@ from ..errors import CplCertError
 from ..reference import EVAL_ITERS, STEPS_MODES, ImportedModel, import_reference
 from .common import check_writable, console, err_console, handle_errors
 
-
 SOURCE_LABELS = {"eval_sv_max": "eval_sv_max", f"power-iteration-{EVAL_ITERS}": f"{EVAL_ITERS} it."}
 
 
@@ -39,10 +38,14 @@ def summary_lines(imported: ImportedModel) -> list[str]:
     dense = f"{a.depth_linear} dense (inner {a.n_features})" if a.depth_linear else "0 dense"
     assumed = p["reference_assumed_body_bound"]
     lines = [
-        f"read {p['source']} (sha256 {p['sha256'][:16]}…): {a.depth} conv CPL layers ({a.num_channels} channels, inner "
-        f"{a.conv_size}), {dense}, {head}, {a.num_classes} classes",
-        f"reference steps: certified body bound [bold]{p['reference_steps_body_bound']:.6g}[/] "
-        f"(the reference code certifies as if it were {assumed:.6g})",
+        (
+            f"read {p['source']} (sha256 {p['sha256'][:16]}…): {a.depth} conv CPL layers ({a.num_channels} channels, "
+            f"inner {a.conv_size}), {dense}, {head}, {a.num_classes} classes"
+        ),
+        (
+            f"reference steps: certified body bound [bold]{p['reference_steps_body_bound']:.6g}[/] "
+            f"(the reference code certifies as if it were {assumed:.6g})"
+        ),
     ]
     if p["steps"] == "certified":
         ratios = [new / old for new, old in zip(p["written_steps"], p["reference_steps"])]

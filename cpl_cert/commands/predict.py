@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from ..certify import parse_eps
@@ -17,7 +23,14 @@ from ..device import resolve_device
 from ..errors import CplCertError
 from ..inputs import Inputs, load_inputs
 from ..predict import PredictResult, predict
-from .common import DeviceName, ModelPath, check_writable, console, err_console, handle_errors
+from .common import (
+    DeviceName,
+    ModelPath,
+    check_writable,
+    console,
+    err_console,
+    handle_errors,
+)
 
 
 def class_names(meta: dict[str, Any], num_classes: int) -> list[str]:
@@ -66,8 +79,8 @@ def write_json_lines(target: Path, rows: list[dict[str, Any]]) -> None:
 def predict_command(
     model_path: ModelPath,
     inputs: Annotated[list[Path], typer.Argument(help="PNG/JPEG files, folders of them, or .npy arrays ((H,W), (C,H,W) or (N,C,H,W)).", show_default=False)],
-    eps: Annotated[Optional[str], typer.Option("--eps", help="Also say whether each prediction is certified at this l2 radius (e.g. 0.25 or 36/255).")] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write one JSON line per input to this file ('-' for stdout, without the table).")] = None,
+    eps: Annotated[str | None, typer.Option("--eps", help="Also say whether each prediction is certified at this l2 radius (e.g. 0.25 or 36/255).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write one JSON line per input to this file ('-' for stdout, without the table).")] = None,
     resize: Annotated[bool, typer.Option("--resize", help="Resize inputs of another size to the model's (antialiased); otherwise they are refused.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1024,
     device: DeviceName = "auto",
