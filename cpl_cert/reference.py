@@ -256,6 +256,8 @@ def read_reference(path: str | Path, dataset: str, lln: bool) -> tuple[dict[str,
     prefix, state = _strip_prefix(load_reference_state_dict(file), file)
     arch = infer_architecture(state, REFERENCE_DATA[dataset].num_classes, lln, file, prefix)
     check_tensors(state, arch, file, prefix)
+    if arch.num_channels < REFERENCE_INPUT_SHAPE[0]:
+        raise CplCertError(f"{file} has {arch.num_channels} channels, fewer than the 3 input channels a reference CPL network pads from")
     return {key: value.float() for key, value in state.items()}, arch
 
 
@@ -417,9 +419,11 @@ def import_reference(
         "reference_steps": ref_steps,
         "reference_assumed_body_bound": 1.0 / min(data.std) if norm_input else 1.0,
         "reference_steps_body_bound": ref_bounds.body_upper,
+        "reference_steps_network_bound": ref_bounds.upper,
         "reference_steps_layer_bounds": [row.bound for row in ref_bounds.layers if row.step is not None],
         "written_steps": new_steps,
         "written_body_bound": bounds.body_upper,
+        "written_network_bound": bounds.upper,
     }
     dataset_meta = {
         "name": dataset,

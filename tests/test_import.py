@@ -227,6 +227,7 @@ def malformed_files(tmp_path: Path) -> dict[str, tuple[Path, list[str], str]]:
         "NaN": (_resave(good, **{"stable_block.0.kernel": torch.full((3, 4, 3, 3), float("nan"))}), [], "NaN"),
         "copies differ": ({**good, PREFIX + "base.1.0.bias": good[PREFIX + "stable_block.0.bias"] + 1}, [], "differ"),
         "empty": ({}, [], "empty state_dict"),
+        "two channels": (build_state(Arch(1, 2, 3, 1, 8, lln=False)), [], "fewer than the 3 input channels"),
     }
     out: dict[str, tuple[Path, list[str], str]] = {}
     for index, (name, (content, options, phrase)) in enumerate(files.items()):
