@@ -9,7 +9,10 @@ import typer
 from .. import __version__
 from .attack import attack_command
 from .certify import certify_command
+from .export import export_command
+from .importer import import_command
 from .inspect import info_command, lipschitz_command
+from .predict import predict_command
 from .train import train_command
 
 app = typer.Typer(
@@ -45,6 +48,9 @@ app.command("certify")(certify_command)
 app.command("attack")(attack_command)
 app.command("lipschitz")(lipschitz_command)
 app.command("info")(info_command)
+app.command("import")(import_command)
+app.command("predict")(predict_command)
+app.command("export")(export_command)
 
 
 def main() -> None:

@@ -1,0 +1,56 @@
+"""``cpl-cert export``: the frozen network as ONNX, with its certificate constants in the metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..checkpoint import load_checkpoint
+from ..errors import CplCertError
+from ..export import DEFAULT_OPSET, export_onnx, onnx_metadata, require_onnx
+from ..io import file_sha256
+from ..lipschitz import lipschitz_bounds
+from .common import ModelPath, check_writable, console, handle_errors
+
+
+@handle_errors
+def export_command(
+    model_path: ModelPath,
+    onnx_path: Annotated[Path, typer.Option("--onnx", help="The ONNX file to write.", show_default=False)],
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset version.")] = DEFAULT_OPSET,
+) -> None:
+    """Write the frozen network as ONNX, with its certificate constants in the model's metadata.
+
+    The graph takes images (N, C, H, W), float32 in [0, 1] (8-bit pixels / 255), normalises them
+    itself and returns logits. metadata_props hold the certified Lipschitz constant of every logit
+    difference (cpl_cert.pair_lipschitz), the body bound, the input normalisation, the class names,
+    the input shape and the checkpoint's sha256, so a deployed model computes its own radius
+    min_j (logit[top] - logit[j]) / pair_lipschitz[top][j]. Checked with ONNX Runtime when installed.
+    """
+    require_onnx()
+    if opset < 9:
+        raise CplCertError(f"--opset must be 9 or more, got {opset}")
+    check_writable(onnx_path)
+    model, meta = load_checkpoint(model_path)
+    with console.status(f"exporting {model_path.name}", spinner="dots"):
+        bounds = lipschitz_bounds(model)
+        metadata = onnx_metadata(model, meta, file_sha256(model_path), bounds)
+        result = export_onnx(model, onnx_path, metadata, opset=opset)
+    console.print(
+        f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.3g} MB, opset {opset}): input 'images' "
+        f"(N, {', '.join(map(str, model.config.input_shape))}) in [0, 1], output 'logits' (N, {model.config.num_classes})",
+        highlight=False,
+    )
+    console.print(
+        f"metadata: pair Lipschitz matrix {model.config.num_classes}x{model.config.num_classes}, body bound "
+        f"{bounds.body_upper:.6g}, network bound {bounds.upper:.6g}, normalisation, classes, sha256",
+        highlight=False,
+    )
+    if result.max_logit_gap is None:
+        console.print("onnxruntime is not installed: the file was not run (pip install onnxruntime to check it)", highlight=False)
+    else:
+        console.print(
+            f"onnxruntime check: max |logit difference| {result.max_logit_gap:.3g} on {result.checked_samples} random inputs", highlight=False
+        )

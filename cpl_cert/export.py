@@ -1,0 +1,192 @@
+"""ONNX export: the frozen network, with the constants of its certificate in the model's metadata.
+
+The graph maps images (N, C, H, W), float32 in [0, 1] (8-bit pixels / 255), to logits; the input
+normalisation is inside it. ``metadata_props`` hold, as JSON, the certified Lipschitz constant
+``L[i][j]`` of every logit difference ``f_i - f_j``, so a deployed model computes its own radius
+``min over j != top of (f_top - f_j) / L[top][j]``, plus the body bound, normalisation, class names,
+input shape and the checkpoint's sha256. Needs the optional ``onnx`` package (``cpl-cert[onnx]``).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CplCertError
+from .io import atomic_write
+from .layers import LLNHead
+from .lipschitz import LipschitzBounds, lipschitz_bounds
+from .models import CPLNet
+
+INSTALL_HINT = "ONNX export needs the onnx package: pip install 'cpl-cert[onnx]' (or pip install onnx onnxruntime)"
+FORMAT = "cpl-cert-onnx/1"
+DEFAULT_OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+CHECK_TOLERANCE = 1e-4
+"""Largest |logit difference| (relative to the largest logit, at least 1) accepted between ONNX
+Runtime and PyTorch; float32 rounding gives about 1e-6 (docs/deploy.md)."""
+RADIUS_RULE = "radius = min over j != top of (logits[top] - logits[j]) / pair_lipschitz[top][j], an l2 distance on the [0, 1] input"
+
+
+@dataclass
+class ExportResult:
+    """Where the model went and, when onnxruntime was there to run it, how close its logits were."""
+
+    path: Path
+    opset: int
+    checked_samples: int = 0
+    max_logit_gap: float | None = None
+
+
+def require_onnx() -> None:
+    """Fail with one sentence when the ``onnx`` package is missing."""
+    if importlib.util.find_spec("onnx") is None:
+        raise CplCertError(INSTALL_HINT)
+
+
+def has_onnxruntime() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+class _BlockSumPool(nn.Module):
+    """``AvgPool2d(k, divisor_override=k)`` as average times k: ONNX's AveragePool has no divisor
+    override, and the TorchScript exporter drops it silently (it would divide by k * k)."""
+
+    def __init__(self, kernel_size: int) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, self.kernel_size) * self.kernel_size
+
+
+class _FixedLinear(nn.Module):
+    """The LLN head with its rows normalised once: the same logits, no normalisation in the graph."""
+
+    def __init__(self, head: LLNHead) -> None:
+        super().__init__()
+        self.register_buffer("weight", head.normalized_weight().detach().clone())
+        self.register_buffer("bias", head.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def deployable(model: CPLNet) -> nn.Module:
+    """A float32 CPU copy of the frozen ``model`` computing the same logits, ready to trace."""
+    copied = copy.deepcopy(model).cpu().float().eval()
+    copied.pool = _BlockSumPool(model.config.pool)
+    if isinstance(copied.head, LLNHead):
+        copied.head = _FixedLinear(copied.head)
+    for parameter in copied.parameters():
+        parameter.requires_grad_(False)
+    return copied
+
+
+def onnx_metadata(model: CPLNet, meta: dict[str, Any], sha256: str, bounds: LipschitzBounds | None = None) -> dict[str, str]:
+    """The ``metadata_props`` of the exported model (all values strings; structured ones JSON)."""
+    from . import __version__
+    bounds = bounds or lipschitz_bounds(model)
+    config = model.config
+    dataset = meta.get("dataset") or {}
+    classes = dataset.get("classes") if isinstance(dataset.get("classes"), list) else [str(i) for i in range(config.num_classes)]
+    std = list(config.std) if config.std else [1.0] * len(config.mean)
+    return {
+        "cpl_cert.format": FORMAT,
+        "cpl_cert.version": __version__,
+        "cpl_cert.checkpoint_sha256": sha256,
+        "cpl_cert.dataset": str(dataset.get("name", "")),
+        "cpl_cert.classes": json.dumps(classes),
+        "cpl_cert.input_shape": json.dumps(list(config.input_shape)),
+        "cpl_cert.input": json.dumps({"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "range": [0.0, 1.0], "scale": "8-bit pixel / 255"}),
+        "cpl_cert.normalization": json.dumps({"mean": list(config.mean), "std": std, "in_graph": True}),
+        "cpl_cert.head": config.head,
+        "cpl_cert.body_lipschitz": repr(float(bounds.body_upper)),
+        "cpl_cert.lipschitz_upper": repr(float(bounds.upper)),
+        "cpl_cert.pair_lipschitz": json.dumps(bounds.pair_lipschitz().tolist()),
+        "cpl_cert.radius": RADIUS_RULE,
+    }
+
+
+def _write(module: nn.Module, example: torch.Tensor, tmp: str, metadata: dict[str, str], opset: int) -> None:
+    import onnx
+
+    with warnings.catch_warnings():  # the TorchScript exporter's notices are not the caller's concern
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (example,), tmp, dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+    proto = onnx.load(tmp)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, tmp)
+
+
+def _check(tmp: str, model: CPLNet, probe: torch.Tensor) -> float:
+    """Largest |logit difference| between ONNX Runtime and cpl-cert's model on ``probe``; refuses a real mismatch."""
+    device = next(iter(model.buffers())).device
+    with torch.inference_mode():
+        expected = model(probe.to(device)).float().cpu()
+    gap = float((onnx_logits(tmp, probe) - expected).abs().max())
+    if not gap <= CHECK_TOLERANCE * max(1.0, float(expected.abs().max())):
+        raise CplCertError(f"the exported model's logits differ from cpl-cert's by {gap:.3g} under onnxruntime; nothing was written")
+    return gap
+
+
+def export_onnx(
+    model: CPLNet, path: str | os.PathLike[str], metadata: dict[str, str], opset: int = DEFAULT_OPSET, check_samples: int = 64
+) -> ExportResult:
+    """Write the frozen ``model`` as ONNX to ``path`` (atomically), with ``metadata`` as its ``metadata_props``.
+
+    When onnxruntime is installed, the file is run on ``check_samples`` random inputs before it
+    replaces ``path``; logits off by more than float32 rounding (``CHECK_TOLERANCE``) abort the export.
+    """
+    require_onnx()
+    module = deployable(model)
+    generator = torch.Generator().manual_seed(0)
+    example = torch.rand((2, *model.config.input_shape), generator=generator)
+    probe = torch.rand((check_samples, *model.config.input_shape), generator=generator)
+    result = ExportResult(Path(path), opset)
+
+    def write(tmp: str) -> None:
+        _write(module, example, tmp, metadata, opset)
+        if check_samples and has_onnxruntime():
+            result.max_logit_gap, result.checked_samples = _check(tmp, model, probe), check_samples
+
+    atomic_write(path, write)
+    return result
+
+
+def onnx_logits(path: str | os.PathLike[str], images: torch.Tensor) -> torch.Tensor:
+    """Logits of an exported model under ONNX Runtime (CPU) for images in [0, 1] (uint8 are divided by 255)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.cpu().numpy()})
+    return torch.from_numpy(logits)
+
+
+def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file as a dict."""
+    require_onnx()
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {entry.key: entry.value for entry in proto.metadata_props}

@@ -1,0 +1,73 @@
+"""Certified predictions for new inputs: the predicted class and the radius within which it cannot change.
+
+A thin layer over ``cpl_cert.certify``: the inputs get placeholder labels and only the predictions
+and certified radii are kept, so they are exactly the numbers ``certify`` gives for the same images
+(same float64 re-checks near ``eps``, same treatment of ties).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .certify import EpsValue, certify, parse_eps
+from .errors import CplCertError
+from .lipschitz import LipschitzBounds
+from .models import CPLNet
+
+PLACEHOLDER_EPS = 1.0
+"""The radius handed to ``certify`` when the caller asks for none (it only chooses which radii
+``certify`` re-checks in float64; predictions and radii do not depend on it)."""
+
+
+@dataclass
+class PredictResult:
+    """Per input (CPU tensors): predicted class, certified l2 radius, and ``radius > eps`` when ``eps`` was given."""
+
+    predictions: torch.Tensor
+    radii: torch.Tensor
+    eps: EpsValue | None
+    certified: torch.Tensor | None
+    bounds: LipschitzBounds
+    device: str
+    seconds: float
+
+    @property
+    def n(self) -> int:
+        return int(self.predictions.shape[0])
+
+
+def predict(
+    model: CPLNet,
+    images: torch.Tensor,
+    eps: float | str | EpsValue | None = None,
+    device: str | torch.device | None = "auto",
+    batch_size: int = 1024,
+    bounds: LipschitzBounds | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PredictResult:
+    """Predicted class and certified radius of each image: ``images`` is (N, C, H, W) or one (C, H, W)
+    image, uint8 pixels or floats in [0, 1] (the scale of the training data).
+
+    With ``eps`` (a number or a string such as ``"36/255"``), ``certified[i]`` says whether the
+    prediction provably stays the same within l2 distance ``eps`` of image ``i``.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise CplCertError(f"predict needs a tensor of images, got {type(images).__name__}")
+    if images.dim() == 3:
+        images = images[None]
+    eps_value = None
+    if eps is not None:
+        parsed = parse_eps(eps if isinstance(eps, str) else [eps])
+        if len(parsed) != 1:
+            raise CplCertError(f"give one eps, got {len(parsed)}")
+        eps_value = parsed[0]
+    labels = torch.zeros(images.shape[0] if images.dim() else 0, dtype=torch.long)
+    result = certify(
+        model, (images, labels), eps=[eps_value or EpsValue(PLACEHOLDER_EPS, "placeholder")],
+        device=device, batch_size=batch_size, bounds=bounds, progress=progress,
+    )
+    certified = result.radii > eps_value.value if eps_value is not None else None
+    return PredictResult(result.predictions, result.radii, eps_value, certified, result.bounds, result.device, result.seconds)

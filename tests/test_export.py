@@ -1,0 +1,164 @@
+"""``cpl-cert export --onnx``: ONNX Runtime gives cpl-cert's logits, and the metadata carry the certificate.
+
+Tolerance: on the 10,000 shipped test images ONNX Runtime's logits differed from cpl-cert's by at most
+9.5e-7 (truncation head, shipped model) and 1.9e-6 (a random LLN model); the tests allow 1e-5
+(docs/deploy.md has the command). Tests that run ONNX need the optional onnx and onnxruntime packages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_frozen
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import cpl_cert
+from cpl_cert.cli import app
+from cpl_cert.data.registry import FASHION_CLASSES
+from cpl_cert.io import file_sha256
+from cpl_cert.models import float64_copy
+
+runner = CliRunner()
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "fmnist-cpl-xs.safetensors"
+ATOL = 1e-5
+SKIP_REASON = "ONNX export needs the optional onnx and onnxruntime packages (pip install 'cpl-cert[onnx]')"
+
+
+@pytest.fixture
+def onnx_packages():
+    pytest.importorskip("onnx", reason=SKIP_REASON)
+    pytest.importorskip("onnxruntime", reason=SKIP_REASON)
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPL_CERT_OFFLINE", "1")
+    monkeypatch.setenv("CPL_CERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CPL_CERT_DATA", raising=False)
+
+
+def run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(["logits"], {"images": x.float().numpy()})[0])
+
+
+def metadata(path: Path) -> dict[str, str]:
+    import onnx
+
+    return {entry.key: entry.value for entry in onnx.load(str(path)).metadata_props}
+
+
+def deployed_radii(logits: torch.Tensor, pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a deployment computes from the metadata alone: argmax and min_j (f_top - f_j) / L[top, j]."""
+    logits = logits.double()
+    top = logits.argmax(dim=1)
+    gaps = logits.gather(1, top[:, None]) - logits
+    ratios = gaps / pair[top]
+    ratios[torch.arange(len(top)), top] = math.inf
+    return top, ratios.min(dim=1).values
+
+
+def test_shipped_model_runs_in_onnxruntime_with_its_certificate(onnx_packages, tmp_path):
+    out = tmp_path / "model.onnx"
+    result = runner.invoke(app, ["export", str(SHIPPED), "--onnx", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime check: max |logit difference|" in result.stdout
+    data = cpl_cert.load_dataset("fashion-mnist").subset(1000)
+    x = data.images.float() / 255
+    model, _ = cpl_cert.load_checkpoint(SHIPPED)
+    with torch.no_grad():
+        expected = model(x)
+    logits = run_onnx(out, x)
+    assert (logits - expected).abs().max() <= ATOL
+    props = metadata(out)
+    bounds = cpl_cert.lipschitz_bounds(model)
+    pair = torch.tensor(json.loads(props["cpl_cert.pair_lipschitz"]), dtype=torch.float64)
+    assert torch.equal(pair, bounds.pair_lipschitz())  # exact: JSON keeps every float64 digit
+    assert float(props["cpl_cert.body_lipschitz"]) == bounds.body_upper == pytest.approx(1.0)
+    assert json.loads(props["cpl_cert.classes"]) == list(FASHION_CLASSES)
+    assert json.loads(props["cpl_cert.input_shape"]) == [1, 28, 28]
+    assert json.loads(props["cpl_cert.normalization"]) == {"mean": list(model.config.mean), "std": [1.0], "in_graph": True}
+    assert props["cpl_cert.checkpoint_sha256"] == file_sha256(SHIPPED) and props["cpl_cert.dataset"] == "fashion-mnist"
+    assert props["cpl_cert.head"] == "truncation" and props["cpl_cert.format"] == "cpl-cert-onnx/1"
+    # A deployment's radii from ONNX logits and the metadata: the exact function's radii (evaluated
+    # here in float64), up to the logit tolerance; certify's rigorous lower bounds lie below them.
+    with torch.no_grad():
+        exact_logits = float64_copy(model)(data.images.double() / 255)
+    top64, exact_radii = deployed_radii(exact_logits, pair)
+    top, radii = deployed_radii(logits, pair)
+    reference = cpl_cert.certify(model, data, eps=[0.25], device="cpu")
+    clear = reference.margins > 4 * ATOL  # away from ties, where float32 may pick the other class
+    assert torch.equal(top[clear], top64[clear]) and torch.equal(top[clear], reference.predictions[clear]) and int(clear.sum()) > 990
+    assert (radii[clear] - exact_radii[clear]).abs().max() <= 2 * ATOL / math.sqrt(2)
+    assert bool((reference.radii_exact <= exact_radii * (1 + 1e-9)).all())
+
+
+def test_lln_head_exports_with_its_pair_bounds(onnx_packages, tmp_path):
+    # Dividing by std 0.25 makes the body 4-Lipschitz, so the pair bounds must carry the body bound.
+    model = make_frozen(
+        "cpl-tiny", input_shape=(3, 32, 32), num_classes=10, head="lln", channels=4, conv_depth=2, dense_depth=1, conv_inner=4,
+        dense_inner=32, mean=(0.5, 0.4, 0.3), std=(0.25, 0.5, 0.5),
+    )
+    checkpoint = tmp_path / "lln.safetensors"
+    classes = [f"class {i}" for i in range(10)]
+    cpl_cert.save_checkpoint(model, checkpoint, dataset={"name": "cifar10", "classes": classes})
+    out = tmp_path / "lln.onnx"
+    assert runner.invoke(app, ["export", str(checkpoint), "--onnx", str(out)]).exit_code == 0
+    model, _ = cpl_cert.load_checkpoint(checkpoint)
+    x = torch.rand((64, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (run_onnx(out, x) - model(x)).abs().max() <= ATOL
+    props = metadata(out)
+    # Independent pair bounds: ||w_i / |w_i| - w_j / |w_j||| from the stored head weight, times the body bound 1 / 0.25.
+    assert float(props["cpl_cert.body_lipschitz"]) == pytest.approx(4.0, rel=1e-9)
+    assert json.loads(props["cpl_cert.normalization"]) == {"mean": [0.5, 0.4, 0.3], "std": [0.25, 0.5, 0.5], "in_graph": True}
+    w = F.normalize(load_file(str(checkpoint))["head.weight"].double(), dim=1)
+    independent = torch.cdist(w, w) * 4.0
+    torch.testing.assert_close(torch.tensor(json.loads(props["cpl_cert.pair_lipschitz"]), dtype=torch.float64), independent, rtol=1e-9, atol=1e-12)
+    assert json.loads(props["cpl_cert.classes"]) == classes and props["cpl_cert.head"] == "lln"
+
+
+def test_a_wrong_graph_is_caught_before_it_is_written(onnx_packages, tmp_path, monkeypatch):
+    """Exported as is, the block-sum pool loses its divisor_override in ONNX (divides by 16, not 4):
+    the runtime check must refuse such a file and leave nothing behind."""
+    import copy
+
+    from cpl_cert import export
+
+    monkeypatch.setattr(export, "deployable", lambda model: copy.deepcopy(model).float().eval())
+    out = tmp_path / "wrong.onnx"
+    result = runner.invoke(app, ["export", str(SHIPPED), "--onnx", str(out)])
+    assert result.exit_code == 1 and "differ from cpl-cert's" in result.stderr and "nothing was written" in result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".wrong.onnx*"))
+
+
+def test_export_without_onnx_says_how_to_install(tmp_path, monkeypatch):
+    from cpl_cert import export
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(export.importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    result = runner.invoke(app, ["export", str(SHIPPED), "--onnx", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1 and result.stderr.strip() == "Error: " + export.INSTALL_HINT
+
+
+@pytest.mark.parametrize(
+    "args, phrase",
+    [
+        (["--onnx", "{tmp}/no/m.onnx"], "does not exist"),
+        (["--onnx", "{tmp}"], "is a folder"),
+        (["--onnx", "{tmp}/m.onnx", "--opset", "7"], "--opset must be 9 or more"),
+    ],
+)
+def test_bad_export_options(onnx_packages, tmp_path, args, phrase):
+    result = runner.invoke(app, ["export", str(SHIPPED), *(a.format(tmp=tmp_path) for a in args)])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and phrase in lines[0], result.output
