@@ -1,0 +1,232 @@
+"""Soundness campaign: try to beat cpl-cert's Lipschitz bounds and certified radii on many models.
+
+For every model configuration (every preset at small input sizes, std != 1, LLN and truncation heads,
+weights scaled after freezing, unfrozen models, near-identity and all-units-active constructions, and
+briefly trained models) it
+
+* compares the certified network bound with the largest Jacobian norm found: exact float64 Jacobians
+  (SVD) at random inputs, plus gradient ascent on the secant ratio ``||f(x + d) - f(x)|| / ||d||``;
+* certifies random images and attacks each with a float64 minimum-norm search (FMN + bisection on the
+  float64 model), keeping only adversarial examples whose class the exact function provably changes,
+  and with the same search on the float32 network, keeping examples the float32 network misclassifies.
+
+It prints per configuration and overall the worst ``lower / upper`` bound ratio (must be <= 1) and the
+worst ``adversarial distance / radius`` ratio for each sense (must be >= 1). Run:
+
+    OMP_NUM_THREADS=1 python benchmarks/soundness_campaign.py [--points 16] [--quick]
+
+``tests/test_campaign.py`` runs a fast slice of it (``--quick`` configurations, few points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import cpl_cert
+from cpl_cert.attacks.check import make_checker, verify_exact, verify_float32
+from cpl_cert.attacks.minnorm import fmn_l2
+from cpl_cert.certify import exact_points
+from cpl_cert.layers import CPLConv2d, CPLLinear
+from cpl_cert.models import float64_copy
+from cpl_cert.numerics import strict_math
+
+
+@dataclass
+class Outcome:
+    """What one configuration gave."""
+
+    name: str
+    upper: float
+    lower: float
+    points: int
+    worst_exact: float  # min over attacked points of distance / radius_exact (inf: no example found)
+    worst_float32: float
+    violations: int
+
+
+# --- configurations --------------------------------------------------------------------------------------
+def _layers(model: cpl_cert.CPLNet) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (CPLConv2d, CPLLinear))]
+
+
+def _build(preset: str, shape: tuple[int, int, int], seed: int, **overrides: object) -> cpl_cert.CPLNet:
+    torch.manual_seed(seed)
+    classes = overrides.pop("num_classes", 5)
+    return cpl_cert.build_model(preset, input_shape=shape, num_classes=classes, **overrides)
+
+
+def _frozen(preset: str, shape: tuple[int, int, int], seed: int, **overrides: object) -> cpl_cert.CPLNet:
+    return cpl_cert.freeze(_build(preset, shape, seed, **overrides))
+
+
+def _scaled(factor: float) -> Callable[[cpl_cert.CPLNet], cpl_cert.CPLNet]:
+    def apply(model: cpl_cert.CPLNet) -> cpl_cert.CPLNet:
+        with torch.no_grad():
+            for layer in _layers(model):
+                layer.weight.mul_(factor)
+        return model
+
+    return apply
+
+
+def _all_active(model: cpl_cert.CPLNet) -> cpl_cert.CPLNet:
+    """Large positive biases: every ReLU on, each layer's Jacobian is I - h W^T W (its worst case)."""
+    with torch.no_grad():
+        for layer in _layers(model):
+            layer.bias.fill_(50.0)
+    return cpl_cert.freeze(model)
+
+
+def _near_identity(model: cpl_cert.CPLNet) -> cpl_cert.CPLNet:
+    with torch.no_grad():
+        for layer in _layers(model):
+            layer.weight.mul_(1e-3)
+    return cpl_cert.freeze(model)
+
+
+def _trained(model: cpl_cert.CPLNet, steps: int = 30) -> cpl_cert.CPLNet:
+    """A few Adam steps of the hinge loss on random labelled images, then frozen."""
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        x = torch.rand((32, *model.config.input_shape), generator=generator)
+        y = torch.randint(0, model.config.num_classes, (32,), generator=generator)
+        loss = F.multi_margin_loss(model(x), y, margin=0.7)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return cpl_cert.freeze(model)
+
+
+def configurations(quick: bool = False) -> list[tuple[str, Callable[[], cpl_cert.CPLNet]]]:
+    """(name, builder) pairs; ``quick`` keeps one of each kind."""
+    shapes = [(1, 8, 8), (3, 8, 8), (1, 12, 12)]
+    small = ["cpl-tiny", "cpl-xs", "cpl-sm"]
+    paper = ["cpl-s", "cpl-m", "cpl-l", "cpl-xl"]
+    configs: list[tuple[str, Callable[[], cpl_cert.CPLNet]]] = []
+    for i, preset in enumerate(small + paper):
+        for j, shape in enumerate(shapes if preset in small else shapes[:2]):
+            for head in ("truncation", "lln"):
+                name = f"{preset} {shape} {head}"
+                configs.append((name, lambda p=preset, s=shape, h=head, k=i * 10 + j: _frozen(p, s, k, head=h)))
+    variants: list[tuple[str, Callable[[], cpl_cert.CPLNet]]] = [
+        ("std != 1", lambda: _frozen("cpl-tiny", (3, 8, 8), 1, mean=(0.4, 0.5, 0.6), std=(0.25, 0.5, 0.3))),
+        ("std != 1 lln", lambda: _frozen("cpl-xs", (3, 8, 8), 2, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4), head="lln")),
+        ("scaled x1.05", lambda: _scaled(1.05)(_frozen("cpl-tiny", (1, 8, 8), 3))),
+        ("scaled x1.3 lln", lambda: _scaled(1.3)(_frozen("cpl-xs", (1, 8, 8), 4, head="lln"))),
+        ("scaled x0.7", lambda: _scaled(0.7)(_frozen("cpl-sm", (1, 8, 8), 5))),
+        ("unfrozen", lambda: _build("cpl-tiny", (1, 8, 8), 6).eval()),
+        ("unfrozen lln", lambda: _build("cpl-xs", (1, 12, 12), 7, head="lln").eval()),
+        ("all units active", lambda: _all_active(_build("cpl-tiny", (1, 8, 8), 8))),
+        ("all units active xs", lambda: _all_active(_build("cpl-xs", (1, 8, 8), 9))),
+        ("near identity", lambda: _near_identity(_build("cpl-xs", (1, 8, 8), 10))),
+        ("one layer, all active, x1.2", lambda: _scaled(1.2)(_all_active(_build("cpl-tiny", (1, 4, 4), 17, channels=1, conv_depth=0,
+                                                                                  dense_depth=1, dense_inner=8, pool=1)))),
+        ("one conv, all active, x1.1", lambda: _scaled(1.1)(_all_active(_build("cpl-tiny", (2, 6, 6), 18, conv_depth=1,
+                                                                                 dense_depth=0, pool=1, channels=2)))),
+        ("trained tiny", lambda: _trained(_build("cpl-tiny", (1, 8, 8), 11))),
+        ("trained xs lln", lambda: _trained(_build("cpl-xs", (1, 8, 8), 12, head="lln"))),
+        ("trained sm", lambda: _trained(_build("cpl-sm", (3, 8, 8), 13))),
+        ("no cpl pool 2", lambda: _frozen("cpl-tiny", (1, 8, 8), 14, channels=1, conv_depth=0, dense_depth=0, pool=2)),
+        ("dense only", lambda: _frozen("cpl-tiny", (1, 8, 8), 15, channels=1, conv_depth=0, dense_depth=3, dense_inner=64, pool=1)),
+        ("conv only lln", lambda: _frozen("cpl-tiny", (1, 8, 8), 16, conv_depth=3, dense_depth=0, head="lln")),
+    ]
+    configs += variants
+    if quick:
+        keep = {"cpl-tiny (1, 8, 8) truncation", "cpl-xs (3, 8, 8) lln", "std != 1", "scaled x1.3 lln", "unfrozen",
+                "all units active", "trained tiny", "no cpl pool 2", "one layer, all active, x1.2"}
+        configs = [c for c in configs if c[0] in keep]
+    return configs
+
+
+# --- the two checks ------------------------------------------------------------------------------------------
+def jacobian_lower_bound(model: cpl_cert.CPLNet, inputs: torch.Tensor, ascent_steps: int = 40) -> float:
+    """Largest ||J(x)|| of the body found: exact SVDs at ``inputs``, then secant-ratio gradient ascent."""
+    exact = float64_copy(model)
+    best = 0.0
+    for x in inputs.double():
+        jac = torch.func.jacrev(exact.features)(x[None]).reshape(-1, x.numel())
+        best = max(best, float(torch.linalg.svdvals(jac)[0]))
+    x = inputs.double().clone().requires_grad_(True)
+    d = (1e-3 * torch.randn_like(x)).requires_grad_(True)
+    optimizer = torch.optim.Adam([x, d], lr=1e-2)
+    for _ in range(ascent_steps):
+        ratio = (exact.features(x + d) - exact.features(x)).flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1)
+        best = max(best, float(ratio.detach().max()))
+        optimizer.zero_grad()
+        (-ratio.sum()).backward()
+        optimizer.step()
+    return best
+
+
+def worst_ratios(model: cpl_cert.CPLNet, images: torch.Tensor, steps: int) -> tuple[float, float, int]:
+    """Smallest adversarial-distance / radius ratio in each sense, and the number of violations."""
+    labels = torch.zeros(images.shape[0], dtype=torch.long)
+    cert = cpl_cert.certify(model, (images, labels), eps=[0.1], device="cpu")
+    clean = exact_points(images)
+    with strict_math():
+        checker = make_checker(model)
+        reference = cert.predictions.clamp_min(0)
+        exact_attack = fmn_l2(checker.model64, clean, reference, steps=steps)
+        float32_attack = fmn_l2(model, clean.float(), cert.predictions_float32.clamp_min(0), steps=steps)
+        d_exact = verify_exact(checker, clean, exact_attack, reference)
+        d_float32 = verify_float32(model, clean, float32_attack, cert.predictions_float32.clamp_min(0))
+    ratio_exact = _ratios(d_exact, cert.radii_exact)
+    ratio_float32 = _ratios(d_float32, cert.radii_float32)
+    violations = int(((ratio_exact < 1) | (ratio_float32 < 1)).sum())
+    return float(ratio_exact.min()), float(ratio_float32.min()), violations
+
+
+def _ratios(distance: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """distance / radius where both are positive and finite (inf elsewhere: nothing to compare)."""
+    usable = torch.isfinite(distance) & (radius > 0)
+    return torch.where(usable, distance / radius.clamp_min(1e-300), torch.full_like(distance, math.inf))
+
+
+def run_config(name: str, build: Callable[[], cpl_cert.CPLNet], points: int, steps: int) -> Outcome:
+    model = build()
+    shape = model.config.input_shape
+    generator = torch.Generator().manual_seed(len(name))
+    images = torch.randint(0, 256, (points, *shape), generator=generator, dtype=torch.uint8)
+    upper = cpl_cert.lipschitz_bounds(model).body_upper
+    lower = jacobian_lower_bound(model, images[: min(points, 4)].double() / 255)
+    worst_exact, worst_float32, violations = worst_ratios(model, images, steps)
+    return Outcome(name, upper, lower, points, worst_exact, worst_float32, violations)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--points", type=int, default=16, help="images attacked per configuration")
+    parser.add_argument("--steps", type=int, default=200, help="FMN iterations per attack")
+    parser.add_argument("--quick", action="store_true", help="one configuration of each kind")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    outcomes = []
+    for name, build in configurations(args.quick):
+        outcome = run_config(name, build, args.points, args.steps)
+        outcomes.append(outcome)
+        print(
+            f"{name:<32} upper {outcome.upper:10.5g}  lower {outcome.lower:10.5g}  lower/upper {outcome.lower / outcome.upper:7.4f}  "
+            f"min d/r exact {outcome.worst_exact:8.4g}  float32 {outcome.worst_float32:8.4g}  violations {outcome.violations}",
+            flush=True,
+        )
+    print(
+        f"\n{len(outcomes)} configurations, {sum(o.points for o in outcomes)} attacked points, {time.perf_counter() - start:.0f} s\n"
+        f"worst lower/upper bound ratio: {max(o.lower / o.upper for o in outcomes):.6f} (must be <= 1)\n"
+        f"worst adversarial distance / radius: exact function {min(o.worst_exact for o in outcomes):.6g}, "
+        f"float32 network {min(o.worst_float32 for o in outcomes):.6g} (must be >= 1)\n"
+        f"violations: {sum(o.violations for o in outcomes)}"
+    )
+
+
+if __name__ == "__main__":
+    main()
