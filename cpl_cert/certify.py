@@ -153,8 +153,11 @@ def _as_tensors(data: ImageDataset | tuple[torch.Tensor, torch.Tensor]) -> tuple
         return data.images, data.labels
     if isinstance(data, (tuple, list)) and len(data) == 2:
         images, labels = data
-        return torch.as_tensor(images), torch.as_tensor(labels)
-    raise CplCertError("certify needs an ImageDataset or a pair (images, labels)")
+        images = torch.as_tensor(images)
+        if labels is None:  # no labels: every class is decided, no accuracy is meaningful
+            return images, torch.full((images.shape[0] if images.dim() else 0,), -1, dtype=torch.long)
+        return images, torch.as_tensor(labels)
+    raise CplCertError("certify needs an ImageDataset or a pair (images, labels or None)")
 
 
 def _check_images(images: torch.Tensor, labels: torch.Tensor, input_shape: tuple[int, ...]) -> None:
@@ -233,7 +236,7 @@ def _round_up_t(values: torch.Tensor) -> torch.Tensor:
 
 
 # --- the three evaluations ----------------------------------------------------------------------------------
-def _float32_pass(model: CPLNet, model_err: ErrorModel, images: torch.Tensor) -> dict[str, torch.Tensor]:
+def _float32_pass(model: CPLNet, model_err: ErrorModel, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """The float32 network as deployed, with its rounding bound: exact-radius bounds and the float32 radius."""
     x, delta = _as_dtype(images, torch.float32)
     features, trace = trace_body(model, x)
@@ -247,7 +250,7 @@ def _float32_pass(model: CPLNet, model_err: ErrorModel, images: torch.Tensor) ->
     valid = finite32 & (prediction32 == enclosure.top) & (enclosure.low > 0)
     return {
         "top": enclosure.top, "low": enclosure.low, "high": enclosure.high, "margin": enclosure.margin,
-        "finite": enclosure.finite, "prediction32": prediction32,
+        "finite": enclosure.finite, "prediction32": prediction32, "label_gap": _label_gap(enclosure, labels),
         "radius32": torch.where(valid, radius32.clamp_min(0.0), torch.zeros_like(radius32)),
     }
 
@@ -338,7 +341,7 @@ def _certify(
         torch.cuda.synchronize(dev)
     start = time.perf_counter()
     images_dev, labels_dev = images.to(dev, non_blocking=True), labels.to(dev).long()
-    run = _float32_run(model, model_err, images_dev, batch_size, progress)
+    run = _float32_run(model, model_err, images_dev, labels_dev, batch_size, progress)
     eps_tensor = torch.tensor([e.value for e in eps_values], dtype=torch.float64, device=dev)
     rechecked = _exact_runs(model, model_err, images_dev, labels_dev, eps_tensor, run, batch_size)
     left = _undecided(run, labels_dev, eps_tensor)
@@ -350,26 +353,38 @@ def _certify(
 
 
 def _float32_run(
-    model: CPLNet, model_err: ErrorModel, images: torch.Tensor, batch_size: int, progress: Callable[[int, int], None] | None
+    model: CPLNet, model_err: ErrorModel, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+    progress: Callable[[int, int], None] | None,
 ) -> dict[str, torch.Tensor]:
     """The float32 pass over all points, batch by batch, concatenated."""
     total = images.shape[0]
     parts = []
     for begin in range(0, total, batch_size):
-        parts.append(_float32_pass(model, model_err, images[begin : begin + batch_size]))
+        part = slice(begin, begin + batch_size)
+        parts.append(_float32_pass(model, model_err, images[part], labels[part]))
         if progress is not None:
             progress(min(begin + batch_size, total), total)
     if not parts:
-        parts.append(_float32_pass(model, model_err, images[:0]))
+        parts.append(_float32_pass(model, model_err, images[:0], labels[:0]))
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
 
 def _undecided(run: dict[str, torch.Tensor], labels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Points whose exact class is not certain, or whose exact answer at some eps is not (for the
-    correctly classified ones: the others count at no eps whatever their radius)."""
+    """Points whose evaluation so far leaves an answer open: non-finite values; a class that is not
+    certain while the label is one of the candidates (or no label is given: -1); a correctly classified
+    point whose exact radius may lie on either side of some eps. A point whose candidate classes all
+    differ from its label is an error whatever its exact class, and counts at no eps."""
     low, high = run["low"][:, None], run["high"][:, None]
     straddles = ((low <= eps) & (high > eps)).any(dim=1)
-    return ~run["finite"] | (run["low"] <= 0) | (straddles & (run["top"] == labels))
+    label_possible = (labels < 0) | (run["label_gap"] <= 0)
+    return ~run["finite"] | ((run["low"] <= 0) & label_possible) | (straddles & (run["top"] == labels))
+
+
+def _label_gap(enclosure: Enclosure, labels: torch.Tensor) -> torch.Tensor:
+    """Lower bound of the exact ``f_top - f_label`` (0 when the label is the top class, -1 without a label)."""
+    gap = (enclosure.gap - enclosure.error).gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
+    gap = torch.where(labels == enclosure.top, torch.zeros_like(gap), gap)
+    return torch.where(labels < 0, torch.full_like(gap, -1.0), gap)
 
 
 def _exact_runs(
@@ -390,6 +405,7 @@ def _exact_runs(
             enclosure = exact_enclosure(model, model64, model_err, images[part], split)
             for key in ("top", "low", "high", "margin", "finite"):
                 run[key][part] = getattr(enclosure, key)
+            run["label_gap"][part] = _label_gap(enclosure, labels[part])
     return int(index.numel())
 
 

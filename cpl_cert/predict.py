@@ -18,8 +18,8 @@ from .lipschitz import LipschitzBounds
 from .models import CPLNet
 
 PLACEHOLDER_EPS = 1.0
-"""The radius handed to ``certify`` when the caller asks for none (it only chooses which radii
-``certify`` re-checks in float64; predictions and radii do not depend on it)."""
+"""The radius handed to ``certify`` when the caller asks for none (without labels, certify
+re-evaluates points only to decide their class; predictions and radii do not depend on it)."""
 
 
 @dataclass
@@ -64,9 +64,8 @@ def predict(
         if len(parsed) != 1:
             raise CplCertError(f"give one eps, got {len(parsed)}")
         eps_value = parsed[0]
-    labels = torch.zeros(images.shape[0] if images.dim() else 0, dtype=torch.long)
-    result = certify(
-        model, (images, labels), eps=[eps_value or EpsValue(PLACEHOLDER_EPS, "placeholder")],
+    result = certify(  # no labels: certify decides every point's class, re-evaluating where needed
+        model, (images, None), eps=[eps_value or EpsValue(PLACEHOLDER_EPS, "placeholder")],
         device=device, batch_size=batch_size, bounds=bounds, progress=progress,
     )
     certified = result.radii > eps_value.value if eps_value is not None else None
