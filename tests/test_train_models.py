@@ -16,14 +16,16 @@ import cpl_cert
 from cpl_cert.cli import app
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-ROW = re.compile(r"^\|\s*`([\w.-]+\.safetensors)`\s*\|\s*([\d.]+) %\s*\|\s*([\d.]+) %\s*\|\s*([\d.]+) %\s*\|\s*([\d.]+) %\s*\|\s*([\d.]+) %\s*\|")
+FIGURES = r"\s*\|\s*([\d.]+) %\s*\|\s*([\d.]+) %\s*\|\s*([\d.]+) %\s*\|\s*([\d.]+) %\s*\|\s*([\d.]+) %\s*\|"
+ROW = re.compile(r"^\|\s*`([\w.-]+\.safetensors)`" + FIGURES)
+FLOAT32_ROW = re.compile(r"^\|\s*`([\w.-]+\.safetensors)`, float32" + FIGURES)
 
 
-def readme_rows() -> dict[str, list[float]]:
-    """``{file: [clean, eps 0.1, 0.25, 0.5, 1.0]}`` in percent, from the summary table of models/README.md."""
+def readme_rows(pattern: re.Pattern[str] = ROW) -> dict[str, list[float]]:
+    """``{file: [clean, eps 0.1, 0.25, 0.5, 1.0]}`` in percent, from a table of models/README.md."""
     rows = {}
     for line in (MODELS / "README.md").read_text().splitlines():
-        match = ROW.match(line)
+        match = pattern.match(line)
         if match:
             rows[match.group(1)] = [float(v) for v in match.groups()[1:]]
     return rows
@@ -47,3 +49,5 @@ def test_certify_reproduces_the_readme(name: str, tmp_path: Path):
     measured = [data["clean_accuracy"]] + [entry["accuracy"] for entry in data["certified"]]
     assert [entry["eps"] for entry in data["certified"]] == [0.1, 0.25, 0.5, 1.0]
     assert [round(100 * v, 2) for v in measured] == readme_rows()[name]
+    float32 = [data["clean_accuracy_float32"]] + [entry["accuracy_float32"] for entry in data["certified"]]
+    assert [round(100 * v, 2) for v in float32] == readme_rows(FLOAT32_ROW)[name]
