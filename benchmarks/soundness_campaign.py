@@ -49,6 +49,7 @@ class Outcome:
     worst_exact: float  # min over attacked points of distance / radius_exact (inf: no example found)
     worst_float32: float
     violations: int
+    compared: int  # points with a verified adversarial example and a positive radius, in either sense
 
 
 # --- configurations --------------------------------------------------------------------------------------
@@ -167,8 +168,9 @@ def jacobian_lower_bound(model: cpl_cert.CPLNet, inputs: torch.Tensor, ascent_st
     return best
 
 
-def worst_ratios(model: cpl_cert.CPLNet, images: torch.Tensor, steps: int) -> tuple[float, float, int]:
-    """Smallest adversarial-distance / radius ratio in each sense, and the number of violations."""
+def worst_ratios(model: cpl_cert.CPLNet, images: torch.Tensor, steps: int) -> tuple[float, float, int, int]:
+    """Smallest adversarial-distance / radius ratio in each sense, the number of violations and of
+    points where a comparison was possible."""
     labels = torch.zeros(images.shape[0], dtype=torch.long)
     cert = cpl_cert.certify(model, (images, labels), eps=[0.1], device="cpu")
     clean = exact_points(images)
@@ -182,7 +184,8 @@ def worst_ratios(model: cpl_cert.CPLNet, images: torch.Tensor, steps: int) -> tu
     ratio_exact = _ratios(d_exact, cert.radii_exact)
     ratio_float32 = _ratios(d_float32, cert.radii_float32)
     violations = int(((ratio_exact < 1) | (ratio_float32 < 1)).sum())
-    return float(ratio_exact.min()), float(ratio_float32.min()), violations
+    compared = int((torch.isfinite(ratio_exact) | torch.isfinite(ratio_float32)).sum())
+    return float(ratio_exact.min()), float(ratio_float32.min()), violations, compared
 
 
 def _ratios(distance: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
@@ -198,8 +201,8 @@ def run_config(name: str, build: Callable[[], cpl_cert.CPLNet], points: int, ste
     images = torch.randint(0, 256, (points, *shape), generator=generator, dtype=torch.uint8)
     upper = cpl_cert.lipschitz_bounds(model).body_upper
     lower = jacobian_lower_bound(model, images[: min(points, 4)].double() / 255)
-    worst_exact, worst_float32, violations = worst_ratios(model, images, steps)
-    return Outcome(name, upper, lower, points, worst_exact, worst_float32, violations)
+    worst_exact, worst_float32, violations, compared = worst_ratios(model, images, steps)
+    return Outcome(name, upper, lower, points, worst_exact, worst_float32, violations, compared)
 
 
 def main() -> None:
@@ -216,11 +219,13 @@ def main() -> None:
         outcomes.append(outcome)
         print(
             f"{name:<32} upper {outcome.upper:10.5g}  lower {outcome.lower:10.5g}  lower/upper {outcome.lower / outcome.upper:7.4f}  "
-            f"min d/r exact {outcome.worst_exact:8.4g}  float32 {outcome.worst_float32:8.4g}  violations {outcome.violations}",
+            f"min d/r exact {outcome.worst_exact:8.4g}  float32 {outcome.worst_float32:8.4g}  compared {outcome.compared:3d}  "
+            f"violations {outcome.violations}",
             flush=True,
         )
     print(
-        f"\n{len(outcomes)} configurations, {sum(o.points for o in outcomes)} attacked points, {time.perf_counter() - start:.0f} s\n"
+        f"\n{len(outcomes)} configurations, {sum(o.points for o in outcomes)} attacked points "
+        f"({sum(o.compared for o in outcomes)} with a verified adversarial example inside the box), {time.perf_counter() - start:.0f} s\n"
         f"worst lower/upper bound ratio: {max(o.lower / o.upper for o in outcomes):.6f} (must be <= 1)\n"
         f"worst adversarial distance / radius: exact function {min(o.worst_exact for o in outcomes):.6g}, "
         f"float32 network {min(o.worst_float32 for o in outcomes):.6g} (must be >= 1)\n"
