@@ -97,7 +97,9 @@ def test_shipped_model_runs_in_onnxruntime_with_its_certificate(onnx_packages, t
     top, radii = deployed_radii(logits, pair)
     reference = cpl_cert.certify(model, data, eps=[0.25], device="cpu")
     clear = reference.margins > 4 * ATOL  # away from ties, where float32 may pick the other class
-    assert torch.equal(top[clear], top64[clear]) and torch.equal(top[clear], reference.predictions[clear]) and int(clear.sum()) > 990
+    assert torch.equal(top[clear], top64[clear]) and int(clear.sum()) > 990
+    decided = reference.predictions >= 0  # -1: a near tie certify did not need to settle
+    assert torch.equal(top[clear & decided], reference.predictions[clear & decided])
     assert (radii[clear] - exact_radii[clear]).abs().max() <= 2 * ATOL / math.sqrt(2)
     assert bool((reference.radii_exact <= exact_radii * (1 + 1e-9)).all())
 
