@@ -19,6 +19,7 @@ from ..checkpoint import load_checkpoint
 from ..data import ImageDataset, check_compatible, load_dataset
 from ..errors import CplCertError
 from ..models import CPLNet
+from . import interrupt
 
 console = Console()
 err_console = Console(stderr=True)
@@ -49,8 +50,9 @@ def handle_errors(func: F) -> F:
             raise
         except CplCertError as exc:
             fail(str(exc))
-        except KeyboardInterrupt:
-            fail("interrupted", code=130)
+        except KeyboardInterrupt as exc:
+            interrupt.ignore_further()
+            fail(interrupt.describe(exc), code=interrupt.exit_code(exc))
         except Exception as exc:  # noqa: BLE001 - the promise is: never a raw traceback
             if os.environ.get("CPL_CERT_DEBUG"):
                 raise

@@ -1,4 +1,4 @@
-"""The ``cpl-cert`` command line: a thin Typer app over the library (one module per command)."""
+"""The Typer app: the root options and every command, registered from its own module."""
 
 from __future__ import annotations
 
@@ -51,8 +51,3 @@ app.command("info")(info_command)
 app.command("import")(import_command)
 app.command("predict")(predict_command)
 app.command("export")(export_command)
-
-
-def main() -> None:
-    """Console-script entry point."""
-    app()
