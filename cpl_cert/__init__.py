@@ -29,7 +29,12 @@ _EXPORTS = {
 }
 _SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = sorted(_SOURCE)
+__all__ = [
+    "PRESETS", "CPLConv2d", "CPLLinear", "CPLNet", "CertifyResult", "CplCertError", "ExportResult", "ImageDataset", "ImportedModel",
+    "LLNHead", "LipschitzBounds", "ModelConfig", "PredictResult", "TruncationHead", "build_model", "certify", "count_parameters",
+    "export_onnx", "freeze", "import_reference", "is_frozen", "lipschitz_bounds", "lipschitz_lower_bound", "load_checkpoint",
+    "load_dataset", "onnx_metadata", "parse_eps", "predict", "read_metadata", "save_checkpoint",
+]
 
 if TYPE_CHECKING:
     from .certify import CertifyResult, certify, parse_eps

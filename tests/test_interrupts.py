@@ -21,7 +21,9 @@ def start(*args: str, cwd: Path = ROOT, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
-@pytest.mark.parametrize("signum, code, sentence", [(signal.SIGINT, 130, "Error: interrupted"), (signal.SIGTERM, 143, "Error: interrupted (SIGTERM)")])
+@pytest.mark.parametrize(
+    "signum, code, sentence", [(signal.SIGINT, 130, "Error: interrupted"), (signal.SIGTERM, 143, "Error: interrupted (SIGTERM)")]
+)
 def test_signal_during_start_up_is_one_sentence(signum, code, sentence, tmp_path):
     """0.3 s after the start the process is still importing torch (seconds); the answer is one line, no traceback."""
     proc = start("lipschitz", str(ROOT / "models" / "fmnist-cpl-xs.safetensors"))
