@@ -26,11 +26,13 @@ def _no_placeholder(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def _clean_flags(params: list[Any]) -> list[Any]:
-    """Flags take no value: hide the type placeholder some Typer versions show for them."""
+def _clean_params(params: list[Any]) -> list[Any]:
+    """Flags take no value: hide the type placeholder some Typer versions show for them; and no ``[default: None]``."""
     for param in params:
         if getattr(param, "is_flag", False):
             param.display_type_rich = _no_placeholder
+        if getattr(param, "default", 0) is None:
+            param.show_default = False
     return params
 
 
@@ -48,7 +50,7 @@ class Command(TyperCommand):
         self.help = reflow(self.help)
 
     def get_params(self, ctx: Any) -> list[Any]:
-        return _clean_flags(super().get_params(ctx))
+        return _clean_params(super().get_params(ctx))
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -59,4 +61,4 @@ class Group(TyperGroup):
     """The root command, with the same clean flags."""
 
     def get_params(self, ctx: Any) -> list[Any]:
-        return _clean_flags(super().get_params(ctx))
+        return _clean_params(super().get_params(ctx))
