@@ -51,7 +51,7 @@ def summary_lines(imported: ImportedModel) -> list[str]:
     assumed = p["reference_assumed_body_bound"]
     lines = [
         (
-            f"read {p['source']} (sha256 {p['sha256'][:16]}…): {a.depth} conv CPL layers ({a.num_channels} channels, "
+            f"read {p['source']} (sha256 {p['sha256']}): {a.depth} conv CPL layers ({a.num_channels} channels, "
             f"inner {a.conv_size}), {dense}, {head}, {a.num_classes} classes"
         ),
         (
