@@ -23,6 +23,7 @@ from .errors import CplCertError
 from .lipschitz import LipschitzBounds, lipschitz_bounds
 from .models import CPLNet, float64_copy, weights_key
 from .numerics import FP64_SLACK, norm_upper, strict_math, unit_roundoff
+from .progress import OnProgress, no_progress
 from .rounding import (
     BodyTrace,
     ErrorModel,
@@ -304,16 +305,19 @@ def certify(
     batch_size: int = 1024,
     bounds: LipschitzBounds | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_progress: OnProgress | None = None,
 ) -> CertifyResult:
     """Certify every point of ``data``: predictions, margins, radii in both senses, and accuracies.
 
     The model is moved to ``device`` (in place, as ``nn.Module.to`` does); the data go there once;
-    nothing syncs with the host per batch. ``progress(done, total)`` is called after each batch.
-    Points whose float32 evaluation cannot decide the exact function's answer at some eps (or its
-    class) are evaluated again in float64 before they count (docs/certify.md).
+    nothing syncs with the host per batch. ``progress(done, total)`` is called after each batch of
+    the float32 pass. Points whose float32 evaluation cannot decide the exact function's answer at
+    some eps (or its class) are evaluated again in float64 before they count (docs/certify.md).
+    ``on_progress(stage, done, total)`` follows every stage in points: ``"float32"`` (all points),
+    then ``"float64-dense"`` and ``"float64"`` (the points re-evaluated, when there are any).
     """
     with torch.inference_mode(), strict_math():
-        result = _certify(model, data, eps, device, batch_size, bounds, progress)
+        result = _certify(model, data, eps, device, batch_size, bounds, progress, on_progress)
     # Inference tensors cannot enter autograd (an attack on the certified points would fail): clone out.
     for name in ("labels", "predictions", "predictions_float32", "margins", "radii", "radii_exact", "radii_float32"):
         setattr(result, name, getattr(result, name).clone())
@@ -328,6 +332,7 @@ def _certify(
     batch_size: int,
     bounds: LipschitzBounds | None,
     progress: Callable[[int, int], None] | None,
+    on_progress: OnProgress | None = None,
 ) -> CertifyResult:
     if batch_size < 1:
         raise CplCertError(f"--batch-size must be positive, got {batch_size}")
@@ -341,9 +346,9 @@ def _certify(
         torch.cuda.synchronize(dev)
     start = time.perf_counter()
     images_dev, labels_dev = images.to(dev, non_blocking=True), labels.to(dev).long()
-    run = _float32_run(model, model_err, images_dev, labels_dev, batch_size, progress)
+    run = _float32_run(model, model_err, images_dev, labels_dev, batch_size, progress, on_progress)
     eps_tensor = torch.tensor([e.value for e in eps_values], dtype=torch.float64, device=dev)
-    rechecked = _exact_runs(model, model_err, images_dev, labels_dev, eps_tensor, run, batch_size)
+    rechecked = _exact_runs(model, model_err, images_dev, labels_dev, eps_tensor, run, batch_size, on_progress)
     left = _undecided(run, labels_dev, eps_tensor)
     result = _result(run, labels_dev, eps_values, bounds, str(dev))
     result.rechecked, result.undecided = rechecked, int(left.sum())
@@ -354,16 +359,19 @@ def _certify(
 
 def _float32_run(
     model: CPLNet, model_err: ErrorModel, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-    progress: Callable[[int, int], None] | None,
+    progress: Callable[[int, int], None] | None, on_progress: OnProgress | None = None,
 ) -> dict[str, torch.Tensor]:
     """The float32 pass over all points, batch by batch, concatenated."""
     total = images.shape[0]
+    report = on_progress or no_progress
+    report("float32", 0, total)
     parts = []
     for begin in range(0, total, batch_size):
         part = slice(begin, begin + batch_size)
         parts.append(_float32_pass(model, model_err, images[part], labels[part]))
         if progress is not None:
             progress(min(begin + batch_size, total), total)
+        report("float32", min(begin + batch_size, total), total)
     if not parts:
         parts.append(_float32_pass(model, model_err, images[:0], labels[:0]))
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
@@ -389,23 +397,27 @@ def _label_gap(enclosure: Enclosure, labels: torch.Tensor) -> torch.Tensor:
 
 def _exact_runs(
     model: CPLNet, model_err: ErrorModel, images: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor,
-    run: dict[str, torch.Tensor], batch_size: int,
+    run: dict[str, torch.Tensor], batch_size: int, on_progress: OnProgress | None = None,
 ) -> int:
     """Evaluate undecided points more precisely until decided: float64 dense layers first (cheap), then
     float64 throughout; updates ``run`` in place and returns how many points were re-evaluated."""
     index = _undecided(run, labels, eps).nonzero().flatten()
     if index.numel() == 0:
         return 0
+    report = on_progress or no_progress
     model64 = float64_copy(model)
     dense_start = next(i for i, (name, _) in enumerate(model.body()) if name == "flatten")
-    for split in (dense_start, 0):
+    for split, stage in ((dense_start, "float64-dense"), (0, "float64")):
         todo = index[_undecided(run, labels, eps)[index]]
+        if todo.numel():
+            report(stage, 0, todo.numel())
         for begin in range(0, todo.numel(), batch_size):
             part = todo[begin : begin + batch_size]
             enclosure = exact_enclosure(model, model64, model_err, images[part], split)
             for key in ("top", "low", "high", "margin", "finite"):
                 run[key][part] = getattr(enclosure, key)
             run["label_gap"][part] = _label_gap(enclosure, labels[part])
+            report(stage, min(begin + batch_size, todo.numel()), todo.numel())
     return int(index.numel())
 
 

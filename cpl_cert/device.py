@@ -8,13 +8,16 @@ from .errors import CplCertError
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """A ``torch.device`` from ``auto``/``cpu``/``cuda``/``cuda:N``, checked to exist."""
+    """A ``torch.device`` from ``auto``/``cpu``/``cuda``/``cuda:N``, checked to exist (other device types are refused)."""
     if name is None or str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise CplCertError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        # MPS has no float64 (certification needs it); meta and the rest hold no data to compute on.
+        raise CplCertError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise CplCertError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu")

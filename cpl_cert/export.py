@@ -4,7 +4,7 @@ The graph maps images (N, C, H, W), float32 in [0, 1] (8-bit pixels / 255), to l
 normalisation is inside it. ``metadata_props`` hold, as JSON, the certified Lipschitz constant
 ``L[i][j]`` of every logit difference ``f_i - f_j``, so a deployed model computes its own radius
 ``min over j != top of (f_top - f_j) / L[top][j]``, plus the body bound, normalisation, class names,
-input shape and the checkpoint's sha256. Needs the optional ``onnx`` package (``cpl-cert[onnx]``).
+input shape and the checkpoint's sha256. Needs the optional ``onnx`` package (``pip install onnx onnxruntime``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ from .layers import LLNHead
 from .lipschitz import LipschitzBounds, lipschitz_bounds
 from .models import CPLNet
 
-INSTALL_HINT = "ONNX export needs the onnx package: pip install 'cpl-cert[onnx]' (or pip install onnx onnxruntime)"
+INSTALL_HINT = (
+    "ONNX export needs the onnx package, which is not installed; install it with pip install onnx onnxruntime "
+    "(or pip install '.[onnx]' in the cpl-cert folder)"
+)
 FORMAT = "cpl-cert-onnx/1"
 DEFAULT_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "logits"

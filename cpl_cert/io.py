@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +75,30 @@ def atomic_write(path: str | os.PathLike[str], content: Content) -> Path:
         raise
     _fsync_directory(directory)
     return target
+
+
+def temporary_pattern(target: Path) -> re.Pattern[str]:
+    """The names ``atomic_write`` gives its temporary files for ``target``: ``.<name>.<8 random characters>.tmp``."""
+    return re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")
+
+
+def remove_stale_temporaries(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files an interrupted ``atomic_write`` of ``target`` left (a ``kill -9`` runs no
+    cleanup); returns them. Only call it when no other process is writing ``target``."""
+    path = Path(target)
+    directory = path.parent if str(path.parent) else Path(".")
+    pattern = temporary_pattern(path)
+    removed = []
+    for candidate in directory.glob(f".{glob_escape(path.name)}.*.tmp"):
+        if pattern.fullmatch(candidate.name) and candidate.is_file():
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return sorted(removed)
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters quoted."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -75,10 +75,10 @@ def main() -> None:
         sleep_in_checkpoint_writes(options.sleep_in_write)
     if options.weights_dir:
         record_weights(options.weights_dir)
-    from cpl_cert.cli import app
+    from cpl_cert.cli import main as cli_main
 
     sys.argv = ["cpl-cert", *args]
-    app(args=args, prog_name="cpl-cert")
+    cli_main()
 
 
 if __name__ == "__main__":

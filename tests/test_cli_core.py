@@ -44,10 +44,12 @@ def test_lipschitz_flags_a_broken_model(tmp_path):
     assert json.loads(out.read_text())["upper"] > 1.0
 
 
-def test_info_prints_metadata(tiny_checkpoint):
-    result = runner.invoke(app, ["info", str(tiny_checkpoint), "--json"])
+def test_info_prints_metadata(tiny_checkpoint, tmp_path):
+    result = runner.invoke(app, ["info", str(tiny_checkpoint), "--json", "-"])
     assert result.exit_code == 0, result.output
     meta = json.loads(result.stdout)
+    written = runner.invoke(app, ["info", str(tiny_checkpoint), "--json", str(tmp_path / "meta.json")])
+    assert written.exit_code == 0 and json.loads((tmp_path / "meta.json").read_text()) == meta
     assert meta["format"] == "cpl-cert/1" and meta["config"]["preset"] == "cpl-tiny"
     c = meta["config"]  # cpl-tiny on 1x28x28: conv (inner, channels, 3, 3) + bias, dense (inner, features) + bias
     features = c["channels"] * (28 // c["pool"]) ** 2
@@ -61,6 +63,34 @@ def test_info_prints_metadata(tiny_checkpoint):
 def test_unwritable_json_path_fails_before_work(tmp_path, tiny_checkpoint):
     result = runner.invoke(app, ["lipschitz", str(tiny_checkpoint), "--json", str(tmp_path / "no" / "such" / "x.json")])
     assert result.exit_code == 1 and "does not exist" in result.stderr
+
+
+COMMANDS = ("train", "certify", "attack", "lipschitz", "info", "import", "predict", "export")
+
+
+def test_help_pages_read_cleanly():
+    """No ``<bool>`` placeholder for flags, arguments by metavar (not ``{model_path}``), every command takes --threads."""
+    for args in (["--help"], *([command, "--help"] for command in COMMANDS)):
+        result = runner.invoke(app, args, terminal_width=100)
+        assert result.exit_code == 0 and "Usage" in result.output, args
+        assert "<bool>" not in result.output and "{" not in result.output, result.output
+        if args[0] != "--help":
+            assert "--threads" in result.output, args
+    usage = runner.invoke(app, ["certify", "--help"]).output
+    assert "Usage: cpl-cert certify [OPTIONS] MODEL" in " ".join(usage.split())
+
+
+def test_help_paragraphs_are_reflowed():
+    """A docstring's hard line breaks are not kept: each paragraph is one line that the terminal wraps."""
+    import typer.main
+
+    from cpl_cert.cli.helptext import reflow
+
+    group = typer.main.get_command(app)
+    for name in COMMANDS:
+        for paragraph in group.commands[name].help.split("\n\n"):
+            assert "\n" not in paragraph, (name, paragraph)
+    assert reflow("First line\n    goes on.\n\n    Second\n    paragraph.") == "First line goes on.\n\nSecond paragraph."
 
 
 def test_help_and_console_entry():

@@ -39,7 +39,7 @@ def test_resolution_order(isolated, monkeypatch):
     assert first.images.shape == (3, 1, 28, 28) and first.images.dtype == torch.uint8
     assert first.labels.tolist() == [0, 1, 2]
 
-    second = load_dataset("fashion-mnist", data_dir=isolated / "empty")  # a --data-dir without the files is passed over
+    second = load_dataset("fashion-mnist")
     assert (len(second), int(second.images.max())) == (4, 2) and second.source.startswith("$CPL_CERT_DATA")
 
     monkeypatch.delenv("CPL_CERT_DATA")
@@ -52,9 +52,25 @@ def test_resolution_order(isolated, monkeypatch):
     assert shipped.labels.bincount().tolist() == [1000] * 10  # the real test split, balanced
 
 
+def test_a_data_dir_without_the_split_is_refused_not_passed_over(isolated, monkeypatch):
+    """The user's own copy is never silently replaced by another (here: $CPL_CERT_DATA, which holds the split)."""
+    write_idx(isolated / "env", 4, gz=True)
+    monkeypatch.setenv("CPL_CERT_DATA", str(isolated / "env"))
+    with pytest.raises(CplCertError, match=r"^--data-dir .*missing does not exist$"):
+        load_dataset("fashion-mnist", data_dir=isolated / "missing")
+    (isolated / "empty").mkdir()
+    with pytest.raises(CplCertError) as info:
+        load_dataset("fashion-mnist", data_dir=isolated / "empty")
+    assert str(info.value) == (
+        f"--data-dir {isolated / 'empty'} does not hold the fashion-mnist test split: expected t10k-images-idx3-ubyte[.gz] "
+        "and t10k-labels-idx1-ubyte[.gz] (or FashionMNIST/raw/ with them)"
+    )
+
+
 def test_train_split_is_not_shipped(isolated):
-    with pytest.raises(CplCertError, match="could not find the fashion-mnist train split"):
+    with pytest.raises(CplCertError, match="could not find the fashion-mnist train split") as info:
         load_dataset("fashion-mnist", split="train")
+    assert "apt-get install dataset-fashion-mnist" in str(info.value) and "torchvision.datasets.FashionMNIST" in str(info.value)
     write_idx(isolated / "train", 2, gz=False, split_prefix="train")
     assert len(load_dataset("fashion-mnist", split="train", data_dir=isolated / "train")) == 2
 
@@ -68,12 +84,14 @@ def test_unreadable_files_one_sentence(isolated):
         load_dataset("fashion-mnist", data_dir=folder)
 
 
-def test_missing_data_offline_sentence(isolated):
+def test_missing_data_offline_sentence(isolated, monkeypatch):
+    monkeypatch.setenv("CPL_CERT_DATA", str(isolated / "nothing"))
     with pytest.raises(CplCertError) as info:
-        load_dataset("cifar10", data_dir=isolated / "nothing")
+        load_dataset("cifar10")
     message = str(info.value)
     assert "could not find the cifar10 test split" in message and str(isolated / "nothing") in message
     assert "--data-dir" in message and "$CPL_CERT_DATA" in message and "\n" not in message
+    assert "apt-get" not in message  # no Debian package holds CIFAR-10
 
 
 def test_failed_download_is_quiet(isolated, monkeypatch, capfd):
@@ -85,7 +103,7 @@ def test_failed_download_is_quiet(isolated, monkeypatch, capfd):
 
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     with pytest.raises(CplCertError, match="download into .* failed"):
-        load_dataset("mnist", data_dir=isolated / "nothing")
+        load_dataset("mnist")
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err == ""
 

@@ -109,7 +109,8 @@ def test_cifar100_uses_the_fine_labels(tmp_path):
 
 def test_cifar_missing_batch_means_not_there(tmp_path):
     write_cifar_batch(tmp_path / "cifar-10-batches-py" / "data_batch_1", 0, [1], "labels")
-    with pytest.raises(CplCertError, match="could not find the cifar10 train split"):
+    expected = r"--data-dir .* does not hold the cifar10 train split: expected cifar-10-batches-py/ with data_batch_1, data_batch_2"
+    with pytest.raises(CplCertError, match=expected):
         load_dataset("cifar10", "train", data_dir=tmp_path)
 
 

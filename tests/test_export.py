@@ -28,7 +28,7 @@ from cpl_cert.models import float64_copy
 runner = CliRunner()
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "fmnist-cpl-xs.safetensors"
 ATOL = 1e-5
-SKIP_REASON = "ONNX export needs the optional onnx and onnxruntime packages (pip install 'cpl-cert[onnx]')"
+SKIP_REASON = "ONNX export needs the optional onnx and onnxruntime packages (pip install onnx onnxruntime)"
 
 
 @pytest.fixture

@@ -181,7 +181,7 @@ def test_info_shows_the_provenance(tmp_path):
     arch = Arch(1, 4, 3, 1, 16, lln=False)
     out = tmp_path / "m.safetensors"
     assert run_import(save(build_state(arch), tmp_path / "best_model.pt"), out, "cifar10", False, False).exit_code == 0
-    shown = runner.invoke(app, ["info", str(out), "--json"])
+    shown = runner.invoke(app, ["info", str(out), "--json", "-"])
     assert shown.exit_code == 0, shown.output
     p = json.loads(shown.stdout)["training"]["provenance"]
     assert {"source", "sha256", "steps", "reference_sigmas", "reference_steps", "reference_steps_body_bound", "written_body_bound"} <= set(p)

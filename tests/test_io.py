@@ -11,7 +11,7 @@ import pytest
 
 import cpl_cert
 from cpl_cert.errors import CplCertError
-from cpl_cert.io import atomic_write, file_sha256, write_json
+from cpl_cert.io import atomic_write, file_sha256, remove_stale_temporaries, temporary_pattern, write_json
 
 
 @pytest.fixture
@@ -83,3 +83,24 @@ def test_file_sha256_matches_hashlib(tmp_path):
     payload = os.urandom(3 * (1 << 20) + 17)  # spans several read blocks
     (tmp_path / "f").write_bytes(payload)
     assert file_sha256(tmp_path / "f") == hashlib.sha256(payload).hexdigest()
+
+
+def test_stale_temporaries_are_only_atomic_writes_own(tmp_path):
+    """Exactly the names ``atomic_write`` gives (``.<name>.<8 characters>.tmp``) are removed; a glob-special name is safe."""
+    target = tmp_path / "m[1].safetensors"
+    mine = [".m[1].safetensors.ab_cd123.tmp", ".m[1].safetensors.zzzzzzzz.tmp"]
+    others = [".m[1].safetensors.short.tmp", ".m1.safetensors.abcdefgh.tmp", ".other.safetensors.abcdefgh.tmp", "m[1].safetensors"]
+    for name in mine + others:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_stale_temporaries(target)
+    assert sorted(p.name for p in removed) == sorted(mine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
+
+
+def test_a_real_temporary_name_matches_the_cleanup_pattern(tmp_path, monkeypatch):
+    """The pattern is checked against the name mkstemp really produced during a write."""
+    seen = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (seen.append(Path(src).name), real_replace(src, dst)))
+    atomic_write(tmp_path / "report.json", "{}")
+    assert len(seen) == 1 and temporary_pattern(tmp_path / "report.json").fullmatch(seen[0])

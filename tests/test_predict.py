@@ -171,7 +171,7 @@ def bad_inputs(tmp_path: Path, png_folder: Path, rgb_checkpoint: Path) -> dict[s
         "channels-last array": (rgb_checkpoint, [str(tmp_path / "channels-last.npy")], "looks channels-last"),
         "no images in array": (SHIPPED, [str(tmp_path / "none.npy")], "holds no images"),
         "not an array": (SHIPPED, [str(tmp_path / "text.npy")], "cannot be read"),
-        "bad eps": (SHIPPED, [str(grey_png), "--eps", "-1"], "cannot read eps '-1'"),
+        "bad eps": (SHIPPED, [str(grey_png), "--eps", "-1"], "eps must be positive and finite, got '-1'"),
         "zero eps": (SHIPPED, [str(grey_png), "--eps", "0"], "eps must be positive"),
         "two eps": (SHIPPED, [str(grey_png), "--eps", "0.1,0.2"], "give one eps"),
         "bad batch size": (SHIPPED, [str(grey_png), "--batch-size", "0"], "--batch-size must be positive"),

@@ -68,14 +68,14 @@ def test_one_epoch_cli_run_gives_a_certifiable_checkpoint(tmp_path: Path, train_
     assert cert.clean_accuracy > 0.3  # learnt something beyond chance (0.1)
     assert cert.bounds.upper <= 1.0 + 1e-6
     # Without --resume an existing checkpoint is not overwritten.
-    again = CliRunner().invoke(app, ["train", *tiny(train_data_dir), "--epochs", "1", "--limit-train", "100", "--out", str(out)])
+    again = CliRunner().invoke(app, ["train", *tiny(train_data_dir), "--epochs", "1", "--train-limit", "100", "--out", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output
 
 
 def test_architecture_flags_set_what_they_name(tmp_path: Path, train_data_dir: Path):
     out = tmp_path / "custom.safetensors"
     sizes = {"--conv-depth": 1, "--channels": 4, "--conv-inner": 3, "--dense-depth": 1, "--dense-inner": 16}
-    args = [*tiny(train_data_dir), "--epochs", "1", "--limit-train", "100", "--eval-limit", "50", "--head", "lln", "--out", str(out)]
+    args = [*tiny(train_data_dir), "--epochs", "1", "--train-limit", "100", "--eval-limit", "50", "--head", "lln", "--out", str(out)]
     result = CliRunner().invoke(app, ["train", *args, *(str(v) for pair in sizes.items() for v in pair)])
     assert result.exit_code == 0, result.output
     config = cpl_cert.read_metadata(out)["config"]
@@ -96,13 +96,16 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path, train_d
     train(_opts(full, train_data_dir))
     first = train(_opts(split, train_data_dir, stop_after=1), on_event=events.append)
     assert first.stopped_early and read_metadata(split)["training"]["epochs_completed"] == 1
-    assert [type(e).__name__ for e in events if type(e).__name__ != "StepDone"] == [
-        "RunStarted", "EpochStarted", "Saved", "EpochEnded", "Stopped"
+    assert [type(e).__name__ for e in events if type(e).__name__ not in ("StepDone", "Evaluating")] == [
+        "Preparing", "RunStarted", "EpochStarted", "Saving", "Saved", "EpochEnded", "Stopped"
     ]
+    evaluating = [(e.stage, e.done, e.total) for e in events if type(e).__name__ == "Evaluating"]
+    assert evaluating[0] == ("freeze", 0, 50) and evaluating[1:3] == [("float32", 0, 100), ("float32", 100, 100)]
     assert [(e.step, e.steps) for e in events if type(e).__name__ == "StepDone"] == [(s, 5) for s in range(1, 6)]
     events.clear()
     train(_opts(split, train_data_dir, resume=True), on_event=events.append)
-    assert type(events[0]).__name__ == "Resumed" and (events[0].epoch, events[0].step) == (1, 5)
+    assert [(type(e).__name__, getattr(e, "stage", None)) for e in events[:2]] == [("Preparing", "data"), ("Preparing", "resume")]
+    assert type(events[2]).__name__ == "Resumed" and (events[2].epoch, events[2].step) == (1, 5)
     a, b = load_file(str(full)), load_file(str(split))
     assert a.keys() == b.keys()
     for name in a:
@@ -130,7 +133,7 @@ def test_nonfinite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_path
 
     monkeypatch.setattr(train_setup, "make_loss", make_loss)
     out = tmp_path / "nan.safetensors"
-    args = [*tiny(train_data_dir), "--epochs", "3", "--limit-train", "600", "--eval-limit", "100", "--batch-size", "128", "--out", str(out)]
+    args = [*tiny(train_data_dir), "--epochs", "3", "--train-limit", "600", "--eval-limit", "100", "--batch-size", "128", "--out", str(out)]
     result = CliRunner().invoke(app, ["train", *args])
     assert result.exit_code == 1, result.output
     message = " ".join(result.stderr.split())
@@ -143,7 +146,7 @@ def test_nonfinite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(tmp_path
 
 def test_sigkill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: Path, train_data_dir: Path):
     out = tmp_path / "kill.safetensors"
-    args = [*tiny(train_data_dir), "--epochs", "1", "--limit-train", "300", "--eval-limit", "100", "--out", str(out)]
+    args = [*tiny(train_data_dir), "--epochs", "1", "--train-limit", "300", "--eval-limit", "100", "--out", str(out)]
     assert CliRunner().invoke(app, ["train", *args]).exit_code == 0
     before = file_sha256(out)
     proc = subprocess.Popen(
@@ -166,6 +169,14 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path:
     assert file_sha256(out) == before
     model, meta = cpl_cert.load_checkpoint(out)
     assert meta["training"]["seed"] == 0
+    # The killed write left its temporary file (cpl-cert's own, nothing else); the next start removes it.
+    leftovers = sorted(p.name for p in tmp_path.glob(".*"))
+    assert len(leftovers) == 1 and leftovers[0].startswith(f".{out.name}.") and leftovers[0].endswith(".tmp")
+    again = CliRunner().invoke(app, ["train", *args, "--resume"])
+    assert again.exit_code == 0, again.output
+    assert f"removed 1 temporary file(s) left by an interrupted checkpoint write: {leftovers[0]}" in again.output
+    assert "already finished all 1 epochs" in again.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, log_path(out).name])
 
 
 def test_two_process_gloo_run_keeps_ranks_identical(tmp_path: Path, train_data_dir: Path):
@@ -175,7 +186,7 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path: Path, train_data_d
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(RUN_CLI),
         "--weights-dir", str(hashes), "--", "train", *tiny(train_data_dir),
-        "--epochs", "1", "--limit-train", "400", "--eval-limit", "100", "--batch-size", "64", "--out", str(out),
+        "--epochs", "1", "--train-limit", "400", "--eval-limit", "100", "--batch-size", "64", "--out", str(out),
     ]
     proc = subprocess.run(cmd, env={**_env(), "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

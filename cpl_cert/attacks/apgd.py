@@ -132,8 +132,12 @@ def _apgd_run(
     idx: torch.Tensor,
     generator: torch.Generator | None,
     random_start: bool,
+    on_step: Callable[[float], None] | None = None,
 ) -> None:
-    """One APGD run on the points ``idx`` of the batch; records successes in ``out`` in place."""
+    """One APGD run on the points ``idx`` of the batch; records successes in ``out`` in place.
+
+    ``on_step(fraction)`` is told after every iteration which fraction of the run is done.
+    """
     start, labels, radii = x0[idx], y[idx], per_point(eps, x0)[idx]
     tgt = target[idx] if target is not None else None
     evaluate = _evaluator(model)
@@ -146,9 +150,23 @@ def _apgd_run(
         if idx.numel() == 0:
             return
         idx = _drop_hits(state, _momentum_step(state, k, evaluate), out, idx)
+        if on_step is not None:
+            on_step((k + 1) / steps)
         if k + 1 in marks and idx.numel():
             _at_checkpoint(state, k + 1 - last_mark)
             last_mark = k + 1
+
+
+def _part(on_step: Callable[[float], None] | None, index: int, count: int) -> Callable[[float], None] | None:
+    """``on_step`` for run ``index`` of ``count`` equal runs: its fraction mapped into the whole budget's."""
+    if on_step is None:
+        return None
+    return lambda fraction: on_step((index + fraction) / count)
+
+
+def _done(on_step: Callable[[float], None] | None) -> None:
+    if on_step is not None:
+        on_step(1.0)
 
 
 def apgd_l2(
@@ -159,14 +177,16 @@ def apgd_l2(
     steps: int = 100,
     restarts: int = 1,
     generator: torch.Generator | None = None,
+    on_step: Callable[[float], None] | None = None,
 ) -> AttackOutcome:
-    """APGD-CE: untargeted APGD on the cross-entropy of class ``y``."""
+    """APGD-CE: untargeted APGD on the cross-entropy of class ``y``; ``on_step(fraction of the budget done)``."""
     out = empty_outcome(x0, "apgd-ce", {"steps": steps, "restarts": restarts, "loss": "ce", "rho": RHO, "momentum": MOMENTUM})
-    for _ in range(restarts):
+    for restart in range(restarts):
         idx = (~out.found).nonzero().flatten()
         if idx.numel() == 0:
             break
-        _apgd_run(model, x0, y, eps, steps, None, out, idx, generator, random_start=True)
+        _apgd_run(model, x0, y, eps, steps, None, out, idx, generator, random_start=True, on_step=_part(on_step, restart, restarts))
+    _done(on_step)
     out.distance = distances(x0, out.adversarial, out.found)
     return out
 
@@ -180,8 +200,12 @@ def apgd_targeted_l2(
     targets: int = 9,
     restarts: int = 1,
     generator: torch.Generator | None = None,
+    on_step: Callable[[float], None] | None = None,
 ) -> AttackOutcome:
-    """APGD-T: targeted DLR APGD against each of the ``targets`` highest-scoring other classes in turn."""
+    """APGD-T: targeted DLR APGD against each of the ``targets`` highest-scoring other classes in turn.
+
+    ``on_step(fraction)`` is told after every iteration which fraction of the budget is done.
+    """
     with torch.no_grad():
         logits = model(x0)
     num_targets = min(targets, logits.shape[1] - 1)
@@ -189,10 +213,12 @@ def apgd_targeted_l2(
     out = empty_outcome(x0, "apgd-t", settings)
     ranked = logits.scatter(1, y[:, None], float("-inf")).argsort(dim=1, descending=True)
     for rank in range(num_targets):
-        for _ in range(restarts):
+        for restart in range(restarts):
             idx = (~out.found).nonzero().flatten()
             if idx.numel() == 0:
                 break
-            _apgd_run(model, x0, y, eps, steps, ranked[:, rank], out, idx, generator, random_start=True)
+            report = _part(on_step, rank * restarts + restart, num_targets * restarts)
+            _apgd_run(model, x0, y, eps, steps, ranked[:, rank], out, idx, generator, random_start=True, on_step=report)
+    _done(on_step)
     out.distance = distances(x0, out.adversarial, out.found)
     return out

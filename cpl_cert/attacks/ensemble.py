@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..numerics import strict_math
+from ..progress import OnProgress, no_progress
 from .apgd import apgd_l2, apgd_targeted_l2
 from .check import Checker, make_checker, verify_exact, verify_float32
 from .common import AttackOutcome
@@ -91,23 +92,54 @@ class SuiteResult:
         return self.names[code] if code >= 0 else ""
 
 
+PHASES = {"pgd": ("pgd",), "apgd": ("apgd-ce", "apgd-t"), "autoattack": ("apgd-ce", "apgd-t", "pgd"), "minnorm": ()}
+"""The fixed-eps attacks each ``--attack`` runs at every radius, in order (FMN runs once per batch before them)."""
+
+
+class _BatchProgress:
+    """Reports a batch's progress in points: each attack run at each radius is an equal share, FMN two."""
+
+    def __init__(self, on_progress: OnProgress, part: slice, n: int, attack: str, engine: str, radii: int) -> None:
+        self.on_progress, self.part, self.n, self.done = on_progress, part, n, 0.0
+        fmn = 2.0 if attack in ("minnorm", "autoattack") and engine == "native" else 0.0
+        per_radius = len(PHASES[attack]) if engine == "native" else 1
+        self.total = fmn + radii * per_radius or 1.0
+
+    def phase(self, stage: str, weight: float = 1.0) -> Callable[[float], None]:
+        """``on_step`` for the next phase (``weight`` shares): reports ``stage`` and the points' progress."""
+        begin = self.done
+        self.done += weight
+
+        def on_step(fraction: float) -> None:
+            share = (begin + weight * min(max(fraction, 0.0), 1.0)) / self.total
+            self.on_progress(stage, self.part.start + share * (self.part.stop - self.part.start), self.n)
+
+        on_step(0.0)
+        return on_step
+
+
 def _native(
     model: nn.Module, x0: torch.Tensor, y: torch.Tensor, eps: float, attack: str, generator: torch.Generator,
     minnorm: AttackOutcome | None,
     steps: int = 100,
+    phase: Callable[[str], Callable[[float], None] | None] = lambda stage: None,
 ) -> list[AttackOutcome]:
-    """The native attacks of ``attack`` at radius ``eps``; each later one runs on the points still unbroken."""
+    """The native attacks of ``attack`` at radius ``eps``; each later one runs on the points still unbroken.
+
+    ``phase(stage)`` gives each attack run its ``on_step`` progress callback.
+    """
     if attack == "minnorm":
         assert minnorm is not None
         return [minnorm]
+    label = f"at eps {eps:.4g}"
     plan: list[Callable[[torch.Tensor, torch.Tensor], AttackOutcome]] = []
     if attack in ("apgd", "autoattack"):
         plan += [
-            lambda a, b: apgd_l2(model, a, b, eps, steps=steps, generator=generator),
-            lambda a, b: apgd_targeted_l2(model, a, b, eps, steps=steps, generator=generator),
+            lambda a, b: apgd_l2(model, a, b, eps, steps=steps, generator=generator, on_step=phase(f"apgd-ce {label}")),
+            lambda a, b: apgd_targeted_l2(model, a, b, eps, steps=steps, generator=generator, on_step=phase(f"apgd-t {label}")),
         ]
     if attack in ("pgd", "autoattack"):
-        plan.append(lambda a, b: pgd_l2(model, a, b, eps, steps=steps, generator=generator))
+        plan.append(lambda a, b: pgd_l2(model, a, b, eps, steps=steps, generator=generator, on_step=phase(f"pgd {label}")))
     outcomes: list[AttackOutcome] = []
     alive = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
     for run in plan:
@@ -140,6 +172,7 @@ def run_suite(
     progress: Callable[[int, int], None] | None = None,
     reference_float32: torch.Tensor | None = None,
     clean: torch.Tensor | None = None,
+    on_progress: OnProgress | None = None,
 ) -> SuiteResult:
     """Attack every point of ``images`` (floats in [0, 1], on the model's device) at every radius.
 
@@ -148,6 +181,8 @@ def run_suite(
     the exact clean points in float64 that distances are measured from (default: ``images``).
     ``steps`` is the iteration budget of PGD and APGD (reference: 100); FMN gets twice as many.
     Every example is verified in both senses (``cpl_cert.attacks.check``) before it counts.
+    ``progress(done, total)`` is called after each batch; ``on_progress(stage, done, total)`` after
+    every attack iteration, in points (fractional inside a batch), with the attack and radius as stage.
     """
     check_attack_options(attack, engine, steps, batch_size)
     model.eval()
@@ -164,7 +199,8 @@ def run_suite(
     for begin in range(0, n, batch_size):
         part = slice(begin, min(begin + batch_size, n))
         targets = (reference[part].to(images.device), reference32[part].to(images.device))
-        _attack_batch(checker, images[part].float(), clean[part], targets, result, part, rejected, attack, engine, seed, steps)
+        tracker = _BatchProgress(on_progress or no_progress, part, n, attack, engine, len(result.eps))
+        _attack_batch(checker, images[part].float(), clean[part], targets, result, part, rejected, attack, engine, seed, steps, tracker)
         if progress is not None:
             progress(part.stop, n)
     result.rejected = int(rejected.sum())
@@ -174,22 +210,25 @@ def run_suite(
 def _attack_batch(
     checker: Checker, x0: torch.Tensor, clean: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor],
     result: SuiteResult, part: slice, rejected: torch.Tensor, attack: str, engine: str, seed: int, steps: int,
+    tracker: _BatchProgress,
 ) -> None:
     """Run the attacks on one batch at every radius and record the closest verified examples."""
     model, y = checker.model, targets[0]
     minnorm = None
     if attack in ("minnorm", "autoattack") and engine == "native":
-        minnorm = fmn_l2(model, x0, y, steps=2 * steps, check_model=checker.model64)
+        minnorm = fmn_l2(model, x0, y, steps=2 * steps, check_model=checker.model64, on_step=tracker.phase("fmn", 2.0))
     for e, radius in enumerate(result.eps):
         if engine == "torchattacks":
             from .external import torchattacks_attack
 
+            done = tracker.phase(f"torchattacks {attack} at eps {radius:.4g}")
             outcomes = torchattacks_attack(model, x0, y, radius, attack, seed)
+            done(1.0)
         else:
             # A fresh stream per (batch, radius): the same points get the same random starts whatever
             # else runs, so the ensemble's APGD part reproduces --attack apgd exactly.
             generator = torch.Generator(device=x0.device).manual_seed(seed * 1_000_003 + part.start * 101 + e)
-            outcomes = _native(model, x0, y, radius, attack, generator, minnorm, steps)
+            outcomes = _native(model, x0, y, radius, attack, generator, minnorm, steps, tracker.phase)
         for outcome in outcomes:
             with strict_math():
                 exact = verify_exact(checker, clean, outcome, targets[0])

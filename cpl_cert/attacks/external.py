@@ -19,16 +19,22 @@ from .common import AttackOutcome, distances, empty_outcome, is_adversarial
 from .options import ENGINE_ATTACKS
 
 INSTALL_HINT = (
-    "the torchattacks engine needs the optional package torchattacks; install it with "
-    "`pip install 'cpl-cert[torchattacks]'` (or `pip install torchattacks`), or use --engine native"
+    "the torchattacks engine needs the optional package torchattacks, which is not installed; install it with "
+    "pip install torchattacks (or pip install '.[torchattacks]' in the cpl-cert folder), or use --engine native"
 )
 
 
 def require_torchattacks() -> Any:
-    """Import ``torchattacks`` or fail with one sentence saying how to install it."""
+    """Import ``torchattacks`` or fail with one sentence naming what is really missing and how to install it."""
     try:
         import torchattacks  # type: ignore[import-not-found]
-    except ImportError:
+    except ImportError as exc:
+        missing = getattr(exc, "name", None)
+        if missing and missing.split(".")[0] != "torchattacks":
+            raise CplCertError(
+                f"torchattacks is installed but cannot be imported: it needs the module {missing!r}, which is missing "
+                f"(pip install {missing.split('.')[0]}), or use --engine native"
+            ) from None
         raise CplCertError(INSTALL_HINT) from None
     return torchattacks
 

@@ -13,6 +13,7 @@ goal is to shrink the distance after the first success.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -34,22 +35,28 @@ def _cosine(k: int, steps: int, start: float, end: float) -> float:
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * k / steps))
 
 
+BISECTION_COST = 2.5
+"""A bisection step (float32 and float64 forward passes) costs about this many FMN iterations (progress only)."""
+
+
 @torch.no_grad()
 def bisect_to_boundary(
     model: nn.Module, x0: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, found: torch.Tensor, steps: int = 20,
     check_model: nn.Module | None = None,
+    on_step: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """Shrink ``x0 + t (x_adv - x0)`` towards ``x0`` while it stays adversarial (bisection on ``t``).
 
     With ``check_model`` (a float64 copy) a candidate must be adversarial for both models, so the
     bisection never steps onto the float32 side of a boundary that float64 re-verification rejects.
+    ``on_step(fraction)`` is told after every step which fraction of the bisection is done.
     """
     if steps <= 0 or not bool(found.any()):
         return x_adv
     delta = x_adv - x0
     low = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
     high = torch.ones_like(low)
-    for _ in range(steps):
+    for k in range(steps):
         mid = 0.5 * (low + high)
         candidate = x0 + batch_view(mid, delta) * delta
         adv = model(candidate).argmax(dim=1) != y
@@ -57,6 +64,8 @@ def bisect_to_boundary(
             adv &= check_model(candidate.double()).argmax(dim=1) != y
         high = torch.where(adv, mid, high)
         low = torch.where(adv, low, mid)
+        if on_step is not None:
+            on_step((k + 1) / steps)
     shrunk = x0 + batch_view(high, delta) * delta
     return torch.where(batch_view(found, x0), shrunk, x_adv)
 
@@ -72,8 +81,12 @@ def fmn_l2(
     gamma_final: float = 0.001,
     refine: int = 20,
     check_model: nn.Module | None = None,
+    on_step: Callable[[float], None] | None = None,
 ) -> AttackOutcome:
-    """Smallest l2 perturbation found (per point) that makes the prediction differ from ``y``."""
+    """Smallest l2 perturbation found (per point) that makes the prediction differ from ``y``.
+
+    ``on_step(fraction)`` is told after every iteration which fraction of the budget is done.
+    """
     settings = {
         "steps": steps, "alpha": [alpha_init, alpha_final], "gamma": [gamma_init, gamma_final], "refine": refine,
     }
@@ -82,6 +95,7 @@ def fmn_l2(
     radius = torch.zeros(n, dtype=x0.dtype, device=x0.device)
     best_norm = torch.full((n,), math.inf, dtype=x0.dtype, device=x0.device)
     best = x0.clone()
+    share = (steps + 1) / (steps + 1 + BISECTION_COST * refine)  # of the budget spent before the bisection
     for k in range(steps + 1):
         x = (x0 + delta).clamp(0.0, 1.0)
         margin, grad, logits = loss_and_grad(model, x, _margin, y)
@@ -90,6 +104,8 @@ def fmn_l2(
         improved = adversarial & (margin < -CLEAR_MARGIN) & (norm < best_norm)
         best_norm = torch.where(improved, norm, best_norm)
         best = torch.where(batch_view(improved, x0), x, best)
+        if on_step is not None:
+            on_step(share * (k + 1) / (steps + 1))
         if k == steps:
             break
         gamma = _cosine(k, steps, gamma_init, gamma_final)
@@ -102,5 +118,8 @@ def fmn_l2(
         radius = torch.where(adversarial, torch.minimum(radius * (1 - gamma), best_norm), grow)
         delta = project(x0, x0 + delta - alpha * normalize(grad), radius) - x0
     found = torch.isfinite(best_norm)
-    best = bisect_to_boundary(model, x0, best, y, found, refine, check_model)
+    bisect_step = None if on_step is None else (lambda fraction: on_step(share + (1 - share) * fraction))
+    best = bisect_to_boundary(model, x0, best, y, found, refine, check_model, bisect_step)
+    if on_step is not None:
+        on_step(1.0)
     return AttackOutcome(found, best, distances(x0, best, found), "fmn", settings)

@@ -8,6 +8,8 @@ prediction changes; only the points not yet broken keep iterating.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -38,15 +40,19 @@ def pgd_l2(
     step_size: float | None = None,
     loss: str = "ce",
     generator: torch.Generator | None = None,
+    on_step: Callable[[float], None] | None = None,
 ) -> AttackOutcome:
-    """Search the l2 ball of radius ``eps`` (a number or one per point) around each ``x0[i]`` for an input not predicted ``y[i]``."""
+    """Search the l2 ball of radius ``eps`` (a number or one per point) around each ``x0[i]`` for an input not predicted ``y[i]``.
+
+    ``on_step(fraction)`` is told after every iteration which fraction of the budget is done.
+    """
     radii = per_point(eps, x0)
     steps_all = per_point(step_size, x0) if step_size is not None else 2.5 * radii / steps
     settings = {"steps": steps, "restarts": restarts, "step_size": "2.5 * eps / steps" if step_size is None else step_size,
                 "loss": loss, "random_start": "uniform in ball"}
     out = empty_outcome(x0, "pgd", settings)
     loss_fn = LOSSES[loss]
-    for _ in range(restarts):
+    for restart in range(restarts):
         idx = (~out.found).nonzero().flatten()
         if idx.numel() == 0:
             break
@@ -63,8 +69,12 @@ def pgd_l2(
                 r, step = r[keep], step[keep]
                 if idx.numel() == 0:
                     break
+            if on_step is not None:
+                on_step((restart + (k + 1) / (steps + 1)) / restarts)
             if k == steps:
                 break
             x = project(start, x + batch_view(step, x) * normalize(grad), r)
+    if on_step is not None:
+        on_step(1.0)
     out.distance = distances(x0, out.adversarial, out.found)
     return out

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..attacks.check import Violation, find_violations
 from ..attacks.ensemble import SuiteResult, run_suite
@@ -21,19 +20,25 @@ from ..io import file_sha256, write_json
 from ..lipschitz import LipschitzBounds, lipschitz_bounds
 from ..models import CPLNet
 from .attack_report import accuracy_rows, accuracy_table, json_report, tightness, tightness_table, violations_table
+from .certify import CERTIFY_STAGES
 from .common import (
     EXIT_VIOLATION,
+    DataDir,
     DeviceName,
     JsonPath,
     ModelPath,
+    Threads,
     check_writable,
     console,
     err_console,
     handle_errors,
     library_default,
     load_model_and_data,
+    read_eps,
+    set_threads,
 )
 from .plots import plot_gap, require_matplotlib
+from .progress import Activity
 
 DEFAULT_LIMIT = 1000
 MEASURES_DISTANCE = ("minnorm", "autoattack")
@@ -57,31 +62,44 @@ def attack_command(
     attack: Annotated[
         str, typer.Option("--attack", help=f"{', '.join(ATTACKS)}: PGD-L2, APGD-CE + APGD-T, the worst case of all, FMN-L2 minimum norm.")
     ] = library_default(run_suite, "attack"),
-    eps: Annotated[str | None, typer.Option("--eps", help="Radii, e.g. '0.1,0.25' or '36/255' (default: the dataset's list).")] = None,
-    limit: Annotated[int, typer.Option("--limit", help="Attack the first N test points.")] = DEFAULT_LIMIT,
+    eps: Annotated[
+        str | None, typer.Option("--eps", metavar="RADII", help="Radii, e.g. '0.1,0.25' or '36/255' (default: the dataset's list).")
+    ] = None,
+    limit: Annotated[
+        int,
+        typer.Option(
+            "--limit", metavar="N",
+            help="Attack the first N test points. The default is 1000, not all (as certify), because an attack costs "
+            "hundreds of forward and backward passes per point.",
+        ),
+    ] = DEFAULT_LIMIT,
     engine: Annotated[
         str, typer.Option("--engine", help=f"{' or '.join(ENGINES)} (torchattacks is an optional extra).")
     ] = library_default(run_suite, "engine"),
-    dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset name (default: the checkpoint's).")] = None,
-    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Folder holding the dataset files.")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", metavar="NAME", help="Dataset name (default: the checkpoint's).")] = None,
+    data_dir: DataDir = None,
     device: DeviceName = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Points attacked at once.")] = library_default(run_suite, "batch_size"),
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", metavar="N", help="Points attacked at once.")
+    ] = library_default(run_suite, "batch_size"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random starts.")] = library_default(run_suite, "seed"),
     steps: Annotated[
-        int, typer.Option("--steps", help="Iterations of PGD and APGD per run (reference 100; FMN runs twice as many).")
+        int, typer.Option("--steps", metavar="N", help="Iterations of PGD and APGD per run (reference 100; FMN runs twice as many).")
     ] = library_default(run_suite, "steps"),
     json_path: JsonPath = None,
     plot_path: Annotated[
-        Path | None, typer.Option("--plot", help="PNG: certified radius and smallest adversarial distance per point (minnorm, autoattack).")
+        Path | None,
+        typer.Option("--plot", metavar="FILE", help="PNG: certified radius and smallest adversarial distance per point (minnorm, autoattack)."),
     ] = None,
     assume_lipschitz: Annotated[
         float | None,
         typer.Option(
-            "--assume-lipschitz",
+            "--assume-lipschitz", metavar="L",
             help="AUDIT ONLY: check certificates computed as if the network body were L-Lipschitz (the paper's code assumes 1) "
             "instead of cpl-cert's certified bound; such certificates are not guarantees.",
         ),
     ] = None,
+    threads: Threads = None,
 ) -> None:
     """Attack test points and check every certificate: robust accuracy beside certified accuracy.
 
@@ -89,19 +107,33 @@ def attack_command(
     float64) closer than the point's certified radius is a certificate violation: all are listed and
     the command exits with code 3.
     """
+    set_threads(threads)
     check_attack_options(attack, engine, steps, batch_size)
     _check_assumed_bound(assume_lipschitz)
-    eps_values = parse_eps(eps) if eps is not None else None
+    eps_values = read_eps(eps) if eps is not None else None
     _check_outputs(json_path, plot_path, attack)
     dev = resolve_device(device)
-    model, _, data = load_model_and_data(model_path, dataset, data_dir, "test", limit, dev)
-    eps_values = eps_values or parse_eps(",".join(data.default_eps))
-    start = time.perf_counter()
-    bounds = _bounds(model, assume_lipschitz)
-    cert = certify(model, data, eps=[e.label for e in eps_values], device=dev, batch_size=batch_size, bounds=bounds)
-    suite = _run_attacks(model, data, cert, eps_values, attack, engine, batch_size, seed, steps)
-    violations = find_violations(suite, cert)
-    seconds = time.perf_counter() - start
+    with Activity(err_console) as activity:
+        activity.stage(f"loading {model_path.name} and the test split")
+        model, _, data = load_model_and_data(model_path, dataset, data_dir, "test", limit, dev)
+        eps_values = eps_values or parse_eps(",".join(data.default_eps))
+        start = time.perf_counter()
+        activity.stage("computing the certified Lipschitz bound (per-layer spectral norms)")
+        bounds = _bounds(model, assume_lipschitz)
+        cert = certify(
+            model, data, eps=[e.label for e in eps_values], device=dev, batch_size=batch_size, bounds=bounds,
+            on_progress=activity.reporter(CERTIFY_STAGES),
+        )
+        suite = _run_attacks(activity, model, data, cert, eps_values, attack, engine, batch_size, seed, steps)
+        violations = find_violations(suite, cert)
+        seconds = time.perf_counter() - start
+        if plot_path is not None:
+            activity.stage(f"drawing {plot_path}")
+            title = (
+                f"{model_path.name}, {attack} attack ({engine}) on {cert.n:,} {data.name} test points: "
+                "certified radius r and smallest adversarial distance d"
+            )
+            plot_gap(plot_path, cert.radii_exact, suite.min_distance, title)
     rows = accuracy_rows(cert, suite, eps_values)
     bound_text = f"assumed body bound {assume_lipschitz:g}" if assume_lipschitz is not None else f"certified bound {bounds.upper:.6g}"
     console.print(accuracy_table(rows, f"{model_path.name}: {attack} ({engine}) on {cert.n} {data.name} test points, {bound_text}"))
@@ -116,10 +148,9 @@ def attack_command(
             assumed_lipschitz=assume_lipschitz, stats=stats,
         )
         write_json(json_path, report)
-        console.print(f"wrote {json_path}")
+        console.print(f"wrote {json_path}", highlight=False)
     if plot_path is not None:
-        plot_gap(plot_path, cert.radii_exact, suite.min_distance, f"{model_path.name}: certified radius vs smallest adversarial distance")
-        console.print(f"wrote {plot_path}")
+        console.print(f"wrote {plot_path}", highlight=False)
     _report_violations(violations)
 
 
@@ -147,23 +178,22 @@ def _bounds(model: CPLNet, assume_lipschitz: float | None) -> LipschitzBounds:
 
 
 def _run_attacks(
-    model: CPLNet, data: ImageDataset, cert: CertifyResult, eps_values: list[EpsValue],
+    activity: Activity, model: CPLNet, data: ImageDataset, cert: CertifyResult, eps_values: list[EpsValue],
     attack: str, engine: str, batch_size: int, seed: int, steps: int,
 ) -> SuiteResult:
-    """Attack every point's clean prediction at every radius, with a progress bar on a terminal."""
+    """Attack every point's clean prediction at every radius; the progress line follows each attack iteration."""
     device = next(model.buffers()).device
     pixels = data.images.to(device)
     images = to_float_images(pixels)
-    with Progress(
-        TextColumn(f"attack {attack}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True, disable=not err_console.is_terminal,
-    ) as bar:
-        task = bar.add_task("attack", total=cert.n)
-        return run_suite(
-            model, images, cert.predictions.to(device), [e.value for e in eps_values], attack, engine, batch_size, seed, steps,
-            progress=lambda done, total: bar.update(task, completed=done),
-            reference_float32=cert.predictions_float32.to(device), clean=exact_points(pixels),
-        )
+    activity.stage(f"attacking ({attack})", cert.n)
+
+    def on_progress(stage: str, done: float, total: float) -> None:
+        activity.update(done, total, description=f"attacking: {stage}")
+
+    return run_suite(
+        model, images, cert.predictions.to(device), [e.value for e in eps_values], attack, engine, batch_size, seed, steps,
+        reference_float32=cert.predictions_float32.to(device), clean=exact_points(pixels), on_progress=on_progress,
+    )
 
 
 def _print_tightness(cert: CertifyResult, suite: SuiteResult) -> dict[str, Any]:

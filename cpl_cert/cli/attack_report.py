@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from rich.table import Table
 
 from ..attacks.check import Violation, violations_at
 from ..attacks.ensemble import SuiteResult
 from ..certify import CertifyResult, EpsValue
+from .table import Table
 
 
 def accuracy_rows(cert: CertifyResult, suite: SuiteResult, eps: Sequence[EpsValue]) -> list[dict[str, Any]]:

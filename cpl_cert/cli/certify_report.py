@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.table import Table
 
 from ..certify import CertifyResult
 from ..io import atomic_write
+from .table import Table
 
 CSV_HEADER = ("index", "label", "prediction", "prediction_float32", "margin", "radius", "radius_exact", "radius_float32")
 

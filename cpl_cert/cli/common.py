@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import shlex
 from collections.abc import Callable
@@ -15,13 +16,27 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ..certify import EpsValue, parse_eps
 from ..checkpoint import load_checkpoint
-from ..data import ImageDataset, check_compatible, load_dataset
+from ..data import ImageDataset, check_compatible, check_fits, load_dataset
 from ..errors import CplCertError
 from ..models import CPLNet
+from . import interrupt
 
-console = Console()
-err_console = Console(stderr=True)
+LOG_WIDTH = 200
+"""Columns of the output when it is not a terminal (a log, a pipe) and ``$COLUMNS`` does not say: lines are not cut at 80."""
+
+
+def make_console(stderr: bool = False) -> Console:
+    """Rich's console on stdout or stderr; as wide as ``LOG_WIDTH`` when it is not a terminal."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console = Console(stderr=stderr, width=LOG_WIDTH)
+    return console
+
+
+console = make_console()
+err_console = make_console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,8 +64,9 @@ def handle_errors(func: F) -> F:
             raise
         except CplCertError as exc:
             fail(str(exc))
-        except KeyboardInterrupt:
-            fail("interrupted", code=130)
+        except KeyboardInterrupt as exc:
+            interrupt.ignore_further()
+            fail(interrupt.describe(exc), code=interrupt.exit_code(exc))
         except Exception as exc:  # noqa: BLE001 - the promise is: never a raw traceback
             if os.environ.get("CPL_CERT_DEBUG"):
                 raise
@@ -75,15 +91,31 @@ def check_writable(path: Path | None) -> None:
         raise CplCertError(f"cannot write {path}: the file is read-only")
 
 
+def read_eps(text: str) -> list[EpsValue]:
+    """``--eps`` parsed; a number that is negative, zero or not finite is refused as such (not as unreadable)."""
+    for part in text.split(","):
+        item = part.strip()
+        try:
+            value = float(item)
+        except ValueError:
+            value = -1.0 if item.startswith("-") else 1.0
+        if not (math.isfinite(value) and value > 0):
+            raise CplCertError(f"eps must be positive and finite, got {item!r}")
+    return parse_eps(text)
+
+
 def load_model_and_data(
     model_path: Path, dataset: str | None, data_dir: Path | None, split: str, limit: int | None, device: torch.device
 ) -> tuple[CPLNet, dict[str, Any], ImageDataset]:
     """The checkpoint, and its dataset split (``dataset`` or the one the checkpoint names) checked
-    against it and cut to the first ``limit`` points."""
+    against it (by name before any file is read) and cut to the first ``limit`` points."""
     model, meta = load_checkpoint(model_path, device=device)
     name = dataset or (meta.get("dataset") or {}).get("name")
     if not name:
         raise CplCertError(f"{model_path} does not name its dataset; pass --dataset")
+    check_fits(name, model.config.input_shape, model.config.num_classes)
+    if limit is not None and limit < 1:
+        raise CplCertError(f"--limit must be a positive number of points, got {limit}")
     data = load_dataset(name, split=split, data_dir=data_dir)
     check_compatible(data, model.config.input_shape, model.config.num_classes)
     return model, meta, data.subset(limit)
@@ -112,6 +144,26 @@ def command_line(ctx: typer.Context) -> str:
     return shlex.join(parts)
 
 
-ModelPath = Annotated[Path, typer.Argument(help="A cpl-cert checkpoint (.safetensors).", show_default=False)]
-DeviceName = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
-JsonPath = Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")]
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads for torch (``None``: torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise CplCertError(f"--threads must be a positive number, got {threads}")
+    torch.set_num_threads(threads)
+
+
+ModelPath = Annotated[Path, typer.Argument(help="A cpl-cert checkpoint (.safetensors).", metavar="MODEL", show_default=False)]
+DeviceName = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+DataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", metavar="DIR", help="Folder holding the dataset files; it must hold them (no other copy is used)."),
+]
+JsonPath = Annotated[Path | None, typer.Option("--json", metavar="FILE", help="Also write the report as JSON to this file.")]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        "--threads", metavar="N", show_default=False,
+        help="CPU threads for torch (default: torch's, one per core). On a machine shared with other jobs, 1 is often fastest.",
+    ),
+]

@@ -12,14 +12,16 @@ from ..errors import CplCertError
 from ..export import DEFAULT_OPSET, export_onnx, onnx_metadata, require_onnx
 from ..io import file_sha256
 from ..lipschitz import lipschitz_bounds
-from .common import ModelPath, check_writable, console, handle_errors
+from .common import ModelPath, Threads, check_writable, console, err_console, handle_errors, set_threads
+from .progress import Activity
 
 
 @handle_errors
 def export_command(
     model_path: ModelPath,
-    onnx_path: Annotated[Path, typer.Option("--onnx", help="The ONNX file to write.", show_default=False)],
-    opset: Annotated[int, typer.Option("--opset", help="ONNX opset version.")] = DEFAULT_OPSET,
+    onnx_path: Annotated[Path, typer.Option("--onnx", metavar="FILE", help="The ONNX file to write.", show_default=False)],
+    opset: Annotated[int, typer.Option("--opset", metavar="N", help="ONNX opset version.")] = DEFAULT_OPSET,
+    threads: Threads = None,
 ) -> None:
     """Write the frozen network as ONNX, with its certificate constants in the model's metadata.
 
@@ -29,14 +31,18 @@ def export_command(
     the input shape and the checkpoint's sha256, so a deployed model computes its own radius
     min_j (logit[top] - logit[j]) / pair_lipschitz[top][j]. Checked with ONNX Runtime when installed.
     """
+    set_threads(threads)
     require_onnx()
     if opset < 9:
         raise CplCertError(f"--opset must be 9 or more, got {opset}")
     check_writable(onnx_path)
-    model, meta = load_checkpoint(model_path)
-    with console.status(f"exporting {model_path.name}", spinner="dots"):
+    with Activity(err_console) as activity:
+        activity.stage(f"loading {model_path.name}")
+        model, meta = load_checkpoint(model_path)
+        activity.stage("computing the certified Lipschitz constants")
         bounds = lipschitz_bounds(model)
         metadata = onnx_metadata(model, meta, file_sha256(model_path), bounds)
+        activity.stage(f"exporting to {onnx_path} and checking it with ONNX Runtime")
         result = export_onnx(model, onnx_path, metadata, opset=opset)
     console.print(
         f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.3g} MB, opset {opset}): input 'images' "

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..checkpoint import save_checkpoint
 from ..errors import CplCertError
 from ..reference import EVAL_ITERS, STEPS_MODES, ImportedModel, import_reference
-from .common import check_writable, console, err_console, handle_errors
+from .common import Threads, check_writable, console, err_console, handle_errors, set_threads
+from .progress import Activity
+from .table import Table
 
 SOURCE_LABELS = {"eval_sv_max": "eval_sv_max", f"power-iteration-{EVAL_ITERS}": f"{EVAL_ITERS} it."}
 
@@ -50,7 +51,7 @@ def summary_lines(imported: ImportedModel) -> list[str]:
     assumed = p["reference_assumed_body_bound"]
     lines = [
         (
-            f"read {p['source']} (sha256 {p['sha256'][:16]}…): {a.depth} conv CPL layers ({a.num_channels} channels, "
+            f"read {p['source']} (sha256 {p['sha256']}): {a.depth} conv CPL layers ({a.num_channels} channels, "
             f"inner {a.conv_size}), {dense}, {head}, {a.num_classes} classes"
         ),
         (
@@ -68,20 +69,24 @@ def summary_lines(imported: ImportedModel) -> list[str]:
 @handle_errors
 def import_command(
     source: Annotated[
-        Path, typer.Argument(help="A reference-code checkpoint: torch.save of the state_dict (e.g. best_model.pt).", show_default=False)
+        Path,
+        typer.Argument(help="A reference-code checkpoint: torch.save of the state_dict (e.g. best_model.pt).", metavar="FILE", show_default=False),
     ],
-    dataset: Annotated[str, typer.Option("--dataset", help="cifar10 or cifar100: what the reference run trained on.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="The cpl-cert checkpoint to write (.safetensors).", show_default=False)],
+    dataset: Annotated[
+        str, typer.Option("--dataset", metavar="NAME", help="cifar10 or cifar100: what the reference run trained on.", show_default=False)
+    ],
+    out: Annotated[Path, typer.Option("--out", metavar="FILE", help="The cpl-cert checkpoint to write (.safetensors).", show_default=False)],
     norm_input: Annotated[bool, typer.Option("--norm-input", help="The run used --norm_input (inputs divided by the dataset std).")] = False,
     lln: Annotated[bool, typer.Option("--lln", help="The run used --lln (last-layer-normalised head).")] = False,
     steps: Annotated[
         str,
         typer.Option(
-            "--steps",
+            "--steps", metavar="MODE",
             help="certified: re-freeze with certified spectral bounds (provably 1-Lipschitz layers); "
             "reference: keep the reference's own steps (its exact function; bound reported, usually above 1).",
         ),
     ] = "certified",
+    threads: Threads = None,
 ) -> None:
     """Convert a checkpoint of the CPL paper's reference code into a cpl-cert checkpoint.
 
@@ -90,10 +95,12 @@ def import_command(
     reported (with the reference's steps, and with the written steps) and recorded in the
     checkpoint's metadata (training.provenance, shown by cpl-cert info).
     """
+    set_threads(threads)
     if steps not in STEPS_MODES:
         raise CplCertError(f"--steps must be certified or reference, got {steps!r}")
     check_writable(out)
-    with console.status(f"importing {source.name}", spinner="dots"):
+    with Activity(err_console) as activity:
+        activity.stage(f"importing {source.name}: reading, checking every key, computing the certified bounds")
         imported = import_reference(source, dataset, norm_input=norm_input, lln=lln, steps=steps)  # type: ignore[arg-type]
     console.print(layer_table(imported))
     for line in summary_lines(imported):
@@ -105,5 +112,7 @@ def import_command(
             "radii computed as if it were overstate the certificates (cpl-cert certify uses the certified bound)",
             highlight=False,
         )
-    save_checkpoint(imported.model, out, dataset=imported.dataset, training={"provenance": p})
+    with Activity(err_console) as activity:
+        activity.stage(f"writing {out}")
+        save_checkpoint(imported.model, out, dataset=imported.dataset, training={"provenance": p})
     console.print(f"wrote {out} (--steps {steps})", highlight=False)

@@ -1,4 +1,4 @@
-"""Plots of certify and attack (matplotlib, an optional extra: ``pip install 'cpl-cert[plot]'``), imported lazily, Agg backend."""
+"""Plots of certify and attack (matplotlib, an optional extra: ``pip install matplotlib``), imported lazily, Agg backend."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from typing import Any
 
 import torch
 
+from ..certify import CertifyResult
 from ..errors import CplCertError
 from ..io import atomic_write
 
-INSTALL_HINT = "--plot needs matplotlib, which is not installed; install it with: pip install 'cpl-cert[plot]'"
+INSTALL_HINT = (
+    "--plot needs matplotlib, which is not installed; install it with pip install matplotlib (or pip install '.[plot]' in the cpl-cert folder)"
+)
 
 
 def require_matplotlib() -> None:
@@ -44,28 +47,47 @@ def certified_curve(correct: torch.Tensor, radii: torch.Tensor) -> tuple[torch.T
     return r, acc
 
 
-def plot_certified_accuracy(
-    path: str | os.PathLike[str],
-    correct: torch.Tensor,
-    radii: torch.Tensor,
-    eps: list[tuple[float, str, float]],
-    title: str,
-) -> Path:
-    """Write a PNG of certified accuracy against radius, marking each ``(eps, label, accuracy)``; atomic."""
-    plt = _pyplot()
+def _curve_points(correct: torch.Tensor, radii: torch.Tensor, r_max: float) -> tuple[Any, Any]:
+    """The step curve in percent, extended flat to ``r_max``."""
     r, acc = certified_curve(correct, radii)
-    r_max = float(max([*(e[0] for e in eps), float(r[-1]) if r.numel() else 0.0])) * 1.05 or 1.0
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.step(torch.cat([r, torch.tensor([r_max])]).numpy(), torch.cat([acc, acc[-1:]]).numpy(), where="post", label="certified accuracy")
+    return torch.cat([r, torch.tensor([r_max], dtype=torch.float64)]).numpy(), (100 * torch.cat([acc, acc[-1:]])).numpy()
+
+
+def _mark(ax: Any, value: float, label: str, accuracy: float, r_max: float) -> None:
+    """A point on the exact curve at ``value``, labelled inside the axes (left of the point near the right edge)."""
+    ax.plot([value], [100 * accuracy], "o", color="C0", markersize=4)
+    right_side = value < 0.7 * r_max
+    ax.annotate(
+        f"{label}: {accuracy:.2%}", (value, 100 * accuracy), textcoords="offset points",
+        xytext=(6 if right_side else -6, 6), ha="left" if right_side else "right", fontsize=8,
+    )
+
+
+def plot_certified_accuracy(path: str | os.PathLike[str], result: CertifyResult, title: str) -> Path:
+    """Certified accuracy against radius: the exact function of the weights (solid), the float32 network
+    as run (dashed), clean accuracy at radius 0 and each eps marked; PNG, written atomically."""
+    plt = _pyplot()
+    from matplotlib.ticker import PercentFormatter
+
+    eps = [(e["eps"], e["label"], e["accuracy"]) for e in result.certified]
+    largest = float(result.radii_exact[result.correct].max()) if bool(result.correct.any()) else 0.0
+    r_max = max([*(e[0] for e in eps), largest]) * 1.05 or 1.0
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    ax.step(*_curve_points(result.correct, result.radii_exact, r_max), where="post", color="C0", label="exact function of the weights")
+    ax.step(*_curve_points(result.correct_float32, result.radii_float32, r_max), where="post", color="C1", linestyle="--",
+            label="float32 network as run")
+    ax.plot([0], [100 * result.clean_accuracy], "s", color="black", markersize=5, clip_on=False,
+            label=f"clean accuracy {result.clean_accuracy:.2%} (radius 0)")
     for value, label, accuracy in eps:
-        ax.plot([value], [accuracy], "o", color="C3")
-        ax.annotate(f"{label}: {accuracy:.1%}", (value, accuracy), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        _mark(ax, value, label, accuracy, r_max)
     ax.set_xlim(0, r_max)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 100)
+    ax.yaxis.set_major_formatter(PercentFormatter(100))
     ax.set_xlabel("l2 radius")
     ax.set_ylabel("certified accuracy")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return _save(plt, fig, path)
 
@@ -80,26 +102,40 @@ def _save(plt: Any, fig: Any, path: str | os.PathLike[str], dpi: int | None = No
 
 def plot_gap(path: str | os.PathLike[str], radii: torch.Tensor, distances: torch.Tensor, title: str) -> Path:
     """``cpl-cert attack --plot``. Left: per point (sorted by distance), radius r and smallest adversarial
-    distance d. Right: d against r; a point below the diagonal would be a certificate violation."""
+    distance d. Right: d against r at equal scales; a point below the diagonal would be a certificate violation."""
     plt = _pyplot()
-    r = radii.double().cpu()
-    d = distances.double().cpu()
+    r, d = radii.double().cpu(), distances.double().cpu()
     found = torch.isfinite(d)
     order = torch.argsort(torch.where(found, d, torch.full_like(d, float("inf"))))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5.4), gridspec_kw={"width_ratios": [1.3, 1]})
     positions = torch.arange(len(order))
-    left.scatter(positions, d[order], s=6, label="smallest adversarial distance d", color="tab:red")
+    shown = found[order]
+    left.scatter(positions[shown], d[order][shown], s=6, label="smallest adversarial distance d", color="tab:red")
     left.scatter(positions, r[order], s=6, label="certified radius r", color="tab:blue")
     left.set_xlabel("point (sorted by d)")
     left.set_ylabel("l2 distance")
-    left.legend(loc="upper left")
-    if bool(found.any()):
-        top = float(torch.maximum(d[found].max(), r[found].max()))
-        right.scatter(r[found], d[found], s=6, color="tab:purple")
-        right.plot([0, top], [0, top], color="black", linewidth=1, label="d = r (below: violation)")
-        right.legend(loc="upper left")
-    right.set_xlabel("certified radius r")
-    right.set_ylabel("adversarial distance d")
-    fig.suptitle(title)
+    left.legend(loc="upper left", fontsize=8)
+    _gap_panel(right, r, d, found)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(plt, fig, path, dpi=120)
+
+
+def _gap_panel(ax: Any, r: torch.Tensor, d: torch.Tensor, found: torch.Tensor) -> None:
+    """d against r, equal scales, x spanning the radii; the diagonal d = r is the certificate's limit."""
+    from matplotlib.ticker import MaxNLocator
+
+    r_top = float(r.max()) * 1.05 if r.numel() and float(r.max()) > 0 else 1.0
+    d_top = max(float(d[found].max()) * 1.05, r_top) if bool(found.any()) else r_top
+    missing = int((~found).sum())
+    ax.scatter(r[found], d[found], s=6, color="tab:purple", label=f"points with an adversarial example ({int(found.sum())})")
+    ax.plot([0, r_top], [0, r_top], color="black", linewidth=1, label="d = r (below: a violation)")
+    ax.set_xlim(0, r_top)
+    ax.set_ylim(0, d_top)
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_xlabel("certified radius r")
+    ax.set_ylabel("smallest adversarial distance d")
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+    if missing:
+        ax.plot([], [], " ", label=f"no adversarial example found: {missing}")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8)

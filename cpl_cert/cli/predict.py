@@ -8,16 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
-from rich.table import Table
 
-from ..certify import parse_eps
 from ..checkpoint import load_checkpoint
 from ..device import resolve_device
 from ..errors import CplCertError
@@ -27,11 +18,16 @@ from ..predict import PredictResult, predict
 from .common import (
     DeviceName,
     ModelPath,
+    Threads,
     check_writable,
     console,
     err_console,
     handle_errors,
+    read_eps,
+    set_threads,
 )
+from .progress import Activity
+from .table import Table
 
 
 def class_names(meta: dict[str, Any], num_classes: int) -> list[str]:
@@ -80,19 +76,22 @@ def write_json_lines(target: Path, rows: list[dict[str, Any]]) -> None:
 def predict_command(
     model_path: ModelPath,
     inputs: Annotated[
-        list[Path], typer.Argument(help="PNG/JPEG files, folders of them, or .npy arrays ((H,W), (C,H,W) or (N,C,H,W)).", show_default=False)
+        list[Path],
+        typer.Argument(help="PNG/JPEG files, folders of them, or .npy arrays ((H,W), (C,H,W) or (N,C,H,W)).", metavar="INPUT", show_default=False),
     ],
     eps: Annotated[
-        str | None, typer.Option("--eps", help="Also say whether each prediction is certified at this l2 radius (e.g. 0.25 or 36/255).")
+        str | None,
+        typer.Option("--eps", metavar="RADIUS", help="Also say whether each prediction is certified at this l2 radius (e.g. 0.25 or 36/255)."),
     ] = None,
     json_path: Annotated[
-        Path | None, typer.Option("--json", help="Write one JSON line per input to this file ('-' for stdout, without the table).")
+        Path | None, typer.Option("--json", metavar="FILE", help="Write one JSON line per input to this file ('-' for stdout, without the table).")
     ] = None,
     resize: Annotated[
         bool, typer.Option("--resize", help="Resize inputs of another size to the model's (antialiased); otherwise they are refused.")
     ] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 1024,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Images per forward pass.")] = 1024,
     device: DeviceName = "auto",
+    threads: Threads = None,
 ) -> None:
     """Predicted class (index and name) and certified l2 radius for each input image.
 
@@ -100,37 +99,27 @@ def predict_command(
     scale within which the prediction provably cannot change. Inputs must match the model's channels
     and size (--resize resizes explicitly).
     """
+    set_threads(threads)
     if batch_size < 1:
         raise CplCertError(f"--batch-size must be positive, got {batch_size}")
-    eps_values = parse_eps(eps) if eps is not None else None
+    eps_values = read_eps(eps) if eps is not None else None
     if eps_values is not None and len(eps_values) != 1:
         raise CplCertError(f"give one eps, got {len(eps_values)}")
     to_stdout = json_path is not None and str(json_path) == "-"
     if json_path is not None and not to_stdout:
         check_writable(json_path)
     dev = resolve_device(device)
-    model, meta = load_checkpoint(model_path, device=dev)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-        disable=not err_console.is_terminal,
-    ) as bar:
-        task = bar.add_task("reading", total=None)
+    with Activity(err_console) as activity:
+        activity.stage(f"loading {model_path.name}")
+        model, meta = load_checkpoint(model_path, device=dev)
+        activity.stage("reading the inputs")
         data = load_inputs(
-            inputs, model.config.input_shape, resize=resize, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            inputs, model.config.input_shape, resize=resize, progress=lambda done, total: activity.update(done, total)
         )
-        bar.update(task, description="certifying", completed=0, total=len(data))
+        activity.stage("certifying", len(data))
         result = predict(
-            model,
-            data.images,
-            eps=eps_values[0] if eps_values else None,
-            device=dev,
-            batch_size=batch_size,
-            progress=lambda done, total: bar.update(task, completed=done),
+            model, data.images, eps=eps_values[0] if eps_values else None, device=dev, batch_size=batch_size,
+            progress=lambda done, total: activity.update(done),
         )
     rows = records(data, result, class_names(meta, model.config.num_classes))
     if json_path is not None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import math
 
-from rich.table import Table
-
 from ..lipschitz import LipschitzBounds
+from .table import Table
 
 
 def _fmt(value: float | None, digits: int = 6) -> str:

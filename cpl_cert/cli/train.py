@@ -10,9 +10,11 @@ import typer
 from ..models import PRESETS
 from ..train import TrainOptions, default_options, log_path, train
 from ..train.augment import AUGMENTS
+from ..train.distributed import env_info
 from ..train.losses import LOSSES
 from ..train.options import OPTIMIZERS
-from .common import DeviceName, command_line, console, handle_errors
+from . import interrupt
+from .common import DeviceName, Threads, command_line, console, err_console, fail, handle_errors, set_threads
 from .train_display import TrainDisplay
 
 Opt = typer.Option
@@ -50,8 +52,10 @@ def train_command(
     conv_inner: Annotated[int | None, Opt("--conv-inner", help="Inner channels of the convolutional CPL layers.")] = D["conv_inner"],
     head: Annotated[str | None, Opt("--head", help="truncation or lln.")] = D["head"],
     data_dir: Annotated[Path | None, Opt("--data-dir", help="Folder with the dataset files.")] = D["data_dir"],
-    limit_train: Annotated[int | None, Opt("--limit-train", help="Train on the first N training images only.")] = D["limit_train"],
-    eval_limit: Annotated[int | None, Opt("--eval-limit", help="Evaluate each epoch on the first N test images only.")] = D["eval_limit"],
+    limit_train: Annotated[int | None, Opt("--train-limit", metavar="N", help="Train on the first N training images only.")] = D["limit_train"],
+    eval_limit: Annotated[
+        int | None, Opt("--eval-limit", metavar="N", help="Evaluate each epoch on the first N test images only (default: all).")
+    ] = D["eval_limit"],
     save_every: Annotated[int, Opt("--save-every", help="Write the checkpoint every N epochs (and at the end).")] = D["save_every"],
     resume: Annotated[bool, Opt("--resume", help="Continue the run saved in --out (same options).")] = D["resume"],
     overwrite: Annotated[bool, Opt("--overwrite", help="Start over even if --out exists.")] = D["overwrite"],
@@ -65,14 +69,21 @@ def train_command(
         ),
     ] = D["freeze_iters"],
     stop_after: Annotated[int | None, Opt("--stop-after", help="Stop cleanly after epoch N (continue later with --resume).")] = D["stop_after"],
+    threads: Threads = None,
 ) -> None:
     """Train a CPL network with the paper's recipe; evaluate clean and certified accuracy every epoch.
 
     Resumable (--resume), distributed under torchrun (DDP: NCCL on GPUs, gloo on CPUs).
     """
-    # Every parameter but ctx is a TrainOptions field of the same name.
-    options = TrainOptions(**{k: v for k, v in locals().items() if k != "ctx"}, command=command_line(ctx))
-    with TrainDisplay(console) as display:
-        result = train(options, on_event=display)
+    set_threads(threads)
+    # Every parameter but ctx and threads is a TrainOptions field of the same name.
+    options = TrainOptions(**{k: v for k, v in locals().items() if k not in ("ctx", "threads")}, command=command_line(ctx))
+    with TrainDisplay(console, err_console) as display:
+        try:
+            result = train(options, on_event=display)
+        except KeyboardInterrupt as exc:
+            interrupt.ignore_further()
+            display.__exit__()
+            fail(display.interrupted(exc, out, resume) if env_info().is_main else interrupt.describe(exc), code=interrupt.exit_code(exc))
     if result.history:
         console.print(f"wrote {out} and {log_path(out)} ({result.wall_seconds:.0f} s in all)", highlight=False)

@@ -1,27 +1,35 @@
-"""How ``cpl-cert train`` shows a run: a Rich progress bar per epoch and one line per event."""
+"""How ``cpl-cert train`` shows a run: what it does now (epoch k/N, evaluation, saving) with the time left for
+the epoch and for the whole run, one result line per epoch, and which checkpoint survives an interrupt."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..train.events import (
     AlreadyFinished,
+    Cleaned,
     EpochEnded,
     EpochStarted,
-    NothingToResume,
+    Evaluating,
+    Preparing,
     Resumed,
     RunStarted,
+    Saved,
+    Saving,
     StepDone,
     Stopped,
     TrainEvent,
 )
+from .interrupt import describe as describe_interrupt
+from .progress import Activity
 
 
 def describe(event: TrainEvent) -> str | None:
-    """The line a person reads for ``event`` (``None`` for events shown only on the progress bar)."""
+    """The line a person reads for ``event`` (``None`` for events shown only as progress)."""
     if isinstance(event, RunStarted):
         return (
             f"training {event.model} ({event.parameters:,} parameters) on {event.train_images:,} {event.dataset} images, "
@@ -39,47 +47,118 @@ def describe(event: TrainEvent) -> str | None:
         )
     if isinstance(event, Resumed):
         return f"resuming {event.path} after epoch {event.epoch} (step {event.step})"
-    if isinstance(event, NothingToResume):
-        return f"note: {event.path} does not exist yet, so --resume starts a new run"
     if isinstance(event, AlreadyFinished):
         return f"{event.path} already finished all {event.epochs} epochs; nothing to do"
     if isinstance(event, Stopped):
         return f"stopped after epoch {event.epoch} as asked; continue with --resume"
+    if isinstance(event, Cleaned):
+        return f"removed {len(event.paths)} temporary file(s) left by an interrupted checkpoint write: {', '.join(p.name for p in event.paths)}"
     return None
 
 
-class TrainDisplay:
-    """An ``on_event`` for ``cpl_cert.train.train``; use as a context manager so the bar is cleaned up."""
+def stage_text(event: Evaluating, epochs: int) -> str:
+    """What the epoch's evaluation is doing, in words."""
+    head = f"epoch {event.epoch}/{epochs}:"
+    if event.stage == "freeze":
+        final = event.epoch == epochs
+        return f"{head} freezing {'the final model (to convergence' if final else 'a copy for evaluation ('}at most {event.total} power iterations)"
+    if event.stage == "float32":
+        return f"{head} certifying {event.total:,} test images"
+    return f"{head} re-evaluating {event.total:,} undecided points in float64"
 
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.progress: Progress | None = None
-        self.task: TaskID | None = None
+
+class RunClock:
+    """Time left for the whole run: training steps at this run's average rate plus each epoch's evaluation."""
+
+    def __init__(self, epochs: int, steps: int) -> None:
+        self.epochs, self.steps = epochs, steps
+        self.step_seconds: list[float] = []
+        self.eval_seconds: list[float] = []
+        self.last_step: float | None = None
+
+    def step(self, step: int) -> None:
+        now = time.monotonic()
+        if self.last_step is not None and step > 1:
+            self.step_seconds.append(now - self.last_step)
+        self.last_step = now
+
+    def epoch_ended(self) -> None:
+        if self.last_step is not None:
+            self.eval_seconds.append(time.monotonic() - self.last_step)
+        self.last_step = None
+
+    def remaining(self, epoch: int, step: int) -> float | None:
+        """Seconds left after ``step`` of ``epoch`` (evaluation counted once it has been measured)."""
+        if not self.step_seconds:
+            return None
+        per_step = sum(self.step_seconds[-200:]) / len(self.step_seconds[-200:])
+        per_eval = sum(self.eval_seconds) / len(self.eval_seconds) if self.eval_seconds else 0.0
+        steps_left = (self.steps - step) + (self.epochs - epoch) * self.steps
+        return steps_left * per_step + (self.epochs - epoch + 1) * per_eval
+
+
+class TrainDisplay:
+    """An ``on_event`` for ``cpl_cert.train.train`` (a context manager): progress on ``err``, results on ``out``."""
+
+    def __init__(self, out: Console, err: Console) -> None:
+        self.activity = Activity(err, out=out)
+        self.epochs = 0
+        self.clock: RunClock | None = None
+        self.saved_epoch: int | None = None
 
     def __enter__(self) -> TrainDisplay:
+        self.activity.__enter__()
+        self.activity.stage("checking the options")
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def _bar(self) -> Progress:
-        if self.progress is None:
-            self.progress = Progress(
-                TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TimeRemainingColumn(), console=self.console, transient=True,
-            )
-            self.progress.start()
-        return self.progress
+        self.activity.__exit__(*exc)
 
     def __call__(self, event: TrainEvent) -> None:
-        if isinstance(event, EpochStarted):
-            self.task = self._bar().add_task("train", total=event.steps, epoch=event.epoch)
-        elif isinstance(event, StepDone) and self.task is not None:
-            self._bar().update(self.task, completed=event.step)
-        elif isinstance(event, EpochEnded) and self.task is not None:
-            self._bar().remove_task(self.task)
-            self.task = None
+        if isinstance(event, (Resumed, Saved)):
+            self.saved_epoch = event.epoch
+        if isinstance(event, (StepDone, EpochStarted, EpochEnded)):
+            self._progress(event)
+        elif isinstance(event, Preparing):
+            self.activity.stage("loading the training and test data" if event.stage == "data" else "reading the checkpoint to resume")
+        elif isinstance(event, Evaluating):
+            if event.done == 0:
+                self.activity.stage(stage_text(event, self.epochs), event.total if event.stage != "freeze" else None)
+            self.activity.update(event.done)
+        elif isinstance(event, Saving):
+            self.activity.stage(f"epoch {event.epoch}/{self.epochs}: writing {event.path}")
+        elif isinstance(event, RunStarted):
+            self.epochs, self.clock = event.epochs, RunClock(event.epochs, event.steps_per_epoch)
         line = describe(event)
         if line is not None:
-            self.console.print(line, highlight=False)
+            self.activity.print(line, highlight=False, soft_wrap=True)
+
+    def _progress(self, event: StepDone | EpochStarted | EpochEnded) -> None:
+        """The epoch line (its steps) and the run line (epoch k/N, time left for the whole run)."""
+        assert self.clock is not None
+        if isinstance(event, EpochEnded):
+            self.clock.epoch_ended()
+            return
+        if isinstance(event, EpochStarted):
+            self.activity.stage(f"epoch {event.epoch}/{self.epochs}: training", event.steps)
+            if "run" not in self.activity.lines:
+                self.activity.stage("whole run", self.epochs, key="run")
+            step = 0
+        else:
+            self.clock.step(event.step)
+            self.activity.update(event.step)
+            step = event.step
+        left = self.clock.remaining(event.epoch, step)
+        self.activity.update(
+            event.epoch - 1 + step / self.clock.steps, key="run", count=f"epoch {event.epoch}/{self.epochs}",
+            finish_at=None if left is None else time.monotonic() + left,
+        )
+
+    def interrupted(self, exc: BaseException, out: Path, resume: bool) -> str:
+        """The sentence for an interrupt: which epoch the checkpoint holds and how to continue."""
+        what = describe_interrupt(exc)
+        if self.saved_epoch is not None:
+            return f"{what}; {out} holds epoch {self.saved_epoch}; continue with the same command{'' if resume else ' and --resume'}"
+        if resume:
+            return f"{what}; {out} is unchanged; continue with the same command"
+        return f"{what} before the first checkpoint was written; start again with the same command"

@@ -6,7 +6,9 @@ reads ImageFolder trees and ``resolve`` decides where to look. The Fashion-MNIST
 """
 
 from .dataset import ImageDataset, check_compatible, to_float_images
-from .registry import SPECS, DatasetSpec, dataset_names
+from .registry import SPECS, DatasetSpec, check_fits, check_name, dataset_names
 from .resolve import load_dataset
 
-__all__ = ["SPECS", "DatasetSpec", "ImageDataset", "check_compatible", "dataset_names", "load_dataset", "to_float_images"]
+__all__ = [
+    "SPECS", "DatasetSpec", "ImageDataset", "check_compatible", "check_fits", "check_name", "dataset_names", "load_dataset", "to_float_images",
+]

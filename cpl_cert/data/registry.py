@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import CplCertError
+
 MNIST_EPS = ("0.1", "0.25", "0.5", "1.0")
 CIFAR_EPS = ("36/255", "72/255", "108/255")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -37,12 +39,15 @@ class DatasetSpec:
     files: dict[str, tuple[str, ...]] = field(default_factory=dict)
     label_key: str = ""
     system_dirs: tuple[str, ...] = ()
+    system_package: str = ""
+    """The Debian package that installs a system copy, when there is one."""
 
 
 SPECS: dict[str, DatasetSpec] = {
     "fashion-mnist": DatasetSpec(
         "fashion-mnist", (1, 28, 28), FASHION_CLASSES, (0.2860,), (0.3530,), MNIST_EPS,
         "idx", "FashionMNIST", "FashionMNIST", IDX_FILES, system_dirs=("/usr/share/datasets/fashion-mnist",),
+        system_package="dataset-fashion-mnist",
     ),
     "mnist": DatasetSpec(
         "mnist", (1, 28, 28), tuple(str(i) for i in range(10)), (0.1307,), (0.3081,), MNIST_EPS,
@@ -61,6 +66,26 @@ SPECS: dict[str, DatasetSpec] = {
 }
 
 SPLITS = ("train", "test")
+
+
+def check_name(name: str) -> DatasetSpec | None:
+    """The spec of a named dataset (``None`` for ``folder:PATH``); one sentence for an unknown name."""
+    if name.startswith("folder:"):
+        return None
+    if name not in SPECS:
+        raise CplCertError(f"unknown dataset {name!r}; choose one of {', '.join(dataset_names())}")
+    return SPECS[name]
+
+
+def check_fits(name: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Before any file is read or downloaded: refuse a named dataset whose images or classes do not fit a model."""
+    spec = check_name(name)
+    if spec is None:
+        return
+    if tuple(spec.input_shape) != tuple(input_shape):
+        raise CplCertError(f"the {name} images have shape {tuple(spec.input_shape)} but the model expects {tuple(input_shape)}")
+    if len(spec.classes) != num_classes:
+        raise CplCertError(f"{name} has {len(spec.classes)} classes but the model predicts {num_classes}")
 
 
 def dataset_names() -> list[str]:

@@ -1,6 +1,8 @@
 """Finding a named dataset: ``--data-dir``, ``$CPL_CERT_DATA``, a system copy, the shipped test split, a download.
 
-Each place is tried in that order and the first that holds the split's files wins. The download
+``--data-dir`` is the user's own copy: it must hold the split, or loading fails with one sentence
+(numbers must never silently come from another copy). Without it, each other place is tried in that
+order and the first that holds the split's files wins. The download
 (torchvision's, into ``$CPL_CERT_CACHE`` or ``~/.cache/cpl-cert``) is skipped when
 ``$CPL_CERT_OFFLINE`` is set. When nothing works, one sentence says where it looked and how to get
 the data.
@@ -22,7 +24,7 @@ from .cifar import read_batches
 from .dataset import ImageDataset
 from .folder import load_folder
 from .idx import find_idx_file, read_idx_split
-from .registry import SPECS, SPLITS, DatasetSpec, dataset_names
+from .registry import SPLITS, DatasetSpec, check_name
 
 SHIPPED_FASHION_MNIST = Path(__file__).parent / "fashion-mnist"
 """The Fashion-MNIST test split that ships inside the package (MIT licence, notice in that folder)."""
@@ -67,11 +69,9 @@ def read_split(spec: DatasetSpec, folder: Path, split: str) -> Split | None:
     return reader(folder, spec, split)
 
 
-def _candidate_dirs(spec: DatasetSpec, data_dir: str | os.PathLike[str] | None, split: str) -> list[tuple[str, Path]]:
-    """The places to look, in order, each with the name the data's ``source`` will give it."""
+def _candidate_dirs(spec: DatasetSpec, split: str) -> list[tuple[str, Path]]:
+    """The places to look without ``--data-dir``, in order, each with the name the data's ``source`` will give it."""
     candidates: list[tuple[str, Path]] = []
-    if data_dir is not None:
-        candidates.append(("--data-dir", Path(data_dir)))
     if os.environ.get("CPL_CERT_DATA"):
         candidates.append(("$CPL_CERT_DATA", Path(os.environ["CPL_CERT_DATA"])))
     candidates.extend(("system copy", Path(d)) for d in spec.system_dirs)
@@ -101,14 +101,38 @@ def _download(spec: DatasetSpec, split: str, root: Path) -> Split | None:
     return read_split(spec, root, split)
 
 
+def expected_files(spec: DatasetSpec, split: str) -> str:
+    """The files of ``split`` that a folder must hold, in words."""
+    if spec.file_format == "idx":
+        images, labels = spec.files[split]
+        return f"{images}[.gz] and {labels}[.gz] (or {spec.folder}/raw/ with them)"
+    return f"{spec.folder}/ with {', '.join(spec.files[split])}"
+
+
+def _read(spec: DatasetSpec, folder: Path, split: str) -> Split | None:
+    try:
+        return read_split(spec, folder, split)
+    except READ_ERRORS as exc:
+        raise CplCertError(f"the {spec.name} files in {folder} are unreadable ({exc})") from None
+
+
+def _from_data_dir(spec: DatasetSpec, split: str, folder: Path) -> ImageDataset:
+    """The split from ``--data-dir`` or one sentence: a user's own copy is never silently replaced by another."""
+    if not folder.is_dir():
+        raise CplCertError(f"--data-dir {folder} does not exist")
+    found = _read(spec, folder, split)
+    if found is None:
+        raise CplCertError(f"--data-dir {folder} does not hold the {spec.name} {split} split: expected {expected_files(spec, split)}")
+    return _dataset(spec, split, found, "--data-dir")
+
+
 def _load_named(spec: DatasetSpec, split: str, data_dir: str | os.PathLike[str] | None, download: bool) -> ImageDataset:
+    if data_dir is not None:
+        return _from_data_dir(spec, split, Path(data_dir))
     looked: list[str] = []
-    for origin, folder in _candidate_dirs(spec, data_dir, split):
+    for origin, folder in _candidate_dirs(spec, split):
         looked.append(str(folder))
-        try:
-            found = read_split(spec, folder, split)
-        except READ_ERRORS as exc:
-            raise CplCertError(f"the {spec.name} files in {folder} are unreadable ({exc})") from None
+        found = _read(spec, folder, split)
         if found is not None:
             return _dataset(spec, split, found, origin)
     if download and not os.environ.get("CPL_CERT_OFFLINE"):
@@ -123,8 +147,9 @@ def _load_named(spec: DatasetSpec, split: str, data_dir: str | os.PathLike[str] 
     else:
         failure = "downloads are off" + (" ($CPL_CERT_OFFLINE is set)" if download else "")
     where = f"looked in {', '.join(looked)}" if looked else "no local copy is known"
+    debian = f"on Debian, apt-get install {spec.system_package} installs it; or " if spec.system_package else ""
     raise CplCertError(
-        f"could not find the {spec.name} {split} split: {where} and {failure}; "
+        f"could not find the {spec.name} {split} split: {where} and {failure}; {debian}"
         f"fetch it on a connected machine with torchvision.datasets.{spec.torchvision_class}(ROOT, download=True) "
         f"and pass --data-dir ROOT or set $CPL_CERT_DATA=ROOT"
     )
@@ -141,7 +166,6 @@ def load_dataset(
         raise CplCertError(f"unknown split {split!r}; use train or test")
     if name.startswith("folder:"):
         return load_folder(Path(name[len("folder:") :]), split)
-    spec = SPECS.get(name)
-    if spec is None:
-        raise CplCertError(f"unknown dataset {name!r}; choose one of {', '.join(dataset_names())}")
+    spec = check_name(name)
+    assert spec is not None
     return _load_named(spec, split, data_dir, download)

@@ -9,7 +9,7 @@ from ..certify import certify
 from ..models import CPLNet
 from ..spectral import freeze
 from .epoch import EpochTotals
-from .events import EpochStats
+from .events import EpochStats, Evaluating, OnEvent, ignore
 from .setup import Run
 
 FREEZE_ITERS = 2000
@@ -29,12 +29,23 @@ def freeze_iterations(run: Run, epoch: int) -> int:
     return final if epoch == run.opts.epochs else min(final, EVAL_FREEZE_ITERS)
 
 
-def evaluate(run: Run, epoch: int, totals: EpochTotals) -> tuple[CPLNet, EpochStats]:
-    """Freeze a copy, certify it on the test split at the dataset's radii; returns the copy and the epoch's stats."""
+def evaluate(run: Run, epoch: int, totals: EpochTotals, on_event: OnEvent = ignore) -> tuple[CPLNet, EpochStats]:
+    """Freeze a copy, certify it on the test split at the dataset's radii; returns the copy and the epoch's stats.
+
+    ``on_event`` hears each stage (``Evaluating``): the freeze, then certification's progress.
+    """
     start = time.perf_counter()
     frozen = copy.deepcopy(run.model)
-    freeze(frozen, max_iters=freeze_iterations(run, epoch))
-    cert = certify(frozen, run.test_data, eps=[e.label for e in run.eps], device=run.device, batch_size=EVAL_BATCH)
+    iterations = freeze_iterations(run, epoch)
+    on_event(Evaluating(epoch, "freeze", 0, iterations))
+    freeze(frozen, max_iters=iterations)
+
+    def on_progress(stage: str, done: float, total: float) -> None:
+        on_event(Evaluating(epoch, stage, int(done), int(total)))
+
+    cert = certify(
+        frozen, run.test_data, eps=[e.label for e in run.eps], device=run.device, batch_size=EVAL_BATCH, on_progress=on_progress
+    )
     stats = EpochStats(
         epoch=epoch, step=run.global_step, lr=totals.lr, train_loss=totals.train_loss, train_accuracy=totals.train_accuracy,
         clean_accuracy=cert.clean_accuracy, certified={e.label: cert.certified_accuracy(e.value) for e in run.eps},

@@ -57,10 +57,17 @@ class Resumed:
 
 
 @dataclass(frozen=True)
-class NothingToResume:
-    """``resume`` was asked for but ``path`` does not exist yet: a new run starts."""
+class Preparing:
+    """The run is setting up: ``stage`` is ``"data"`` (loading the splits) or ``"resume"`` (reading the checkpoint)."""
 
-    path: Path
+    stage: str
+
+
+@dataclass(frozen=True)
+class Cleaned:
+    """Temporary files that an interrupted checkpoint write left (``kill -9``) were removed."""
+
+    paths: tuple[Path, ...]
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,25 @@ class StepDone:
 
 
 @dataclass(frozen=True)
+class Evaluating:
+    """The epoch's evaluation is in ``stage``: ``"freeze"`` (power iteration, ``total`` iterations at most),
+    then certification stages ``"float32"``, ``"float64-dense"`` and ``"float64"`` (``done`` of ``total`` points)."""
+
+    epoch: int
+    stage: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Saving:
+    """The checkpoint is being written to ``path`` after ``epoch``."""
+
+    path: Path
+    epoch: int
+
+
+@dataclass(frozen=True)
 class Saved:
     """The checkpoint (frozen model plus resume state) was written to ``path`` after ``epoch``."""
 
@@ -110,7 +136,9 @@ class Stopped:
     epoch: int
 
 
-TrainEvent = RunStarted | Resumed | NothingToResume | AlreadyFinished | EpochStarted | StepDone | Saved | EpochEnded | Stopped
+TrainEvent = (
+    Preparing | Cleaned | RunStarted | Resumed | AlreadyFinished | EpochStarted | StepDone | Evaluating | Saving | Saved | EpochEnded | Stopped
+)
 OnEvent = Callable[[TrainEvent], None]
 
 

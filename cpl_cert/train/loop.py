@@ -15,13 +15,14 @@ from pathlib import Path
 
 from ..device import resolve_device
 from ..errors import CplCertError
+from ..io import remove_stale_temporaries
 from . import distributed as dist_utils
 from .epoch import run_epoch
 from .evaluate import evaluate
-from .events import AlreadyFinished, EpochEnded, EpochStarted, EpochStats, OnEvent, RunStarted, Saved, Stopped, ignore
+from .events import AlreadyFinished, Cleaned, EpochEnded, EpochStarted, EpochStats, OnEvent, Preparing, RunStarted, Saved, Saving, Stopped, ignore
 from .options import TrainOptions, check_options
-from .save import append_log, save_run
-from .setup import Run, build_run, prepare_training, resume_if_asked
+from .save import append_log, log_path, save_run
+from .setup import Run, build_run, preflight, prepare_training, resume_if_asked
 
 
 @dataclass
@@ -35,16 +36,24 @@ class TrainResult:
 
 
 def _check_out(opts: TrainOptions) -> None:
-    """Create the checkpoint's folder; refuse to overwrite an existing checkpoint unless asked."""
+    """Create the checkpoint's folder; refuse to overwrite an existing checkpoint unless asked, and to
+    resume one that does not exist (a mistyped ``--out`` must not start a new run silently)."""
     out = Path(opts.out)
     if out.is_dir():
         raise CplCertError(f"cannot write {out}: it is a folder")
     if out.exists() and not opts.resume and not opts.overwrite:
         raise CplCertError(f"{out} already exists; pass --resume to continue that run or --overwrite to start over")
+    if opts.resume and not out.exists():
+        raise CplCertError(f"there is no run to resume: {out} does not exist; check --out, or leave out --resume to start a new run")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CplCertError(f"cannot create the folder {out.parent} ({exc.strerror or exc})") from None
+
+
+def _remove_leftovers(out: Path) -> tuple[Path, ...]:
+    """Temporary files of the checkpoint and its log that a killed write left behind, removed."""
+    return tuple(remove_stale_temporaries(out) + remove_stale_temporaries(log_path(out)))
 
 
 def train(opts: TrainOptions, on_event: OnEvent | None = None) -> TrainResult:
@@ -54,10 +63,15 @@ def train(opts: TrainOptions, on_event: OnEvent | None = None) -> TrainResult:
     """
     info = dist_utils.env_info()
     check_options(opts, info.world_size)
+    report = on_event if (on_event is not None and info.is_main) else ignore
     if info.is_main:
         _check_out(opts)
+        leftovers = _remove_leftovers(Path(opts.out))
+        if leftovers:
+            report(Cleaned(leftovers))
+    preflight(opts, info.world_size)
     device = dist_utils.setup(info, resolve_device(opts.device))
-    report = on_event if (on_event is not None and info.is_main) else ignore
+    report(Preparing("data"))
     try:
         return _train(build_run(opts, info, device), report)
     finally:
@@ -106,9 +120,10 @@ def _finish_epoch(run: Run, epoch: int, on_event: OnEvent) -> EpochStats | None:
         raise CplCertError(f"the model weights differ between processes after epoch {epoch}; refusing to save an inconsistent checkpoint")
     if not run.info.is_main:
         return None
-    frozen, stats = evaluate(run, epoch, totals)
+    frozen, stats = evaluate(run, epoch, totals, on_event)
     append_log(run.log, stats)
     if save_now:
+        on_event(Saving(run.out, epoch))
         save_run(run, frozen, stats)
         on_event(Saved(run.out, epoch))
     on_event(EpochEnded(stats, opts.epochs, save_now))

@@ -79,7 +79,7 @@ def check_options(opts: TrainOptions, world_size: int) -> None:
         (not (opts.lr > 0 and math.isfinite(opts.lr)), f"--lr must be positive, got {opts.lr}"),
         (opts.optimizer not in OPTIMIZERS, f"unknown optimizer {opts.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"),
         (opts.save_every < 1, f"--save-every must be at least 1, got {opts.save_every}"),
-        (opts.limit_train is not None and opts.limit_train < 1, "--limit-train must be a positive number of images"),
+        (opts.limit_train is not None and opts.limit_train < 1, "--train-limit must be a positive number of images"),
         (opts.eval_limit is not None and opts.eval_limit < 1, "--eval-limit must be a positive number of images"),
         (opts.stop_after is not None and opts.stop_after < 1, "--stop-after must be at least 1"),
         (opts.freeze_iters is not None and opts.freeze_iters < 1, "--freeze-iters must be at least 1"),

@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from ..certify import EpsValue, parse_eps
-from ..data import ImageDataset, load_dataset
-from ..models import CPLNet, ModelConfig, resolve_config
+from ..data import DatasetSpec, ImageDataset, check_name, load_dataset
+from ..errors import CplCertError
+from ..models import PRESETS, CPLNet, ModelConfig, resolve_config
 from . import distributed as dist_utils
 from .augment import Augment, make_augment
-from .events import NothingToResume, OnEvent, Resumed
+from .events import OnEvent, Preparing, Resumed
 from .losses import LossFn, make_loss
 from .options import TrainOptions
 from .resume import check_resumable, restore_resume_state
@@ -77,12 +78,12 @@ class Run:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.opts.bf16)
 
 
-def model_config(opts: TrainOptions, data: ImageDataset) -> ModelConfig:
+def model_config(opts: TrainOptions, data: ImageDataset | DatasetSpec) -> ModelConfig:
     """The architecture: the preset with any custom sizes, the dataset's shape and mean-only normalisation."""
     return resolve_config(
         opts.model,
-        input_shape=data.input_shape,
-        num_classes=data.num_classes,
+        input_shape=tuple(data.input_shape),
+        num_classes=len(data.classes),
         conv_depth=opts.conv_depth,
         channels=opts.channels,
         dense_depth=opts.dense_depth,
@@ -92,6 +93,21 @@ def model_config(opts: TrainOptions, data: ImageDataset) -> ModelConfig:
         mean=tuple(data.mean),
         std=tuple(data.std) if opts.std_normalize else None,
     )
+
+
+def preflight(opts: TrainOptions, world_size: int) -> None:
+    """Names, sizes and a resumed run's architecture, checked before any data is loaded or downloaded."""
+    make_loss(opts.loss, opts.margin, opts.offset, opts.temperature)
+    spec = check_name(opts.dataset)
+    if spec is None:  # folder:PATH: its shape is known once its images are read
+        if opts.model not in PRESETS:
+            raise CplCertError(f"unknown preset {opts.model!r}; choose one of {', '.join(PRESETS)}")
+        make_augment(opts.augment, (3, 32, 32))
+        return
+    make_augment(opts.augment, spec.input_shape)
+    config = model_config(opts, spec)
+    if opts.resume:
+        check_resumable(Path(opts.out), opts.record(world_size), config)
 
 
 def make_optimizer(opts: TrainOptions, params: Any) -> torch.optim.Optimizer:
@@ -125,15 +141,14 @@ def build_run(opts: TrainOptions, info: dist_utils.DistInfo, device: torch.devic
 
 
 def resume_if_asked(run: Run, on_event: OnEvent) -> None:
-    """With ``resume`` and a checkpoint at ``out``: check it fits, load its state; then trim the log."""
-    if run.opts.resume and run.out.exists():
+    """With ``resume`` (``train`` has checked that ``out`` exists): check it fits, load its state; then trim the log."""
+    if run.opts.resume:
+        on_event(Preparing("resume"))
         check_resumable(run.out, run.opts.record(run.info.world_size), run.config)
         run.start_epoch, run.global_step, run.wall_before = restore_resume_state(run.out, run.model, run.optimizer)
         run.last_saved = run.start_epoch
         run.model.to(run.device)
         on_event(Resumed(run.out, run.start_epoch, run.global_step))
-    elif run.opts.resume:
-        on_event(NothingToResume(run.out))
     if run.info.is_main:
         if run.start_epoch == 0:
             run.log.unlink(missing_ok=True)

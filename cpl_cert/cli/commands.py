@@ -1,4 +1,4 @@
-"""The ``cpl-cert`` command line: a thin Typer app over the library (one module per command)."""
+"""The Typer app: the root options and every command, registered from its own module."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from .. import __version__
 from .attack import attack_command
 from .certify import certify_command
 from .export import export_command
+from .helptext import Command, Group
 from .importer import import_command
 from .inspect import info_command, lipschitz_command
 from .predict import predict_command
@@ -17,6 +18,7 @@ from .train import train_command
 
 app = typer.Typer(
     name="cpl-cert",
+    cls=Group,
     help=(
         "Train 1-Lipschitz Convex Potential Layer networks, certify their l2 robustness with exact "
         "Lipschitz bounds, and check the certificates against attacks.\n\n"
@@ -43,16 +45,11 @@ def _root(
     """cpl-cert: certified robustness for CPL networks."""
 
 
-app.command("train")(train_command)
-app.command("certify")(certify_command)
-app.command("attack")(attack_command)
-app.command("lipschitz")(lipschitz_command)
-app.command("info")(info_command)
-app.command("import")(import_command)
-app.command("predict")(predict_command)
-app.command("export")(export_command)
-
-
-def main() -> None:
-    """Console-script entry point."""
-    app()
+app.command("train", cls=Command)(train_command)
+app.command("certify", cls=Command)(certify_command)
+app.command("attack", cls=Command)(attack_command)
+app.command("lipschitz", cls=Command)(lipschitz_command)
+app.command("info", cls=Command)(info_command)
+app.command("import", cls=Command)(import_command)
+app.command("predict", cls=Command)(predict_command)
+app.command("export", cls=Command)(export_command)

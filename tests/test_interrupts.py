@@ -1,0 +1,73 @@
+"""Interrupts at any moment end with one sentence: Ctrl-C (SIGINT) and SIGTERM sent to real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import cpl_cert
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start(*args: str, cwd: Path = ROOT, **popen) -> subprocess.Popen:
+    """``python -m cpl_cert ARGS`` with this checkout first on the path, output captured as text."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cpl_cert", *args], env=env, cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+@pytest.mark.parametrize(
+    "signum, code, sentence", [(signal.SIGINT, 130, "Error: interrupted"), (signal.SIGTERM, 143, "Error: interrupted (SIGTERM)")]
+)
+def test_signal_during_start_up_is_one_sentence(signum, code, sentence, tmp_path):
+    """0.3 s after the start the process is still importing torch (seconds); the answer is one line, no traceback."""
+    proc = start("lipschitz", str(ROOT / "models" / "fmnist-cpl-xs.safetensors"))
+    time.sleep(0.3)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err, out) == (code, sentence + "\n", "")
+
+
+RUN_CLI = Path(__file__).with_name("run_cli.py")
+
+
+def wait_for_line(proc: subprocess.Popen, text: str, seconds: float) -> str:
+    """Read ``proc``'s stdout until a line contains ``text`` (the process is killed after ``seconds``)."""
+    watchdog = threading.Timer(seconds, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if text in line:
+                return line
+    finally:
+        watchdog.cancel()
+    raise AssertionError(f"no line with {text!r}; stderr: {proc.stderr.read()[-2000:]}")
+
+
+@pytest.mark.parametrize("signum, code, what", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "interrupted (SIGTERM)")])
+def test_interrupted_training_says_which_epoch_survived(signum, code, what, tmp_path, train_data_dir):
+    """The sentence names the checkpoint, the epoch it holds (checked against the file) and how to continue."""
+    out = tmp_path / "run.safetensors"
+    args = ["train", "--model", "cpl-tiny", "--device", "cpu", "--freeze-iters", "20", "--data-dir", str(train_data_dir),
+            "--epochs", "50", "--train-limit", "300", "--eval-limit", "100", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(RUN_CLI), "--", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_line(proc, "epoch   1/50", 240)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    match = re.fullmatch(rf"Error: {re.escape(what)}; {re.escape(str(out))} holds epoch (\d+); "
+                         r"continue with the same command and --resume\n", err)
+    assert proc.returncode == code and match, err
+    _, meta = cpl_cert.load_checkpoint(out)
+    assert meta["training"]["epochs_completed"] == int(match.group(1)) >= 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

@@ -1,0 +1,165 @@
+"""Messages that name the fix: one sentence, exit 1, checked before any data is loaded where they can be."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_frozen
+from typer.testing import CliRunner
+
+import cpl_cert
+import cpl_cert.cli.common as cli_common
+import cpl_cert.train.setup as train_setup
+from cpl_cert.cli import app
+from cpl_cert.errors import CplCertError
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    model = make_frozen("cpl-tiny", channels=4, conv_depth=1, dense_depth=1, conv_inner=4, dense_inner=32)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    cpl_cert.save_checkpoint(model, path, dataset={"name": "fashion-mnist"})
+    return path
+
+
+@pytest.fixture
+def no_data_loading(monkeypatch):
+    """Any attempt to load a dataset fails the test (the message must come first)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dataset was loaded before the options were checked")
+
+    monkeypatch.setattr(cli_common, "load_dataset", refuse)
+    monkeypatch.setattr(train_setup, "load_dataset", refuse)
+
+
+def one_sentence(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
+    return lines[0][len("Error: "):]
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "xla"])
+def test_unsupported_devices_are_named(checkpoint, device, no_data_loading):
+    message = one_sentence(runner.invoke(app, ["certify", str(checkpoint), "--device", device]))
+    assert message == f"device '{device}' is not supported; use auto, cpu, cuda or cuda:N"
+
+
+@pytest.mark.parametrize("eps", ["-0.5", "inf", "nan", "0", "-36/255"])
+def test_eps_that_is_not_a_positive_number_is_said_so(checkpoint, eps, no_data_loading):
+    for command in ("certify", "attack"):
+        message = one_sentence(runner.invoke(app, [command, str(checkpoint), "--eps", f"0.1,{eps}"]))
+        assert message == f"eps must be positive and finite, got '{eps}'"
+
+
+def test_certify_refuses_a_data_dir_without_the_split(checkpoint, tmp_path):
+    message = one_sentence(runner.invoke(app, ["certify", str(checkpoint), "--data-dir", str(tmp_path)]))
+    assert message.startswith(f"--data-dir {tmp_path} does not hold the fashion-mnist test split: expected t10k-images-idx3-ubyte")
+
+
+def test_a_model_that_does_not_fit_the_dataset_is_refused_before_loading_it(tmp_path, no_data_loading):
+    rgb = make_frozen("cpl-tiny", input_shape=(3, 32, 32), channels=4, conv_depth=0, dense_depth=1, dense_inner=8)
+    cpl_cert.save_checkpoint(rgb, tmp_path / "rgb.safetensors", dataset={"name": "cifar10"})
+    message = one_sentence(runner.invoke(app, ["certify", str(tmp_path / "rgb.safetensors"), "--dataset", "fashion-mnist"]))
+    assert message == "the fashion-mnist images have shape (1, 28, 28) but the model expects (3, 32, 32)"
+    message = one_sentence(runner.invoke(app, ["attack", str(tmp_path / "rgb.safetensors"), "--dataset", "imagenet"]))
+    assert message.startswith("unknown dataset 'imagenet'; choose one of fashion-mnist")
+
+
+@pytest.mark.parametrize(
+    "option, value, expected",
+    [
+        ("--model", "cpl-huge", "unknown preset 'cpl-huge'"),
+        ("--dataset", "imagenet", "unknown dataset 'imagenet'"),
+        ("--loss", "mse", "unknown loss 'mse'"),
+        ("--augment", "mixup", "unknown augmentation 'mixup'"),
+    ],
+)
+def test_train_checks_names_before_loading_data(option, value, expected, tmp_path, no_data_loading):
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "m.safetensors"), "--device", "cpu", option, value])
+    assert one_sentence(result).startswith(expected)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_of_a_missing_checkpoint_is_refused(tmp_path, no_data_loading):
+    out = tmp_path / "typo.safetensors"
+    message = one_sentence(runner.invoke(app, ["train", "--out", str(out), "--device", "cpu", "--resume"]))
+    assert message == f"there is no run to resume: {out} does not exist; check --out, or leave out --resume to start a new run"
+    assert not out.exists()
+
+
+def test_resume_with_another_architecture_is_refused_before_loading_data(tmp_path, train_data_dir, monkeypatch):
+    """A finished cpl-tiny run, resumed as cpl-xs: refused from the checkpoint's metadata alone."""
+    out = tmp_path / "run.safetensors"
+    first = ["train", "--model", "cpl-tiny", "--device", "cpu", "--epochs", "1", "--train-limit", "64", "--eval-limit", "32",
+             "--freeze-iters", "5", "--data-dir", str(train_data_dir), "--out", str(out)]
+    assert runner.invoke(app, first).exit_code == 0
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dataset was loaded before the options were checked")
+
+    monkeypatch.setattr(train_setup, "load_dataset", refuse)
+    message = one_sentence(runner.invoke(app, [*first[:2], "cpl-xs", *first[3:], "--resume"]))
+    assert message == f"cannot resume {out}: it holds a different architecture than the options ask for"
+
+
+def fake_torchattacks(folder: Path, body: str) -> None:
+    (folder / "torchattacks").mkdir()
+    (folder / "torchattacks" / "__init__.py").write_text(body)
+
+
+def test_torchattacks_names_the_module_that_is_really_missing(tmp_path, monkeypatch, checkpoint):
+    """torchattacks imports scipy; without it the message names scipy, not torchattacks."""
+    from cpl_cert.attacks.external import require_torchattacks
+
+    fake_torchattacks(tmp_path, "import cpl_cert_missing_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "torchattacks", raising=False)
+    with pytest.raises(CplCertError) as info:
+        require_torchattacks()
+    assert str(info.value) == (
+        "torchattacks is installed but cannot be imported: it needs the module 'cpl_cert_missing_dependency', "
+        "which is missing (pip install cpl_cert_missing_dependency), or use --engine native"
+    )
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # not installed at all
+    message = one_sentence(runner.invoke(app, ["attack", str(checkpoint), "--engine", "torchattacks"]))
+    assert message.startswith("the torchattacks engine needs the optional package torchattacks, which is not installed")
+
+
+def test_install_hints_give_commands_that_work_from_a_clone():
+    """cpl-cert is installed from its repository, not an index: 'pip install cpl-cert[...]' would fail."""
+    from cpl_cert.attacks.external import INSTALL_HINT as TORCHATTACKS
+    from cpl_cert.cli.plots import INSTALL_HINT as PLOT
+    from cpl_cert.export import INSTALL_HINT as ONNX
+
+    for hint, package in ((PLOT, "matplotlib"), (TORCHATTACKS, "torchattacks"), (ONNX, "onnx")):
+        assert f"pip install {package}" in hint and "cpl-cert[" not in hint
+
+
+def test_attack_help_says_why_its_limit_is_1000():
+    import typer.main
+
+    limit = next(p for p in typer.main.get_command(app).commands["attack"].params if p.name == "limit")
+    assert limit.default == 1000 and "The default is 1000, not all (as certify)" in limit.help
+
+
+def test_info_labels_the_per_epoch_evaluation(tmp_path):
+    model = make_frozen("cpl-tiny", channels=4, conv_depth=0, dense_depth=1, dense_inner=8)
+    training = {"epochs": 3, "epochs_completed": 3, "eval_n": 2000, "clean_accuracy": 0.87, "certified": {"0.25": 0.746}}
+    cpl_cert.save_checkpoint(model, tmp_path / "m.safetensors", dataset={"name": "fashion-mnist"}, training=training)
+    output = runner.invoke(app, ["info", str(tmp_path / "m.safetensors")]).stdout
+    assert "clean_accuracy (epoch 3 evaluation, first 2,000 test images): 87.00%" in output
+    assert "certified (epoch 3 evaluation, first 2,000 test images): 0.25: 74.60%" in output
+
+
+def test_output_that_is_not_a_terminal_keeps_identifiers_whole(checkpoint):
+    """The sha256 and every number appear whole (no ellipsis) when the output is a pipe or a file."""
+    info = runner.invoke(app, ["info", str(checkpoint)])
+    assert cpl_cert.io.file_sha256(checkpoint) in info.stdout and "…" not in info.stdout
+    bounds = runner.invoke(app, ["lipschitz", str(checkpoint), "--samples", "0"])
+    assert bounds.exit_code == 0 and "…" not in bounds.stdout

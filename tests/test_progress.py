@@ -1,0 +1,131 @@
+"""Progress: what the library reports through its callbacks, and how the command line shows it."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+import torch
+from conftest import make_frozen
+from rich.console import Console
+from typer.testing import CliRunner
+
+import cpl_cert
+from cpl_cert.attacks.ensemble import run_suite
+from cpl_cert.cli import app
+from cpl_cert.cli.progress import Activity, Line, clock
+from cpl_cert.cli.train_display import RunClock
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return make_frozen("cpl-tiny", channels=4, conv_depth=1, dense_depth=1, conv_inner=4, dense_inner=32)
+
+
+def test_certify_reports_every_stage_and_keeps_the_old_callback(small_model):
+    data = cpl_cert.load_dataset("fashion-mnist").subset(300)
+    old, new = [], []
+    result = cpl_cert.certify(small_model, data, eps=[0.1, 0.25], device="cpu", batch_size=128,
+                              progress=lambda d, t: old.append((d, t)), on_progress=lambda *a: new.append(a))
+    assert old == [(128, 300), (256, 300), (300, 300)]  # unchanged: after each float32 batch
+    assert [a for a in new if a[0] == "float32"] == [("float32", 0, 300), *(("float32", d, t) for d, t in old)]
+    later = [a for a in new if a[0] != "float32"]
+    stages = list(dict.fromkeys(a[0] for a in later))
+    assert set(stages) <= {"float64-dense", "float64"} and later  # this random model leaves points undecided
+    assert later[0] == ("float64-dense", 0, result.rechecked)
+    for stage in stages:
+        counts = [a for a in later if a[0] == stage]
+        assert counts[-1][1] == counts[-1][2] and [a[1] for a in counts] == sorted(a[1] for a in counts)
+
+
+def suite(model, x, y, attack, **kw):
+    return run_suite(model, x, y, [0.1, 0.5], attack=attack, batch_size=len(x), steps=10, **kw)
+
+
+@pytest.mark.parametrize("attack", ["minnorm", "apgd"])
+def test_attacks_report_progress_inside_a_batch_and_results_do_not_change(attack, small_model):
+    """One batch of all points: without per-iteration reports the bar would sit at 0 until the end."""
+    data = cpl_cert.load_dataset("fashion-mnist").subset(24)
+    x = data.images.float() / 255
+    with torch.no_grad():
+        y = small_model(x).argmax(1)
+    reports = []
+    watched = suite(small_model, x, y, attack, on_progress=lambda *a: reports.append(a))
+    plain = suite(small_model, x, y, attack)
+    assert torch.equal(watched.distance, plain.distance) and torch.equal(watched.source, plain.source)
+    done = [d for _, d, total in reports]
+    assert all(total == 24 for *_, total in reports) and done == sorted(done)
+    assert len({d for d in done if 0 < d < 24}) >= 10 and done[-1] == pytest.approx(24)
+    stages = list(dict.fromkeys(stage for stage, *_ in reports))
+    expected = ["fmn"] if attack == "minnorm" else ["apgd-ce at eps 0.1", "apgd-t at eps 0.1", "apgd-ce at eps 0.5", "apgd-t at eps 0.5"]
+    assert stages == expected
+
+
+def test_line_times():
+    line = Line("work", total=100, done=25, started=time.monotonic() - 10)
+    assert line.remaining() == pytest.approx(30, rel=0.05)
+    assert line.count_text() == "25/100" and line.plain().startswith("work: 25/100 (25 %) 0:00:10 elapsed, about 0:00:30 left")
+    assert Line("status").remaining() is None and clock(3725) == "1:02:05" and clock(None) == "-:--:--"
+
+
+def test_terminal_rendering_shows_bar_count_and_time_left():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=100)
+    with Activity(console) as activity:
+        activity.stage("certifying", 200)
+        activity.lines["stage"].started -= 4
+        activity.update(50)
+        activity._progress.refresh()
+    text = out.getvalue()
+    assert "certifying" in text and "━" in text and "50/200" in text and "0:00:12 left" in text
+
+
+def test_plain_lines_when_not_a_terminal():
+    out = io.StringIO()
+    with Activity(Console(file=out, width=200), interval=0.05) as activity:
+        activity.stage("loading", None)
+        time.sleep(0.2)
+        activity.stage("certifying", 10)
+        activity.update(4)
+        time.sleep(0.2)
+    lines = out.getvalue().splitlines()
+    assert lines and all("elapsed" in line for line in lines) and "\x1b" not in out.getvalue()
+    assert any(line.startswith("loading: ") for line in lines) and any(line.startswith("certifying: 4/10 (40 %)") for line in lines)
+
+
+def test_certify_command_prints_plain_progress_lines_when_not_a_terminal(small_model, tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    cpl_cert.save_checkpoint(small_model, path, dataset={"name": "fashion-mnist"})
+    monkeypatch.setenv("CPL_CERT_PROGRESS_SECONDS", "0.05")
+    result = runner.invoke(app, ["certify", str(path), "--limit", "2000", "--batch-size", "100", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "certifying (float32 pass): " in result.stderr and "elapsed" in result.stderr
+    assert "certifying" not in result.stdout  # progress goes to stderr, results to stdout
+
+
+def test_run_clock_counts_steps_and_evaluations(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    clock_ = RunClock(epochs=3, steps=10)
+    for step in range(1, 11):  # 1 s per step
+        clock_.step(step)
+        now[0] += 1.0
+    now[0] += 3.0  # evaluation and saving: 4 s after the last step
+    clock_.epoch_ended()
+    assert clock_.remaining(2, 0) == pytest.approx(2 * 10 * 1.0 + 2 * 4.0)
+    assert clock_.remaining(3, 5) == pytest.approx(5 * 1.0 + 4.0)
+
+
+def test_threads_option(small_model, tmp_path):
+    path = tmp_path / "m.safetensors"
+    cpl_cert.save_checkpoint(small_model, path, dataset={"name": "fashion-mnist"})
+    try:
+        assert runner.invoke(app, ["lipschitz", str(path), "--samples", "0", "--threads", "2"]).exit_code == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    bad = runner.invoke(app, ["lipschitz", str(path), "--threads", "0"])
+    assert bad.exit_code == 1 and bad.stderr == "Error: --threads must be a positive number, got 0\n"
