@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import cpl_cert
 from cpl_cert.attacks import find_violations, run_suite
+from cpl_cert.certify import exact_points
 
 
 def train_dense(steps: int, seed: int) -> cpl_cert.CPLNet:
@@ -56,10 +57,11 @@ def main() -> None:
     images = data.images.float() / 255
     for attack in args.attacks.split(","):
         t = time.perf_counter()
-        suite = run_suite(model, images, cert.predictions, eps, attack=attack)
+        suite = run_suite(model, images, cert.predictions, eps, attack=attack,
+                          reference_float32=cert.predictions_float32, clean=exact_points(data.images))
         seconds = time.perf_counter() - t
         robust = [float((cert.correct & ~suite.broken(e)).double().mean()) for e in range(len(eps))]
-        violations = find_violations(suite, cert.radii)
+        violations = find_violations(suite, cert)
         print(
             f"{attack:10s} {seconds:7.1f} s  {args.points / seconds:7.1f} points/s  robust "
             + " ".join(f"{e}:{r:.3f}" for e, r in zip(eps, robust, strict=True))

@@ -263,3 +263,15 @@ def test_integer_images_other_than_uint8_are_refused():
 def fashion_600():
     return cpl_cert.load_dataset("fashion-mnist").subset(600)
 
+
+
+def test_a_checkpoint_above_one_lipschitz_is_named_by_certify_lipschitz_and_info(tmp_path):
+    model = make_frozen("cpl-tiny", input_shape=(1, 28, 28), num_classes=10)
+    with torch.no_grad():
+        model.dense[0].weight.mul_(1.2)  # after freezing: the stored step no longer fits
+    path = tmp_path / "scaled.safetensors"
+    cpl_cert.save_checkpoint(model, path, dataset={"name": "fashion-mnist", "input_shape": [1, 28, 28], "num_classes": 10})
+    for args in (["certify", str(path), "--limit", "20", "--lower-bound-samples", "0"], ["lipschitz", str(path), "--samples", "0"], ["info", str(path)]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "is not 1-Lipschitz" in result.output + (result.stderr if result.stderr_bytes is not None else "")

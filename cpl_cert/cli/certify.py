@@ -30,6 +30,7 @@ from .common import (
     load_model_and_data,
     read_eps,
     set_threads,
+    warn_if_not_one_lipschitz,
 )
 from .plots import plot_certified_accuracy, require_matplotlib
 from .progress import Activity
@@ -131,10 +132,5 @@ def _show(result: CertifyResult, report: dict[str, Any], model_path: Path, data:
     """The summary table, a warning for a network that is not 1-Lipschitz, and where the data came from."""
     report["batch_size"] = batch_size
     console.print(certify_table(result, title=f"{model_path.name} on {data.name} ({split} split)"))
-    if result.bounds.upper > 1.0:
-        err_console.print(
-            f"[bold yellow]Warning:[/] {model_path.name} is not 1-Lipschitz (certified bound {result.bounds.upper:.6g}): "
-            "it is not the network the checkpoint format promises; its radii use that bound.",
-            highlight=False,
-        )
+    warn_if_not_one_lipschitz(model_path.name, result.bounds.upper)
     console.print(f"data: {data.source}; certified in {result.seconds:.2f} s", highlight=False)

@@ -76,6 +76,16 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def warn_if_not_one_lipschitz(name: str, upper: float) -> None:
+    """Say plainly on stderr when a checkpoint is not the 1-Lipschitz network its format promises."""
+    if upper > 1.0:
+        err_console.print(
+            f"[bold yellow]Warning:[/] {name} is not 1-Lipschitz (certified bound {upper:.6g}): it is not the network the "
+            "checkpoint format promises; certified radii use that bound.",
+            highlight=False,
+        )
+
+
 def check_writable(path: Path | None) -> None:
     """Fail early (before any work) if ``path`` cannot be written."""
     if path is None:
