@@ -271,7 +271,11 @@ def test_a_checkpoint_above_one_lipschitz_is_named_by_certify_lipschitz_and_info
         model.dense[0].weight.mul_(1.2)  # after freezing: the stored step no longer fits
     path = tmp_path / "scaled.safetensors"
     cpl_cert.save_checkpoint(model, path, dataset={"name": "fashion-mnist", "input_shape": [1, 28, 28], "num_classes": 10})
-    commands = (["certify", str(path), "--limit", "20", "--lower-bound-samples", "0"], ["lipschitz", str(path), "--samples", "0"], ["info", str(path)])
+    commands = (
+        ["certify", str(path), "--limit", "20", "--lower-bound-samples", "0"],
+        ["lipschitz", str(path), "--samples", "0"],
+        ["info", str(path)],
+    )
     for args in commands:
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
