@@ -60,8 +60,8 @@ def stage_text(event: Evaluating, epochs: int) -> str:
     """What the epoch's evaluation is doing, in words."""
     head = f"epoch {event.epoch}/{epochs}:"
     if event.stage == "freeze":
-        final = event.epoch == epochs
-        return f"{head} freezing {'the final model (to convergence' if final else 'a copy for evaluation ('}at most {event.total} power iterations)"
+        what = "the final model" if event.epoch == epochs else "a copy for evaluation"
+        return f"{head} freezing {what} (certified bounds, {event.total} report iterations)"
     if event.stage == "float32":
         return f"{head} certifying {event.total:,} test images"
     return f"{head} re-evaluating {event.total:,} undecided points in float64"

@@ -7,26 +7,20 @@ import time
 
 from ..certify import certify
 from ..models import CPLNet
-from ..spectral import freeze
+from ..spectral import REPORT_ITERS, freeze
 from .epoch import EpochTotals
 from .events import EpochStats, Evaluating, OnEvent, ignore
 from .setup import Run
-
-FREEZE_ITERS = 2000
-"""Power iterations (at most) when freezing the final model: to convergence, as ``cpl_cert.freeze`` does."""
-
-EVAL_FREEZE_ITERS = 100
-"""Power iterations when freezing the per-epoch copy. Sound with any count: ``freeze`` uses
-``max(sigma_power, sigma_upper)`` (a certified bound), so fewer iterations only cost speed, not validity.
-The final epoch is frozen with the library default (to convergence)."""
 
 EVAL_BATCH = 1024
 
 
 def freeze_iterations(run: Run, epoch: int) -> int:
-    """To convergence (or ``freeze_iters``) for the last epoch; at most ``EVAL_FREEZE_ITERS`` before it."""
-    final = run.opts.freeze_iters or FREEZE_ITERS
-    return final if epoch == run.opts.epochs else min(final, EVAL_FREEZE_ITERS)
+    """Power iterations ``freeze`` spends on the report's sigma (``--freeze-iters``, else the library default).
+
+    The step never depends on them: ``freeze`` takes it from the certified spectral-norm bound.
+    """
+    return run.opts.freeze_iters or REPORT_ITERS
 
 
 def evaluate(run: Run, epoch: int, totals: EpochTotals, on_event: OnEvent = ignore) -> tuple[CPLNet, EpochStats]:
