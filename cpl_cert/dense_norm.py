@@ -36,16 +36,17 @@ _LARGEST = 1e300
 
 
 def gram(side: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
-    """``side @ side.T`` in float64, symmetric, from its lower-triangle blocks (about half a full product)."""
+    """``side @ side.T`` in float64 from its lower-triangle blocks (about half a full product), exactly symmetric."""
     side = side.to(_F64)
     n = side.shape[0]
     out = torch.empty(n, n, dtype=_F64)
     for i in range(0, n, block):
         for j in range(0, i + 1, block):
             part = side[i : i + block] @ side[j : j + block].t()
+            if j == i:  # keep the lower triangle (what the factorisations read) and mirror it exactly
+                part = part.tril() + part.tril(-1).t()
             out[i : i + block, j : j + block] = part
-            if j != i:
-                out[j : j + block, i : i + block] = part.t()
+            out[j : j + block, i : i + block] = part.t()
     return out
 
 
@@ -127,23 +128,24 @@ def eigenvalue_bound(matrix: torch.Tensor, error: float) -> float:
     return round_up(top + matrix.shape[0] * unit_roundoff(_F64) * top + error)
 
 
-def top_eigenvalue_bound(matrix: torch.Tensor, error: float) -> tuple[float, torch.Tensor | None]:
+def top_eigenvalue_bound(matrix: torch.Tensor, error: float, min_size: int = CHOLESKY_MIN_SIZE) -> tuple[float, torch.Tensor | None]:
     """Certified ``lambda_max`` bound of the exact Gram matrix (computed as ``matrix``, within ``error``) and,
     on the Cholesky route, the estimate's unit vector (``None`` on the eigenvalue route)."""
     if not float(matrix.diagonal().max()) <= _LARGEST:  # NaN fails too; |g_ij| <= sqrt(g_ii g_jj) (rounded)
         raise CplCertError("a CPL layer's weights are not finite, or too large for a spectral-norm bound")
-    if matrix.shape[0] < CHOLESKY_MIN_SIZE:
+    if matrix.shape[0] < min_size:
         return eigenvalue_bound(matrix, error), None
     theta, vector = estimate_top(matrix)
     bound = shifted_bound(matrix, theta, error) if math.isfinite(theta) else None
     return (bound if bound is not None else eigenvalue_bound(matrix, error)), vector
 
 
-def dense_norm_bound(weight: torch.Tensor) -> tuple[float, torch.Tensor | None]:
-    """Certified upper bound of ``||W||_2`` and (for large matrices) an estimate of the top right singular vector."""
+def dense_norm_bound(weight: torch.Tensor, cholesky_min_size: int = CHOLESKY_MIN_SIZE) -> tuple[float, torch.Tensor | None]:
+    """Certified upper bound of ``||W||_2`` and, on the Cholesky route (a Gram matrix of at least
+    ``cholesky_min_size`` rows), an estimate of the top right singular vector."""
     w = weight.detach()
     wide = w.shape[0] <= w.shape[1]
-    lam, vector = top_eigenvalue_bound(gram(w if wide else w.t()), gram_error(w))
+    lam, vector = top_eigenvalue_bound(gram(w if wide else w.t()), gram_error(w), cholesky_min_size)
     sigma = round_up(lam**0.5)
     if not math.isfinite(sigma):
         raise CplCertError("a CPL layer's weights are too large for a finite spectral-norm bound")
