@@ -57,6 +57,8 @@ def gram_error(weight: torch.Tensor) -> float:
     The column and row sums of ``|W|`` are taken in ``W``'s own precision and inflated by their rounding.
     """
     absolute = weight.detach().abs()
+    if absolute.dtype not in (torch.float32, _F64):
+        absolute = absolute.to(_F64)
     inner, size = max(weight.shape), min(weight.shape)
     sums = (1.0 + 2.0 * gamma(inner, absolute.dtype)) ** 2
     norms = float(absolute.sum(0).max()) * float(absolute.sum(1).max()) * sums
@@ -70,7 +72,7 @@ def estimate_top(matrix: torch.Tensor) -> tuple[float, torch.Tensor]:
     scale = float(matrix.diagonal().abs().max())
     if not (math.isfinite(scale) and scale > 0):
         return scale if math.isfinite(scale) else math.nan, torch.zeros(matrix.shape[0], dtype=_F64)
-    scaled = (matrix / scale).float()
+    scaled = torch.div(matrix, scale, out=torch.empty(matrix.shape, dtype=torch.float32))
     start = torch.randn(matrix.shape[0], generator=torch.Generator().manual_seed(0))
     _, vector, _ = lanczos_top(lambda v: scaled @ v, start, min(LANCZOS_STEPS, matrix.shape[0]), LANCZOS_RTOL)
     vector = vector.to(_F64)

@@ -97,7 +97,10 @@ def conv_sigma_upper(weight: torch.Tensor, input_size: tuple[int, int]) -> float
     grid = (input_size[0] + kh - 1, input_size[1] + kw - 1)
     kernel = weight.detach().double()
     spectrum = torch.fft.fft2(kernel, s=grid)  # (inner, channels, H', W')
-    per_frequency = spectrum.permute(2, 3, 0, 1).reshape(-1, inner, channels)
+    # A real kernel's exact spectrum at -w is the conjugate of that at w, with the same singular values:
+    # columns 0 .. W'/2 hold a frequency of every conjugate pair, so the others need no SVD.
+    half = spectrum[..., : grid[1] // 2 + 1]
+    per_frequency = half.permute(2, 3, 0, 1).reshape(-1, inner, channels)
     top = float(torch.linalg.svdvals(per_frequency).max())
     points = grid[0] * grid[1]
     u = unit_roundoff(torch.float64)
