@@ -5,8 +5,8 @@
 A step is what ``cpl-cert train`` runs: on-device augmentation, forward, hinge loss, backward, Adam, on
 random uint8 images resident on the device. For each preset two copies of the same model (same
 initialisation, same batches) are trained side by side, their steps interleaved: ``now`` is the library's
-training forward (bias inside the product, a one-pass residual step with its own backward, channels-last
-convolutions); ``before`` is the forward it replaced (``update(x, hidden(x), step)`` under autograd),
+training forward (bias inside the product, ReLU in place, the step folded into ``W^T``'s weights,
+channels-last convolutions on the CPU); ``before`` is the forward it replaced (``update(x, hidden(x), step)`` under autograd),
 reproduced below; with ``--compile``, ``now`` is the compiled step and ``before`` the eager one, both
 today's. Prints the median wall-clock rate of each, the ratio of medians in wall-clock and in CPU
 time (the latter steadier on a shared machine), and the largest relative difference of the two copies'
