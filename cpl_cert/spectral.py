@@ -2,8 +2,9 @@
 
 Power iteration converges from below, so its estimate can make a layer slightly more than
 1-Lipschitz. The upper bounds here are certified, their own float64 rounding included: dense layers
-use the exact largest singular value, convolutions the FFT bound of the circular convolution on the
-zero-padded grid (see docs/math.md). ``freeze`` takes the step from them.
+the top eigenvalue of the Gram matrix, proved by a Cholesky factorisation (``cpl_cert.dense_norm``),
+convolutions the FFT bound of the circular convolution on the zero-padded grid (see docs/math.md).
+``freeze`` takes the step from them; Lanczos refreshes the stored vector that the report measures.
 """
 
 from __future__ import annotations

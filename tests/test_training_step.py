@@ -78,3 +78,38 @@ def test_bf16_autocast_training_step_runs_and_keeps_dtypes():
     out.float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32 and bool(torch.isfinite(layer.weight.grad).all())
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+def test_training_gradients_are_as_accurate_as_the_plain_composite():
+    """Against a float64 evaluation of the plain composite (same vectors, so the same sigma): the training
+    path's parameter gradients are no less accurate than the float32 plain composite's."""
+    import cpl_cert
+    from cpl_cert.layers import _CPLBase
+
+    torch.manual_seed(5)
+    model = cpl_cert.build_model("cpl-tiny", input_shape=(1, 16, 16), num_classes=4).train()
+    layers = [m for m in model.modules() if isinstance(m, _CPLBase)]
+    with torch.no_grad():
+        for layer in layers:
+            for _ in range(200):  # converged vectors: 1-Lipschitz layers, as in training
+                layer._training_sigma()
+            layer._training_sigma = layer._sigma_estimate  # freeze the vectors for the comparison
+    x, y = torch.rand(32, 1, 16, 16), torch.randint(0, 4, (32,))
+    reference, exact = copy.deepcopy(model), copy.deepcopy(model).double()
+
+    def plain_forward(layer, v):
+        sigma = layer._apply_w(layer.u, layer.weight).flatten().norm()
+        return layer.update(v, layer.hidden(v), 2.0 / (sigma**2 + STEP_EPSILON))
+
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    for net, inputs in ((reference, x), (exact, x.double())):
+        original = _CPLBase.forward
+        _CPLBase.forward = plain_forward
+        try:
+            torch.nn.functional.cross_entropy(net(inputs), y).backward()
+        finally:
+            _CPLBase.forward = original
+    pairs = list(zip(model.parameters(), reference.parameters(), exact.parameters(), strict=True))
+    now = max(_relative(a.grad, c.grad) for a, _, c in pairs)
+    plain = max(_relative(b.grad, c.grad) for _, b, c in pairs)
+    assert now <= 2 * plain + 1e-6
