@@ -39,7 +39,7 @@ def gram(side: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
     """``side @ side.T`` in float64 from its lower-triangle blocks (about half a full product), exactly symmetric."""
     side = side.to(_F64)
     n = side.shape[0]
-    out = torch.empty(n, n, dtype=_F64)
+    out = torch.empty(n, n, dtype=_F64, device=side.device)
     for i in range(0, n, block):
         for j in range(0, i + 1, block):
             part = side[i : i + block] @ side[j : j + block].t()
@@ -71,9 +71,9 @@ def estimate_top(matrix: torch.Tensor) -> tuple[float, torch.Tensor]:
     its eigenvalue re-measured in float64 as the vector's Rayleigh quotient. Deterministic for given weights."""
     scale = float(matrix.diagonal().abs().max())
     if not (math.isfinite(scale) and scale > 0):
-        return scale if math.isfinite(scale) else math.nan, torch.zeros(matrix.shape[0], dtype=_F64)
-    scaled = torch.div(matrix, scale, out=torch.empty(matrix.shape, dtype=torch.float32))
-    start = torch.randn(matrix.shape[0], generator=torch.Generator().manual_seed(0))
+        return scale if math.isfinite(scale) else math.nan, torch.zeros(matrix.shape[0], dtype=_F64, device=matrix.device)
+    scaled = torch.div(matrix, scale, out=torch.empty(matrix.shape, dtype=torch.float32, device=matrix.device))
+    start = torch.randn(matrix.shape[0], generator=torch.Generator().manual_seed(0)).to(matrix.device)
     _, vector, _ = lanczos_top(lambda v: scaled @ v, start, min(LANCZOS_STEPS, matrix.shape[0]), LANCZOS_RTOL)
     vector = vector.to(_F64)
     vector = vector / vector.norm()

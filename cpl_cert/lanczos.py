@@ -39,7 +39,7 @@ def lanczos_top(
     ``apply`` maps a flat vector to a flat vector in ``start``'s dtype.
     """
     max_steps = max(1, max_steps)
-    basis = torch.zeros(max_steps + 1, start.numel(), dtype=start.dtype)
+    basis = torch.zeros(max_steps + 1, start.numel(), dtype=start.dtype, device=start.device)
     basis[0] = start.flatten() / start.flatten().norm()
     alphas: list[float] = []
     betas: list[float] = []
@@ -58,5 +58,5 @@ def lanczos_top(
             if residual <= rtol * theta:
                 break
     theta, top, residual = _top_ritz(alphas, betas)
-    vector = basis[: len(alphas)].t() @ top.to(start.dtype)
+    vector = basis[: len(alphas)].t() @ top.to(device=start.device, dtype=start.dtype)
     return theta, (vector / vector.norm()).view_as(start), residual
