@@ -2,8 +2,9 @@
 
 Power iteration converges from below, so its estimate can make a layer slightly more than
 1-Lipschitz. The upper bounds here are certified, their own float64 rounding included: dense layers
-use the exact largest singular value, convolutions the FFT bound of the circular convolution on the
-zero-padded grid (see docs/math.md). ``freeze`` takes the step from them.
+the top eigenvalue of the Gram matrix, proved by a Cholesky factorisation (``cpl_cert.dense_norm``),
+convolutions the FFT bound of the circular convolution on the zero-padded grid (see docs/math.md).
+``freeze`` takes the step from them; Lanczos refreshes the stored vector that the report measures.
 """
 
 from __future__ import annotations
@@ -16,18 +17,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dense_norm import dense_norm_bound
 from .errors import CplCertError
+from .lanczos import lanczos_top
 from .layers import STEP_EPSILON, CPLConv2d, CPLLinear
-from .numerics import gamma, round_up, strict_math, unit_roundoff
+from .numerics import round_up, strict_math, unit_roundoff
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
 
 def layer_operators(layer: CPLLinear | CPLConv2d, dtype: torch.dtype = torch.float64) -> tuple[Operator, Operator]:
-    """``(W, W^T)`` of a CPL layer as functions, computed in ``dtype`` (bias excluded)."""
+    """``(W, W^T)`` of a CPL layer as functions, computed in ``dtype`` (bias excluded).
+
+    A convolution's transpose is the convolution with the kernel's channels swapped and taps flipped
+    (padding ``k - 1 - p`` = ``p`` for a 'same' kernel): the same sums as ``conv_transpose2d``, several
+    times faster on one vector.
+    """
     weight = layer.weight.detach().to(dtype)
     if isinstance(layer, CPLConv2d):
         pad = layer.padding
-        return (lambda x: F.conv2d(x, weight, padding=pad)), (lambda y: F.conv_transpose2d(y, weight, padding=pad))
+        flipped = weight.transpose(0, 1).flip(2, 3).contiguous()
+        return (lambda x: F.conv2d(x, weight, padding=pad)), (lambda y: F.conv2d(y, flipped, padding=pad))
     return (lambda x: F.linear(x, weight)), (lambda y: F.linear(y, weight.t()))
 
 
@@ -67,20 +76,13 @@ def power_iteration(
 
 @torch.no_grad()
 def dense_sigma_upper(weight: torch.Tensor) -> float:
-    """Certified ``||W||_2``: the top eigenvalue of the smaller float64 Gram matrix, plus its rounding.
+    """Certified ``||W||_2``: the smaller float64 Gram matrix's top eigenvalue, bounded above with its rounding.
 
-    Added before the square root: the Gram product's rounding (``gamma_k |W||W|^T``, whose norm is at
-    most ``||W||_1 ||W||_inf``) and the eigensolver's backward error, taken as ``m u ||G||`` for an
-    ``m x m`` matrix (LAPACK's symmetric solvers are backward stable with a modest multiple of ``u``).
+    Large matrices: a Lanczos estimate, then a Cholesky factorisation of a slightly shifted ``tau I - G``
+    proves ``lambda_max <= tau`` plus rounding terms; small ones: ``eigvalsh`` plus its backward error.
+    Both include the Gram product's rounding (``cpl_cert.dense_norm``, docs/math.md section 3).
     """
-    w = weight.detach().double()
-    gram = w @ w.t() if w.shape[0] <= w.shape[1] else w.t() @ w
-    inner, size = max(w.shape), min(w.shape)
-    top = float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0))
-    absolute = w.abs()
-    gram_error = gamma(inner, torch.float64) * float(absolute.sum(0).max()) * float(absolute.sum(1).max())
-    eig_error = size * unit_roundoff(torch.float64) * top
-    return _finite_sigma(round_up((top + gram_error + eig_error) ** 0.5))
+    return dense_norm_bound(weight)[0]
 
 
 @torch.no_grad()
@@ -96,7 +98,10 @@ def conv_sigma_upper(weight: torch.Tensor, input_size: tuple[int, int]) -> float
     grid = (input_size[0] + kh - 1, input_size[1] + kw - 1)
     kernel = weight.detach().double()
     spectrum = torch.fft.fft2(kernel, s=grid)  # (inner, channels, H', W')
-    per_frequency = spectrum.permute(2, 3, 0, 1).reshape(-1, inner, channels)
+    # A real kernel's exact spectrum at -w is the conjugate of that at w, with the same singular values:
+    # columns 0 .. W'/2 hold a frequency of every conjugate pair, so the others need no SVD.
+    half = spectrum[..., : grid[1] // 2 + 1]
+    per_frequency = half.permute(2, 3, 0, 1).reshape(-1, inner, channels)
     top = float(torch.linalg.svdvals(per_frequency).max())
     points = grid[0] * grid[1]
     u = unit_roundoff(torch.float64)
@@ -143,24 +148,64 @@ def step_for_sigma(sigma: float) -> float:
     return step
 
 
-REPORT_ITERS = 100
-"""Power iterations ``freeze`` runs, warm from the stored vector, for the report's ``sigma_power`` only."""
+REPORT_ITERS = 30
+"""Lanczos steps (at most) ``freeze`` spends per layer, warm from the stored vector, on the report's ``sigma_power``."""
+
+RESTART_STEPS = 30
+"""Lanczos steps between restarts (the basis is kept in memory, one vector per step)."""
+
+
+@torch.no_grad()
+def refresh_vector(layer: CPLLinear | CPLConv2d, max_iters: int, tol: float = 1e-7) -> None:
+    """Replace the stored vector by the top Ritz vector of ``W^T W`` after at most ``max_iters`` Lanczos steps
+    (float32, restarted every ``RESTART_STEPS``, warm from the stored vector, so never worse than it).
+
+    Stops once the Ritz residual is below ``sqrt(tol)`` times the eigenvalue, i.e. once sigma has converged to
+    about ``tol`` (relative). Feeds the report only: no step depends on it.
+    """
+    apply_w, apply_wt = layer_operators(layer, torch.float32)
+    shape = layer.u.shape
+    vector, left = layer.u.float().flatten(), max_iters
+    while left > 0:
+        theta, vector, residual = lanczos_top(
+            lambda v: apply_wt(apply_w(v.view(shape))).flatten(), vector, min(left, RESTART_STEPS), rtol=tol**0.5
+        )
+        left -= RESTART_STEPS
+        if residual <= tol**0.5 * theta:
+            break
+    _store_vector(layer, vector)
+
+
+def _store_vector(layer: CPLLinear | CPLConv2d, vector: torch.Tensor | None) -> None:
+    """Store a unit vector (a zero, infinite or missing one leaves the stored vector as it is)."""
+    if vector is None:
+        return
+    vector = vector.detach().to(layer.u.dtype).reshape(layer.u.shape)
+    norm = float(vector.norm())
+    if math.isfinite(norm) and norm > 0:
+        layer.u.copy_(vector / norm)
 
 
 @torch.no_grad()
 def freeze_layer(layer: CPLLinear | CPLConv2d, max_iters: int = REPORT_ITERS, tol: float = 1e-7) -> float:
     """Fix the layer's step at ``2 / (sigma_upper^2 + 1e-4)`` (rounded down); returns the step.
 
-    The step comes from the certified upper bound alone, so the frozen layer is 1-Lipschitz whatever
-    power iteration did. ``max_iters`` warm-started power iterations refresh the stored vector, whose
-    ``||W u||`` the bounds table reports beside the certified bound (it converges from below).
+    The step comes from the certified upper bound alone, so the frozen layer is 1-Lipschitz whatever the
+    stored vector is. With ``max_iters > 0`` the vector is refreshed for the bounds table's ``sigma_power``
+    (``||W u||``, a lower bound beside the certified one): a large dense layer takes the top singular vector
+    its bound computed anyway, any other layer runs ``refresh_vector``.
     """
-    step = step_for_sigma(sigma_upper(layer))
+    vector = None
+    if isinstance(layer, CPLConv2d):
+        sigma = conv_sigma_upper(layer.weight, layer.input_size)
+    else:
+        sigma, vector = dense_norm_bound(layer.weight)
+    step = step_for_sigma(sigma)
     if max_iters > 0:
-        apply_w, apply_wt = layer_operators(layer, torch.float32)
-        _, u = power_iteration(apply_w, apply_wt, layer.u.float(), max_iters, tol, check_every=10)
-        if bool(torch.isfinite(u).all()):
-            layer.u.copy_(u.to(layer.u.dtype))
+        if vector is None:
+            refresh_vector(layer, max_iters, tol)
+        else:
+            _store_vector(layer, vector)
     layer.set_frozen_step(step)
     return step
 

@@ -65,7 +65,7 @@ def train_command(
         int | None,
         Opt(
             "--freeze-iters",
-            help="Power iterations freeze spends on the reported sigma (the step comes from certified bounds whatever the count).",
+            help="Lanczos steps freeze spends on the reported sigma (the step comes from certified bounds whatever the count).",
         ),
     ] = D["freeze_iters"],
     stop_after: Annotated[int | None, Opt("--stop-after", help="Stop cleanly after epoch N (continue later with --resume).")] = D["stop_after"],
