@@ -74,6 +74,8 @@ def test_minnorm_report_fields_and_plot(dense_checkpoint: Path, tmp_path: Path):
     assert data["eps"] == pytest.approx([0.1, 36 / 255])
     for certified, robust in zip(data["certified_accuracy"], data["robust_accuracy"], strict=True):
         assert 0 <= certified <= robust <= data["clean_accuracy"] <= 1
+    for certified, robust in zip(data["certified_accuracy_float32"], data["robust_accuracy_float32"], strict=True):
+        assert 0 <= certified <= robust <= data["clean_accuracy_float32"] <= 1
     assert data["tightness"]["points"] > 0 and data["tightness"]["max"] <= 1.0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -83,9 +83,10 @@ class SuiteResult:
         """Per point, the smallest distance at which the exact function's class provably changed."""
         return self.distance.min(dim=0).values if self.distance.numel() else self.distance
 
-    def broken(self, e: int) -> torch.Tensor:
-        """Points with a verified adversarial example (either sense) within ``eps[e]``."""
-        return (torch.minimum(self.distance[e], self.distance_float32[e])) <= self.eps[e]
+    def broken(self, e: int, sense: str = "exact") -> torch.Tensor:
+        """Points with an adversarial example within ``eps[e]`` verified for the exact function
+        (``sense="exact"``) or for the float32 network (``"float32"``)."""
+        return (self.distance if sense == "exact" else self.distance_float32)[e] <= self.eps[e]
 
     def source_of(self, e: int, i: int, sense: str = "exact") -> str:
         code = int((self.source if sense == "exact" else self.source_float32)[e, i])

@@ -15,28 +15,35 @@ from .table import Table
 
 
 def accuracy_rows(cert: CertifyResult, suite: SuiteResult, eps: Sequence[EpsValue]) -> list[dict[str, Any]]:
-    """Per radius: clean, certified and robust accuracy and the number of violating points.
+    """Per radius: clean, certified and robust accuracy in both senses and the number of violating points.
 
-    Robust = correctly classified and no verified adversarial example within ``eps``. A certified
-    point that an attack breaks is a violation, so ``robust >= certified`` whenever there are none.
+    Robust = correctly classified and no adversarial example within ``eps`` verified in the same sense
+    (the exact function, or the float32 network). A certified point that an attack breaks in the same
+    sense is a violation, so ``robust >= certified`` in each sense whenever there are none.
     """
     rows = []
-    correct = cert.correct
     for e, value in enumerate(eps):
-        robust = correct & ~suite.broken(e)
-        certified = correct & (cert.radii_exact > value.value)
+        robust = cert.correct & ~suite.broken(e)
+        robust32 = cert.correct_float32 & ~suite.broken(e, "float32")
+        certified = cert.correct & (cert.radii_exact > value.value)
         rows.append(
             {
                 "eps": value.value,
                 "label": value.label,
                 "clean_accuracy": cert.clean_accuracy,
                 "certified_accuracy": cert.certified_accuracy(value.value),
-                "robust_accuracy": float(robust.double().mean()) if cert.n else 0.0,
+                "robust_accuracy": _fraction(robust),
+                "certified_accuracy_float32": cert.certified_accuracy_float32(value.value),
+                "robust_accuracy_float32": _fraction(robust32),
                 "certified_but_broken": int((certified & ~robust).sum()),
                 "violations": int(violations_at(suite, e, cert).sum()),
             }
         )
     return rows
+
+
+def _fraction(mask: torch.Tensor) -> float:
+    return float(mask.double().mean()) if mask.numel() else 0.0
 
 
 def tightness(radii: torch.Tensor, distances: torch.Tensor) -> dict[str, Any]:
@@ -59,15 +66,18 @@ def _pct(value: float) -> str:
 
 def accuracy_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
-    for column in ("eps", "clean", "certified", "robust", "violations"):
+    for column in ("eps", "clean", "certified", "robust", "certified (float32)", "robust (float32)", "violations"):
         table.add_column(column, justify="right")
     for row in rows:
         bad = row["violations"] > 0 or row["robust_accuracy"] < row["certified_accuracy"]
+        bad |= row["robust_accuracy_float32"] < row["certified_accuracy_float32"]
         table.add_row(
             f"{row['label']} ({row['eps']:.4g})" if "/" in row["label"] else row["label"],
             _pct(row["clean_accuracy"]),
             _pct(row["certified_accuracy"]),
             _pct(row["robust_accuracy"]),
+            _pct(row["certified_accuracy_float32"]),
+            _pct(row["robust_accuracy_float32"]),
             str(row["violations"]),
             style="bold red" if bad else None,
         )
@@ -76,11 +86,11 @@ def accuracy_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 def violations_table(violations: list[Violation], limit: int = 50) -> Table:
     table = Table(title=f"CERTIFICATE VIOLATIONS ({len(violations)} points)", title_style="bold red")
-    for column in ("index", "certified radius r", "adversarial distance d", "d / r", "attack", "at eps"):
+    for column in ("index", "sense", "certified radius r", "adversarial distance d", "d / r", "attack", "at eps"):
         table.add_column(column, justify="right")
     for v in violations[:limit]:
         ratio = f"{v.distance / v.radius:.4f}" if v.radius > 0 else "-"
-        table.add_row(str(v.index), f"{v.radius:.6g}", f"{v.distance:.6g}", ratio, v.attack, f"{v.eps:.4g}")
+        table.add_row(str(v.index), v.sense, f"{v.radius:.6g}", f"{v.distance:.6g}", ratio, v.attack, f"{v.eps:.4g}")
     if len(violations) > limit:
         table.caption = f"... and {len(violations) - limit} more (all are in the JSON report)"
     return table
@@ -124,6 +134,9 @@ def json_report(
         "clean_accuracy": cert.clean_accuracy,
         "certified_accuracy": [row["certified_accuracy"] for row in rows],
         "robust_accuracy": [row["robust_accuracy"] for row in rows],
+        "clean_accuracy_float32": cert.clean_accuracy_float32,
+        "certified_accuracy_float32": [row["certified_accuracy_float32"] for row in rows],
+        "robust_accuracy_float32": [row["robust_accuracy_float32"] for row in rows],
         "results": rows,
         "violations": [v.index for v in violations],
         "violation_details": [v.to_dict() for v in violations],
