@@ -15,10 +15,11 @@ __all__ = ["app", "main"]
 
 def main() -> None:
     """Console-script entry point: SIGTERM handled like Ctrl-C, both answered with one sentence at any moment."""
+    interrupt.install_for_start_up()
+    from .commands import app
+
     interrupt.install()
     try:
-        from .commands import app
-
         app(prog_name="cpl-cert")
     except KeyboardInterrupt as exc:
         interrupt.exit_interrupted(exc)

@@ -6,6 +6,7 @@ moment, start-up included, reads the same.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from types import FrameType
@@ -19,8 +20,28 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
+def _exit_during_start_up(signum: int, frame: FrameType | None) -> None:
+    """Answer at once and leave without unwinding: nothing exists yet that could be lost."""
+    message = "interrupted (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    sys.stderr.write(f"Error: {message}\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def install_for_start_up() -> None:
+    """While modules load, an interrupt exits directly.
+
+    An exception raised inside an extension module's import (numpy, torch) can be swallowed by the
+    import machinery or leave the module half-loaded ("cannot load module more than once"), so the
+    program would carry on or print a traceback; exiting from the handler avoids both.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exit_during_start_up)
+
+
 def install() -> None:
-    """Make SIGTERM raise ``Terminated`` (SIGINT already raises KeyboardInterrupt)."""
+    """Once loaded: SIGINT raises KeyboardInterrupt, SIGTERM raises ``Terminated``, so commands can clean up."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_terminated)
 
 
