@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import cpl_cert
 from cpl_cert.attacks import find_violations, run_suite
-from cpl_cert.certify import exact_points
+from cpl_cert.radii import exact_points
 
 
 def train_dense(steps: int, seed: int) -> cpl_cert.CPLNet:

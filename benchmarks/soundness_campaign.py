@@ -32,10 +32,10 @@ import torch.nn.functional as F
 import cpl_cert
 from cpl_cert.attacks.check import make_checker, verify_exact, verify_float32
 from cpl_cert.attacks.minnorm import fmn_l2
-from cpl_cert.certify import exact_points
 from cpl_cert.layers import CPLConv2d, CPLLinear
 from cpl_cert.models import float64_copy
 from cpl_cert.numerics import strict_math
+from cpl_cert.radii import exact_points
 
 
 @dataclass

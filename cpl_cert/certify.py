@@ -1,9 +1,11 @@
-"""Certified radii and accuracies: one forward pass per image, batched on the device.
+"""Certified radii and accuracies of a data set: one float32 forward pass per image, batched on the device.
 
 For logits ``f`` and a certified Lipschitz constant ``L_ij`` of each difference ``f_i - f_j``, the
 prediction ``t`` cannot change within ``radius = min_{j != t} (f_t - f_j) / L_tj``. With a truncation
 head ``L_tj = sqrt(2) L_body`` (the paper's ``margin / (sqrt(2) L)``); with an LLN head
-``L_tj = ||w_t - w_j|| L_body``. See docs/math.md.
+``L_tj = ||w_t - w_j|| L_body``. Every radius carries a rigorous allowance for rounding
+(``cpl_cert.radii``); points the float32 pass leaves undecided are evaluated again with float64 dense
+layers, then in float64 throughout. See docs/certify.md and docs/math.md.
 """
 
 from __future__ import annotations
@@ -22,18 +24,10 @@ from .device import resolve_device
 from .errors import CplCertError
 from .lipschitz import LipschitzBounds, lipschitz_bounds
 from .models import CPLNet, float64_copy, weights_key
-from .numerics import FP64_SLACK, norm_upper, strict_math, unit_roundoff
+from .numerics import strict_math
 from .progress import OnProgress, no_progress
-from .rounding import (
-    BodyTrace,
-    ErrorModel,
-    ball_body_error,
-    body_error,
-    error_model,
-    exact_head_logits,
-    float32_head_error,
-    trace_body,
-)
+from .radii import exact_enclosure, float32_pass, label_gap
+from .rounding import ErrorModel, error_model
 from .validate import validate_model
 
 
@@ -170,132 +164,6 @@ def _check_images(images: torch.Tensor, labels: torch.Tensor, input_shape: tuple
         raise CplCertError(f"images must be uint8 pixels (0-255) or floats in [0, 1], not {images.dtype}")
 
 
-# --- inputs --------------------------------------------------------------------------------------------
-def _as_dtype(images: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, delta)``: the images as ``dtype`` (uint8 pixels / 255) and a per-sample bound of the distance
-    from ``x`` to the exact point they stand for (the uint8 value / 255, or the given float tensor)."""
-    if images.dtype == torch.uint8:
-        x = images.to(dtype).div_(255.0)
-        return x, norm_upper(x) * (unit_roundoff(dtype) / (1.0 - unit_roundoff(dtype)))
-    x = images.to(dtype)
-    if images.dtype == dtype or (images.dtype == torch.float32 and dtype == torch.float64):
-        return x, torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    return x, norm_upper(x.double() - images.double())
-
-
-def exact_points(images: torch.Tensor) -> torch.Tensor:
-    """The points the images stand for, in float64: uint8 pixels / 255, or the given floats."""
-    return _as_dtype(images, torch.float64)[0]
-
-
-# --- radii from an enclosure of the logits --------------------------------------------------------------
-@dataclass
-class Enclosure:
-    """What one evaluation proves about the exact logits at a batch of points."""
-
-    top: torch.Tensor  # (B,) class of the largest centre logit
-    gap: torch.Tensor  # (B, K) centre_top - centre_j
-    error: torch.Tensor  # (B, K) bound of |exact gap - gap| (0 at the top class)
-    low: torch.Tensor  # (B,) lower bound of the exact radius (<= 0: the exact class is not certain)
-    high: torch.Tensor  # (B,) upper bound of the exact radius (when the exact class is ``top``)
-    margin: torch.Tensor  # (B,) centre top minus centre second
-    finite: torch.Tensor  # (B,) bool
-
-
-def _enclose(center: torch.Tensor, head_error: torch.Tensor, body_error: torch.Tensor, model_err: ErrorModel) -> Enclosure:
-    """Radius bounds from centre logits, their per-logit head error and the body error (in feature norm)."""
-    pair = model_err.pair_lipschitz.to(center.device)
-    finite = torch.isfinite(center).all(dim=1) & torch.isfinite(body_error)
-    center = torch.where(finite[:, None], center, torch.zeros_like(center))
-    body_error = torch.where(finite, body_error, torch.zeros_like(body_error))
-    top = center.argmax(dim=1)
-    centre_top = center.gather(1, top[:, None])
-    gap = centre_top - center
-    pair_top = pair[top]  # (B, K)
-    ratio = model_err.head_pairs.to(center.device)[top]  # c_tj: how a feature error moves f_t - f_j
-    error = head_error.gather(1, top[:, None]) + head_error + ratio * body_error[:, None]
-    error = (error + (centre_top.abs() + center.abs()) * unit_roundoff(torch.float64)) * (1.0 + FP64_SLACK)
-    error.scatter_(1, top[:, None], 0.0)
-    low = _min_other(_round_down((gap - error) / pair_top), top)
-    high = _min_other(_round_up_t((gap + error) / pair_top), top)
-    margin = _min_other(gap, top)
-    low = torch.where(finite, low, torch.full_like(low, -math.inf))
-    return Enclosure(top, gap, error, low, high, margin, finite)
-
-
-def _min_other(values: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """Row-wise minimum over the columns other than ``top``."""
-    return values.scatter(1, top[:, None], math.inf).min(dim=1).values
-
-
-def _round_down(values: torch.Tensor) -> torch.Tensor:
-    return values - values.abs() * FP64_SLACK
-
-
-def _round_up_t(values: torch.Tensor) -> torch.Tensor:
-    return values + values.abs() * FP64_SLACK
-
-
-# --- the three evaluations ----------------------------------------------------------------------------------
-def _float32_pass(model: CPLNet, model_err: ErrorModel, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The float32 network as deployed, with its rounding bound: exact-radius bounds and the float32 radius."""
-    x, delta = _as_dtype(images, torch.float32)
-    features, trace = trace_body(model, x)
-    logits32 = model.head(features)
-    error = body_error(model_err, trace, [torch.float32] * len(model_err.stages))
-    center, head_error = exact_head_logits(model_err, features)
-    enclosure = _enclose(center, head_error, error + model_err.body_lipschitz * delta, model_err)
-    prediction32 = float32_prediction(logits32)
-    finite32 = (prediction32 >= 0) & enclosure.finite
-    radius32 = _float32_radius(model_err, trace, enclosure, delta)
-    valid = finite32 & (prediction32 == enclosure.top) & (enclosure.low > 0)
-    return {
-        "top": enclosure.top, "low": enclosure.low, "high": enclosure.high, "margin": enclosure.margin,
-        "finite": enclosure.finite, "prediction32": prediction32, "label_gap": _label_gap(enclosure, labels),
-        "radius32": torch.where(valid, radius32.clamp_min(0.0), torch.zeros_like(radius32)),
-    }
-
-
-def float32_prediction(logits: torch.Tensor) -> torch.Tensor:
-    """The float32 network's class: the largest logit, or -1 on a tie for the top or non-finite logits."""
-    if logits.shape[1] < 2:
-        return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    top2 = logits.topk(2, dim=1)
-    clear = torch.isfinite(logits).all(dim=1) & (top2.values[:, 0] > top2.values[:, 1])
-    return torch.where(clear, top2.indices[:, 0], torch.full_like(top2.indices[:, 0], -1))
-
-
-def _float32_radius(model_err: ErrorModel, trace: BodyTrace, enclosure: Enclosure, delta: torch.Tensor) -> torch.Tensor:
-    """Radius within which the float32 network's prediction provably stays ``top`` (docs/math.md 6.4)."""
-    reach = torch.where(torch.isfinite(enclosure.high), enclosure.high, torch.zeros_like(enclosure.high)).clamp_min(0.0)
-    ball_error, features_norm = ball_body_error(model_err, trace, torch.float32, reach + delta)
-    head = float32_head_error(model_err, features_norm)
-    head_pairs = head.gather(1, enclosure.top[:, None]) + head
-    pair = model_err.pair_lipschitz.to(head.device)[enclosure.top]
-    slack = _round_down((enclosure.gap - enclosure.error - head_pairs) / pair)
-    radius = _min_other(slack, enclosure.top) - _round_up_t(ball_error / model_err.body_lipschitz)
-    return _round_down(torch.where(torch.isfinite(radius), radius, torch.full_like(radius, -1.0)))
-
-
-def exact_enclosure(model: CPLNet, model64: CPLNet, model_err: ErrorModel, images: torch.Tensor, split: int) -> Enclosure:
-    """Bounds of the exact radius from body stages ``:split`` in float32 and the rest in float64.
-
-    ``split = 0`` is a float64 evaluation throughout (about a hundred million times tighter than
-    float32); a later split keeps the cheap float32 convolutions and removes the rounding of the
-    stages after it (the dense layers hold most of it: they sum hundreds of terms per output).
-    """
-    dtype = torch.float64 if split == 0 else torch.float32
-    x, delta = _as_dtype(images, dtype)
-    head, first = trace_body(model64 if split == 0 else model, x, 0, split)
-    features, trace = trace_body(model64, head.double(), split)
-    trace.inputs.update(first.inputs)
-    trace.hidden.update(first.hidden)
-    dtypes = [torch.float32] * split + [torch.float64] * (len(model_err.stages) - split)
-    error = body_error(model_err, trace, dtypes)
-    center, head_error = exact_head_logits(model_err, features)
-    return _enclose(center, head_error, error + model_err.body_lipschitz * delta, model_err)
-
-
 # --- the whole run -------------------------------------------------------------------------------------------
 def certify(
     model: CPLNet,
@@ -368,12 +236,12 @@ def _float32_run(
     parts = []
     for begin in range(0, total, batch_size):
         part = slice(begin, begin + batch_size)
-        parts.append(_float32_pass(model, model_err, images[part], labels[part]))
+        parts.append(float32_pass(model, model_err, images[part], labels[part]))
         if progress is not None:
             progress(min(begin + batch_size, total), total)
         report("float32", min(begin + batch_size, total), total)
     if not parts:
-        parts.append(_float32_pass(model, model_err, images[:0], labels[:0]))
+        parts.append(float32_pass(model, model_err, images[:0], labels[:0]))
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
 
@@ -386,13 +254,6 @@ def _undecided(run: dict[str, torch.Tensor], labels: torch.Tensor, eps: torch.Te
     straddles = ((low <= eps) & (high > eps)).any(dim=1)
     label_possible = (labels < 0) | (run["label_gap"] <= 0)
     return ~run["finite"] | ((run["low"] <= 0) & label_possible) | (straddles & (run["top"] == labels))
-
-
-def _label_gap(enclosure: Enclosure, labels: torch.Tensor) -> torch.Tensor:
-    """Lower bound of the exact ``f_top - f_label`` (0 when the label is the top class, -1 without a label)."""
-    gap = (enclosure.gap - enclosure.error).gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
-    gap = torch.where(labels == enclosure.top, torch.zeros_like(gap), gap)
-    return torch.where(labels < 0, torch.full_like(gap, -1.0), gap)
 
 
 def _exact_runs(
@@ -416,7 +277,7 @@ def _exact_runs(
             enclosure = exact_enclosure(model, model64, model_err, images[part], split)
             for key in ("top", "low", "high", "margin", "finite"):
                 run[key][part] = getattr(enclosure, key)
-            run["label_gap"][part] = _label_gap(enclosure, labels[part])
+            run["label_gap"][part] = label_gap(enclosure, labels[part])
             report(stage, min(begin + batch_size, todo.numel()), todo.numel())
     return int(index.numel())
 

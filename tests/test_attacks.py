@@ -23,7 +23,7 @@ from cpl_cert.attacks import (
     verify_float32,
 )
 from cpl_cert.attacks.common import AttackOutcome
-from cpl_cert.certify import exact_points
+from cpl_cert.radii import exact_points
 
 
 class Linear(nn.Module):

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..certify import certificate_constants, exact_enclosure, float32_prediction
+from ..certify import certificate_constants
 from ..models import CPLNet, float64_copy
+from ..radii import exact_enclosure, float32_prediction
 from ..rounding import ErrorModel
 from .common import AttackOutcome, l2_norm
 

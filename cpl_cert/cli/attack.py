@@ -12,13 +12,14 @@ import typer
 from ..attacks.check import Violation, find_violations
 from ..attacks.ensemble import SuiteResult, run_suite
 from ..attacks.options import ATTACKS, ENGINES, check_attack_options
-from ..certify import CertifyResult, EpsValue, certify, exact_points, parse_eps
+from ..certify import CertifyResult, EpsValue, certify, parse_eps
 from ..data import ImageDataset, to_float_images
 from ..device import resolve_device
 from ..errors import CplCertError
 from ..io import file_sha256, write_json
 from ..lipschitz import LipschitzBounds, lipschitz_bounds
 from ..models import CPLNet
+from ..radii import exact_points
 from .attack_report import accuracy_rows, accuracy_table, json_report, tightness, tightness_table, violations_table
 from .certify import CERTIFY_STAGES
 from .common import (
