@@ -327,7 +327,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, device: torch.device, 
     torch.manual_seed(opts.seed)
     model = CPLNet(config).to(device)
     optimizer = make_optimizer(opts, model.parameters())
-    loss_fn = make_loss(opts.loss, opts.margin, opts.offset, opts.temperature)
+    loss_fn = make_loss(opts.loss, opts.margin, opts.offset, opts.temperature, head=model.head)
     augment = make_augment(opts.augment, config.input_shape)
 
     start_epoch, global_step, wall_before = 0, 0, 0.0
@@ -456,7 +456,7 @@ def _train(opts: TrainOptions, info: dist_utils.DistInfo, device: torch.device, 
                 if save_now:
                     training = {
                         "epochs": opts.epochs, "epochs_completed": epoch, "seed": opts.seed,
-                        "loss": {"name": opts.loss, **({"margin": opts.margin} if opts.loss == "hinge" else {"offset": opts.offset, "temperature": opts.temperature})},
+                        "loss": {"name": opts.loss, **({"margin": opts.margin} if opts.loss.endswith("hinge") else {"offset": opts.offset, "temperature": opts.temperature})},
                         "optimizer": {"name": opts.optimizer, "lr": opts.lr, "weight_decay": opts.weight_decay, "schedule": "triangular per step (0 -> peak at 40% -> peak/20 at 80% -> 0)"},
                         "batch_size": opts.batch_size, "augmentation": augment.describe(), "train_images": len(train_data),
                         "clean_accuracy": stats.clean_accuracy, "certified": stats.certified, "eval_n": stats.eval_n,

@@ -21,7 +21,7 @@ def train_command(
     model: Annotated[str, Opt("--model", help="Preset: cpl-s, cpl-m, cpl-l, cpl-xl, cpl-tiny, cpl-xs, cpl-sm.")] = "cpl-xs",
     dataset: Annotated[str, Opt("--dataset", help="fashion-mnist, mnist, cifar10, cifar100 or folder:PATH.")] = "fashion-mnist",
     epochs: Annotated[int, Opt("--epochs", help="Number of epochs (the schedule spans all of them).")] = 10,
-    loss: Annotated[str, Opt("--loss", help="hinge (the paper's multi-class hinge) or offset-ce (SLL/AOL).")] = "hinge",
+    loss: Annotated[str, Opt("--loss", help="hinge (the paper's multi-class hinge), offset-ce (SLL/AOL), or radius-hinge / radius-ce (the same on the certified radius of each class pair; --margin and --offset are then radii).")] = "hinge",
     margin: Annotated[float, Opt("--margin", help="Margin of the hinge loss.")] = 0.7,
     offset: Annotated[float, Opt("--offset", help="Logit offset of offset-ce.")] = 2.1213,
     temperature: Annotated[float, Opt("--temperature", help="Temperature of offset-ce.")] = 0.25,
