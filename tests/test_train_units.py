@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from cpl_cert.errors import CplCertError
+from cpl_cert.layers import LLNHead, TruncationHead
 from cpl_cert.train.augment import Augment, make_augment
-from cpl_cert.train.losses import hinge_loss, make_loss, offset_cross_entropy
+from cpl_cert.train.losses import hinge_loss, make_loss, offset_cross_entropy, pair_constants
 from cpl_cert.train.schedule import triangular_factor, triangular_lr
 
 
@@ -62,6 +63,42 @@ def test_bad_loss_options():
         make_loss("mse")
     with pytest.raises(CplCertError):
         make_loss("hinge", margin=0)
+    with pytest.raises(CplCertError, match="head"):
+        make_loss("radius-hinge")
+
+
+def _radius_hinge_by_hand(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, margin: float) -> float:
+    """float64 loops: mean over samples of sum_{j != y} max(0, margin - (f_y - f_j) / ||w_y - w_j||) / K."""
+    w = weight.double() / weight.double().norm(dim=1, keepdim=True)
+    total = 0.0
+    for f, y in zip(logits.double(), labels.tolist(), strict=True):
+        for j in range(len(f)):
+            if j != y:
+                radius = float(f[y] - f[j]) / float((w[y] - w[j]).norm())
+                total += max(0.0, margin - radius) / len(f)
+    return total / len(labels)
+
+
+def test_radius_hinge_with_lln_head_matches_float64_loops():
+    torch.manual_seed(0)
+    head = LLNHead(6, 4)
+    logits, labels = torch.randn(5, 4), torch.tensor([0, 3, 1, 1, 2])
+    got = make_loss("radius-hinge", margin=0.8, head=head)(logits, labels)
+    assert got.item() == pytest.approx(_radius_hinge_by_hand(logits, labels, head.weight.detach(), 0.8), rel=1e-5)
+    got.backward()  # the pair constants are differentiable and their diagonal (sqrt of 0) does not poison the gradient
+    assert head.weight.grad is not None and torch.isfinite(head.weight.grad).all() and head.weight.grad.abs().sum() > 0
+
+
+def test_radius_losses_with_truncation_head_are_rescaled_logit_losses():
+    torch.manual_seed(1)
+    logits, labels = torch.randn(7, 10) * 2, torch.randint(0, 10, (7,))
+    head, r2 = TruncationHead(10), math.sqrt(2.0)
+    assert pair_constants(head)[0, 1].item() == pytest.approx(r2)
+    radius = make_loss("radius-hinge", margin=0.5, head=head)(logits, labels)
+    assert radius.item() == pytest.approx(hinge_loss(logits, labels, 0.5 * r2).item() / r2, rel=1e-5)
+    radius_ce = make_loss("radius-ce", offset=1.5, temperature=0.25, head=head)(logits, labels)
+    plain_ce = offset_cross_entropy(logits / r2, labels, 1.5, 0.25)
+    assert radius_ce.item() == pytest.approx(plain_ce.item(), rel=1e-5)
 
 
 def test_crop_is_a_shift_with_zero_fill():

@@ -21,6 +21,10 @@ Opt = typer.Option
 D = default_options()
 
 
+LOSS_HELP = (f"{', '.join(LOSSES)}: the paper's multi-class hinge, SLL/AOL's offset cross-entropy, "
+             "or the same two on each class pair's certified radius (--margin and --offset are then radii).")
+
+
 @handle_errors
 def train_command(
     ctx: typer.Context,
@@ -28,9 +32,9 @@ def train_command(
     model: Annotated[str, Opt("--model", help=f"Preset: {', '.join(PRESETS)}.")] = D["model"],
     dataset: Annotated[str, Opt("--dataset", help="fashion-mnist, mnist, cifar10, cifar100 or folder:PATH.")] = D["dataset"],
     epochs: Annotated[int, Opt("--epochs", help="Number of epochs (the schedule spans all of them).")] = D["epochs"],
-    loss: Annotated[str, Opt("--loss", help=f"{' or '.join(LOSSES)}: the paper's multi-class hinge, or SLL/AOL's offset cross-entropy.")] = D["loss"],
-    margin: Annotated[float, Opt("--margin", help="Margin of the hinge loss.")] = D["margin"],
-    offset: Annotated[float, Opt("--offset", help="Logit offset of offset-ce.")] = D["offset"],
+    loss: Annotated[str, Opt("--loss", help=LOSS_HELP)] = D["loss"],
+    margin: Annotated[float, Opt("--margin", help="Margin of the hinge loss (a radius for radius-hinge).")] = D["margin"],
+    offset: Annotated[float, Opt("--offset", help="Logit offset of offset-ce (a radius for radius-ce).")] = D["offset"],
     temperature: Annotated[float, Opt("--temperature", help="Temperature of offset-ce.")] = D["temperature"],
     optimizer: Annotated[str, Opt("--optimizer", help=f"{' or '.join(OPTIMIZERS)} (sgd: Nesterov momentum).")] = D["optimizer"],
     lr: Annotated[float, Opt("--lr", help="Peak learning rate of the triangular schedule.")] = D["lr"],

@@ -55,7 +55,7 @@ def versions() -> dict[str, str]:
 def training_metadata(run: Run, stats: EpochStats, wall: float) -> dict[str, Any]:
     """The checkpoint's ``training`` entry: the recipe, the data, the results so far and the command."""
     opts = run.opts
-    loss = {"margin": opts.margin} if opts.loss == "hinge" else {"offset": opts.offset, "temperature": opts.temperature}
+    loss = {"margin": opts.margin} if opts.loss.endswith("hinge") else {"offset": opts.offset, "temperature": opts.temperature}
     return {
         "epochs": opts.epochs, "epochs_completed": stats.epoch, "seed": opts.seed,
         "loss": {"name": opts.loss, **loss},

@@ -19,7 +19,7 @@ from ..models import PRESETS, CPLNet, ModelConfig, resolve_config
 from . import distributed as dist_utils
 from .augment import Augment, make_augment
 from .events import OnEvent, Preparing, Resumed
-from .losses import LossFn, make_loss
+from .losses import LossFn, check_loss, make_loss
 from .options import TrainOptions
 from .resume import check_resumable, restore_resume_state
 from .save import log_path, truncate_log
@@ -97,7 +97,7 @@ def model_config(opts: TrainOptions, data: ImageDataset | DatasetSpec) -> ModelC
 
 def preflight(opts: TrainOptions, world_size: int) -> None:
     """Names, sizes and a resumed run's architecture, checked before any data is loaded or downloaded."""
-    make_loss(opts.loss, opts.margin, opts.offset, opts.temperature)
+    check_loss(opts.loss, opts.margin, opts.offset, opts.temperature)
     spec = check_name(opts.dataset)
     if spec is None:  # folder:PATH: its shape is known once its images are read
         if opts.model not in PRESETS:
@@ -128,7 +128,6 @@ def batch_layout(n: int, world_size: int, batch_size: int, epochs: int) -> Batch
 
 def build_run(opts: TrainOptions, info: dist_utils.DistInfo, device: torch.device) -> Run:
     """Data, model (seeded), optimiser, loss and augmentation for ``opts``; nothing trained yet."""
-    loss_fn = make_loss(opts.loss, opts.margin, opts.offset, opts.temperature)
     train_data = load_dataset(opts.dataset, "train", opts.data_dir).subset(opts.limit_train)
     test_data = load_dataset(opts.dataset, "test", opts.data_dir).subset(opts.eval_limit)
     config = model_config(opts, train_data)
@@ -136,6 +135,7 @@ def build_run(opts: TrainOptions, info: dist_utils.DistInfo, device: torch.devic
     torch.manual_seed(opts.seed)
     model = CPLNet(config).to(device)
     optimizer = make_optimizer(opts, model.parameters())
+    loss_fn = make_loss(opts.loss, opts.margin, opts.offset, opts.temperature, head=model.head)
     eps = parse_eps(list(test_data.default_eps))
     return Run(opts, info, device, train_data, test_data, eps, config, model, optimizer, loss_fn, augment)
 
