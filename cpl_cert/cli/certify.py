@@ -132,5 +132,5 @@ def _show(result: CertifyResult, report: dict[str, Any], model_path: Path, data:
     """The summary table, a warning for a network that is not 1-Lipschitz, and where the data came from."""
     report["batch_size"] = batch_size
     console.print(certify_table(result, title=f"{model_path.name} on {data.name} ({split} split)"))
-    warn_if_not_one_lipschitz(model_path.name, result.bounds.upper)
+    warn_if_not_one_lipschitz(model_path.name, result.bounds.body_upper)
     console.print(f"data: {data.source}; certified in {result.seconds:.2f} s", highlight=False)

@@ -76,12 +76,14 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def warn_if_not_one_lipschitz(name: str, upper: float) -> None:
-    """Say plainly on stderr when a checkpoint is not the 1-Lipschitz network its format promises."""
-    if upper > 1.0:
+def warn_if_not_one_lipschitz(name: str, body_upper: float) -> None:
+    """Say plainly on stderr when a checkpoint's body (every layer before the head) is not the 1-Lipschitz
+    map its format promises. The head is not part of the promise: an LLN head's whole-map norm exceeds 1
+    by design and enters the certificates through its per-pair constants."""
+    if body_upper > 1.0:
         err_console.print(
-            f"[bold yellow]Warning:[/] {name} is not 1-Lipschitz (certified bound {upper:.6g}): it is not the network the "
-            "checkpoint format promises; certified radii use that bound.",
+            f"[bold yellow]Warning:[/] {name} is not 1-Lipschitz (certified bound of the layers before the head "
+            f"{body_upper:.6g}): it is not the network the checkpoint format promises; certified radii use that bound.",
             highlight=False,
         )
 

@@ -68,7 +68,7 @@ def lipschitz_command(
             inputs = torch.rand((samples, *model.config.input_shape), generator=generator).to(dev)
             bounds.lower = lipschitz_lower_bound(model, inputs, iters=iters, generator=generator)
     console.print(lipschitz_table(bounds, title=f"Lipschitz bounds of {model_path.name}"))
-    warn_if_not_one_lipschitz(model_path.name, bounds.upper)
+    warn_if_not_one_lipschitz(model_path.name, bounds.body_upper)
     console.print(f"network upper bound (certified): [bold]{bounds.upper:.8g}[/]  (body {bounds.body_upper:.8g}, computed in {upper_seconds:.2f} s)")
     if bounds.lower is not None:
         console.print(f"network lower bound (max ||J(x)||_2 over {samples} inputs): [bold]{bounds.lower:.6g}[/]")
@@ -111,8 +111,8 @@ def info_command(
         check_writable(json_path)
     meta = read_metadata(model_path)
     model, _ = load_checkpoint(model_path)
-    upper = lipschitz_bounds(model).upper
-    meta = {**meta, "parameters": count_parameters(model), "lipschitz_upper": upper, "sha256": file_sha256(model_path)}
+    bounds = lipschitz_bounds(model)
+    meta = {**meta, "parameters": count_parameters(model), "lipschitz_upper": bounds.upper, "sha256": file_sha256(model_path)}
     if to_stdout:
         typer.echo(json.dumps(meta, indent=2))
         return
@@ -128,7 +128,7 @@ def info_command(
             text = str(value)
         table.add_row(key, text)
     console.print(table)
-    warn_if_not_one_lipschitz(model_path.name, upper)
+    warn_if_not_one_lipschitz(model_path.name, bounds.body_upper)
     if json_path is not None:
         write_json(json_path, meta)
         console.print(f"wrote {json_path}", highlight=False)
