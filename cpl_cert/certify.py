@@ -4,8 +4,8 @@ For logits ``f`` and a certified Lipschitz constant ``L_ij`` of each difference 
 prediction ``t`` cannot change within ``radius = min_{j != t} (f_t - f_j) / L_tj``. With a truncation
 head ``L_tj = sqrt(2) L_body`` (the paper's ``margin / (sqrt(2) L)``); with an LLN head
 ``L_tj = ||w_t - w_j|| L_body``. Every radius carries a rigorous allowance for rounding
-(``cpl_cert.radii``); points the float32 pass leaves undecided are evaluated again with float64 dense
-layers, then in float64 throughout. See docs/certify.md and docs/math.md.
+(``cpl_cert.radii``); points the float32 pass leaves undecided get their dense layers again in float64
+(from the pass's own convolution outputs), then, if still undecided, a float64 evaluation throughout. See docs/certify.md and docs/math.md.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .lipschitz import LipschitzBounds, lipschitz_bounds
 from .models import CPLNet, float64_copy, weights_key
 from .numerics import strict_math
 from .progress import OnProgress, no_progress
-from .radii import exact_enclosure, float32_pass, label_gap
+from .radii import Enclosure, exact_enclosure, float32_pass, label_gap, tail_enclosure
 from .rounding import ErrorModel, error_model
 from .validate import validate_model
 
@@ -181,8 +181,9 @@ def certify(
     nothing syncs with the host per batch. ``progress(done, total)`` is called after each batch of
     the float32 pass. Points whose float32 evaluation cannot decide the exact function's answer at
     some eps (or its class) are evaluated again in float64 before they count (docs/certify.md).
-    ``on_progress(stage, done, total)`` follows every stage in points: ``"float32"`` (all points),
-    then ``"float64-dense"`` and ``"float64"`` (the points re-evaluated, when there are any).
+    ``on_progress(stage, done, total)`` follows every stage in points: ``"float32"`` (all points; it
+    includes re-running the dense layers in float64 for the points it leaves undecided), then
+    ``"float64"`` (the points still undecided, when there are any).
     """
     with torch.inference_mode(), strict_math():
         result = _certify(model, data, eps, device, batch_size, bounds, progress, on_progress)
@@ -214,9 +215,11 @@ def _certify(
         torch.cuda.synchronize(dev)
     start = time.perf_counter()
     images_dev, labels_dev = images.to(dev, non_blocking=True), labels.to(dev).long()
-    run = _float32_run(model, model_err, images_dev, labels_dev, batch_size, progress, on_progress)
     eps_tensor = torch.tensor([e.value for e in eps_values], dtype=torch.float64, device=dev)
-    rechecked = _exact_runs(model, model_err, images_dev, labels_dev, eps_tensor, run, batch_size, on_progress)
+    exact = _Exact(model, model_err)
+    run = _float32_run(exact, images_dev, labels_dev, eps_tensor, batch_size, progress, on_progress)
+    _float64_run(exact, images_dev, labels_dev, eps_tensor, run, batch_size, on_progress)
+    rechecked = exact.rechecked
     left = _undecided(run, labels_dev, eps_tensor)
     result = _result(run, labels_dev, eps_values, bounds, str(dev))
     result.rechecked, result.undecided = rechecked, int(left.sum())
@@ -225,24 +228,57 @@ def _certify(
     return result
 
 
+@dataclass
+class _Exact:
+    """What the re-evaluations share: the model, its float64 copy (made on first need), its rounding
+    constants, the first dense stage (where float64 takes over first) and the points re-evaluated."""
+
+    model: CPLNet
+    model_err: ErrorModel
+    model64: CPLNet | None = None
+    rechecked: int = 0
+
+    @property
+    def dense_start(self) -> int:
+        return next(i for i, (name, _) in enumerate(self.model.body()) if name == "flatten")
+
+    def copy64(self) -> CPLNet:
+        if self.model64 is None:
+            self.model64 = float64_copy(self.model)
+        return self.model64
+
+
 def _float32_run(
-    model: CPLNet, model_err: ErrorModel, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+    exact: _Exact, images: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor, batch_size: int,
     progress: Callable[[int, int], None] | None, on_progress: OnProgress | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The float32 pass over all points, batch by batch, concatenated."""
+    """The float32 pass over all points, batch by batch, concatenated. A point it leaves undecided gets
+    its dense layers again in float64 at once, from the batch's float32 convolution outputs."""
     total = images.shape[0]
     report = on_progress or no_progress
     report("float32", 0, total)
-    parts = []
+    parts, split = [], exact.dense_start
     for begin in range(0, total, batch_size):
         part = slice(begin, begin + batch_size)
-        parts.append(float32_pass(model, model_err, images[part], labels[part]))
+        run, point = float32_pass(exact.model, exact.model_err, images[part], labels[part], split)
+        todo = _undecided(run, labels[part], eps).nonzero().flatten()
+        if todo.numel():
+            _store(run, todo, tail_enclosure(exact.copy64(), exact.model_err, point.rows(todo)), labels[part][todo])
+            exact.rechecked += int(todo.numel())
+        parts.append(run)
         if progress is not None:
             progress(min(begin + batch_size, total), total)
         report("float32", min(begin + batch_size, total), total)
     if not parts:
-        parts.append(float32_pass(model, model_err, images[:0], labels[:0]))
+        parts.append(float32_pass(exact.model, exact.model_err, images[:0], labels[:0], split)[0])
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+def _store(run: dict[str, torch.Tensor], index: torch.Tensor, enclosure: Enclosure, labels: torch.Tensor) -> None:
+    """Replace the answers of the points ``index`` by those of a tighter evaluation."""
+    for key in ("top", "low", "high", "margin", "finite"):
+        run[key][index] = getattr(enclosure, key)
+    run["label_gap"][index] = label_gap(enclosure, labels)
 
 
 def _undecided(run: dict[str, torch.Tensor], labels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -256,30 +292,20 @@ def _undecided(run: dict[str, torch.Tensor], labels: torch.Tensor, eps: torch.Te
     return ~run["finite"] | ((run["low"] <= 0) & label_possible) | (straddles & (run["top"] == labels))
 
 
-def _exact_runs(
-    model: CPLNet, model_err: ErrorModel, images: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor,
+def _float64_run(
+    exact: _Exact, images: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor,
     run: dict[str, torch.Tensor], batch_size: int, on_progress: OnProgress | None = None,
-) -> int:
-    """Evaluate undecided points more precisely until decided: float64 dense layers first (cheap), then
-    float64 throughout; updates ``run`` in place and returns how many points were re-evaluated."""
-    index = _undecided(run, labels, eps).nonzero().flatten()
-    if index.numel() == 0:
-        return 0
+) -> None:
+    """Evaluate in float64 throughout the points still undecided; updates ``run`` in place."""
+    todo = _undecided(run, labels, eps).nonzero().flatten()
+    if todo.numel() == 0:
+        return
     report = on_progress or no_progress
-    model64 = float64_copy(model)
-    dense_start = next(i for i, (name, _) in enumerate(model.body()) if name == "flatten")
-    for split, stage in ((dense_start, "float64-dense"), (0, "float64")):
-        todo = index[_undecided(run, labels, eps)[index]]
-        if todo.numel():
-            report(stage, 0, todo.numel())
-        for begin in range(0, todo.numel(), batch_size):
-            part = todo[begin : begin + batch_size]
-            enclosure = exact_enclosure(model, model64, model_err, images[part], split)
-            for key in ("top", "low", "high", "margin", "finite"):
-                run[key][part] = getattr(enclosure, key)
-            run["label_gap"][part] = label_gap(enclosure, labels[part])
-            report(stage, min(begin + batch_size, todo.numel()), todo.numel())
-    return int(index.numel())
+    report("float64", 0, todo.numel())
+    for begin in range(0, todo.numel(), batch_size):
+        part = todo[begin : begin + batch_size]
+        _store(run, part, exact_enclosure(exact.model, exact.copy64(), exact.model_err, images[part], 0), labels[part])
+        report("float64", min(begin + batch_size, todo.numel()), todo.numel())
 
 
 def _result(run: dict[str, torch.Tensor], labels: torch.Tensor, eps: list[EpsValue], bounds: LipschitzBounds, device: str) -> CertifyResult:

@@ -94,10 +94,35 @@ def _round_up_t(values: torch.Tensor) -> torch.Tensor:
 
 
 # --- the three evaluations ----------------------------------------------------------------------------------
-def float32_pass(model: CPLNet, model_err: ErrorModel, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The float32 network as deployed, with its rounding bound: exact-radius bounds and the float32 radius."""
+@dataclass
+class SplitPoint:
+    """A float32 pass seen at body stage ``split``: the activation entering it, the norms measured
+    before it, and the bound of each input's distance to the exact point it stands for."""
+
+    split: int
+    activation: torch.Tensor
+    first: BodyTrace
+    delta: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> SplitPoint:
+        """The same for the points ``index`` only."""
+        first = BodyTrace({k: v[index] for k, v in self.first.inputs.items()}, {k: v[index] for k, v in self.first.hidden.items()},
+                          self.first.features[index])
+        return SplitPoint(self.split, self.activation[index], first, self.delta[index])
+
+
+def float32_pass(
+    model: CPLNet, model_err: ErrorModel, images: torch.Tensor, labels: torch.Tensor, split: int = 0
+) -> tuple[dict[str, torch.Tensor], SplitPoint]:
+    """The float32 network as deployed, with its rounding bound: exact-radius bounds and the float32 radius.
+
+    Also returns the pass as seen at body stage ``split``, from which ``tail_enclosure`` re-runs the
+    later stages in float64 without repeating the earlier ones.
+    """
     x, delta = as_points(images, torch.float32)
-    features, trace = trace_body(model, x)
+    head, first = trace_body(model, x, 0, split)
+    features, rest = trace_body(model, head, split)
+    trace = BodyTrace({**first.inputs, **rest.inputs}, {**first.hidden, **rest.hidden}, rest.features)
     logits32 = model.head(features)
     error = body_error(model_err, trace, [torch.float32] * len(model_err.stages))
     center, head_error = exact_head_logits(model_err, features)
@@ -106,11 +131,12 @@ def float32_pass(model: CPLNet, model_err: ErrorModel, images: torch.Tensor, lab
     finite32 = (prediction32 >= 0) & enclosure.finite
     radius32 = _float32_radius(model_err, trace, enclosure, delta)
     valid = finite32 & (prediction32 == enclosure.top) & (enclosure.low > 0)
-    return {
+    run = {
         "top": enclosure.top, "low": enclosure.low, "high": enclosure.high, "margin": enclosure.margin,
         "finite": enclosure.finite, "prediction32": prediction32, "label_gap": label_gap(enclosure, labels),
         "radius32": torch.where(valid, radius32.clamp_min(0.0), torch.zeros_like(radius32)),
     }
+    return run, SplitPoint(split, head, first, delta)
 
 
 def float32_prediction(logits: torch.Tensor) -> torch.Tensor:
@@ -144,13 +170,19 @@ def exact_enclosure(model: CPLNet, model64: CPLNet, model_err: ErrorModel, image
     dtype = torch.float64 if split == 0 else torch.float32
     x, delta = as_points(images, dtype)
     head, first = trace_body(model64 if split == 0 else model, x, 0, split)
-    features, trace = trace_body(model64, head.double(), split)
-    trace.inputs.update(first.inputs)
-    trace.hidden.update(first.hidden)
-    dtypes = [torch.float32] * split + [torch.float64] * (len(model_err.stages) - split)
+    return tail_enclosure(model64, model_err, SplitPoint(split, head, first, delta))
+
+
+def tail_enclosure(model64: CPLNet, model_err: ErrorModel, point: SplitPoint) -> Enclosure:
+    """Bounds of the exact radius when the stages before ``point.split`` ran as traced in ``point`` and
+    the rest run now in float64 (``model64``)."""
+    features, trace = trace_body(model64, point.activation.double(), point.split)
+    trace.inputs.update(point.first.inputs)
+    trace.hidden.update(point.first.hidden)
+    dtypes = [torch.float32] * point.split + [torch.float64] * (len(model_err.stages) - point.split)
     error = body_error(model_err, trace, dtypes)
     center, head_error = exact_head_logits(model_err, features)
-    return enclose(center, head_error, error + model_err.body_lipschitz * delta, model_err)
+    return enclose(center, head_error, error + model_err.body_lipschitz * point.delta, model_err)
 
 
 def label_gap(enclosure: Enclosure, labels: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,12 @@ from typer.testing import CliRunner
 
 import cpl_cert
 from cpl_cert.attacks.ensemble import run_suite
+from cpl_cert.certify import certificate_constants
 from cpl_cert.cli import app
 from cpl_cert.cli.progress import Activity, Line, clock
 from cpl_cert.cli.train_display import RunClock
+from cpl_cert.models import float64_copy
+from cpl_cert.radii import exact_enclosure
 
 runner = CliRunner()
 
@@ -27,18 +30,20 @@ def small_model():
 
 def test_certify_reports_every_stage_and_keeps_the_old_callback(small_model):
     data = cpl_cert.load_dataset("fashion-mnist").subset(300)
+    # An eps equal to a point's float64 lower radius bound lies inside that point's interval at every
+    # precision short of float64, so the float64 stage runs.
+    _, model_err = certificate_constants(small_model)
+    enclosure = exact_enclosure(small_model, float64_copy(small_model), model_err, data.images[:20], 0)
+    on_edge = float(enclosure.low[(enclosure.low > 0) & (enclosure.top == data.labels[:20])][0])
     old, new = [], []
-    result = cpl_cert.certify(small_model, data, eps=[0.1, 0.25], device="cpu", batch_size=128,
+    result = cpl_cert.certify(small_model, data, eps=[0.1, on_edge], device="cpu", batch_size=128,
                               progress=lambda d, t: old.append((d, t)), on_progress=lambda *a: new.append(a))
     assert old == [(128, 300), (256, 300), (300, 300)]  # unchanged: after each float32 batch
     assert [a for a in new if a[0] == "float32"] == [("float32", 0, 300), *(("float32", d, t) for d, t in old)]
     later = [a for a in new if a[0] != "float32"]
-    stages = list(dict.fromkeys(a[0] for a in later))
-    assert set(stages) <= {"float64-dense", "float64"} and later  # this random model leaves points undecided
-    assert later[0] == ("float64-dense", 0, result.rechecked)
-    for stage in stages:
-        counts = [a for a in later if a[0] == stage]
-        assert counts[-1][1] == counts[-1][2] and [a[1] for a in counts] == sorted(a[1] for a in counts)
+    assert list(dict.fromkeys(a[0] for a in later)) == ["float64"]
+    assert later[0] == ("float64", 0, later[-1][2]) and later[-1][1] == later[-1][2] <= result.rechecked
+    assert [a[1] for a in later] == sorted(a[1] for a in later)
 
 
 def suite(model, x, y, attack, **kw):

@@ -37,7 +37,6 @@ from .progress import Activity
 
 CERTIFY_STAGES = {
     "float32": "certifying (float32 pass)",
-    "float64-dense": "re-evaluating undecided points (float64 dense layers)",
     "float64": "re-evaluating undecided points (float64)",
 }
 """What each stage of ``cpl_cert.certify`` is called on the progress line."""

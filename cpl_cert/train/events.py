@@ -96,7 +96,7 @@ class StepDone:
 @dataclass(frozen=True)
 class Evaluating:
     """The epoch's evaluation is in ``stage``: ``"freeze"`` (power iteration, ``total`` iterations at most),
-    then certification stages ``"float32"``, ``"float64-dense"`` and ``"float64"`` (``done`` of ``total`` points)."""
+    then certification stages ``"float32"`` and ``"float64"`` (``done`` of ``total`` points)."""
 
     epoch: int
     stage: str
