@@ -304,7 +304,7 @@ def _float64_run(
     report("float64", 0, todo.numel())
     for begin in range(0, todo.numel(), batch_size):
         part = todo[begin : begin + batch_size]
-        _store(run, part, exact_enclosure(exact.model, exact.copy64(), exact.model_err, images[part], 0), labels[part])
+        _store(run, part, exact_enclosure(exact.copy64(), exact.model_err, images[part]), labels[part])
         report("float64", min(begin + batch_size, todo.numel()), todo.numel())
 
 

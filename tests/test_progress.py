@@ -33,7 +33,7 @@ def test_certify_reports_every_stage_and_keeps_the_old_callback(small_model):
     # An eps equal to a point's float64 lower radius bound lies inside that point's interval at every
     # precision short of float64, so the float64 stage runs.
     _, model_err = certificate_constants(small_model)
-    enclosure = exact_enclosure(small_model, float64_copy(small_model), model_err, data.images[:20], 0)
+    enclosure = exact_enclosure(float64_copy(small_model), model_err, data.images[:20])
     on_edge = float(enclosure.low[(enclosure.low > 0) & (enclosure.top == data.labels[:20])][0])
     old, new = [], []
     result = cpl_cert.certify(small_model, data, eps=[0.1, on_edge], device="cpu", batch_size=128,

@@ -56,7 +56,7 @@ def verify_exact(checker: Checker, clean: torch.Tensor, outcome: AttackOutcome, 
     if idx.numel() == 0:
         return result
     adv = outcome.adversarial[idx].double()
-    enclosure = exact_enclosure(checker.model, checker.model64, checker.constants, adv, 0)
+    enclosure = exact_enclosure(checker.model64, checker.constants, adv)
     certain = enclosure.finite & (enclosure.low > 0) & (enclosure.top != reference[idx])
     ok = _inside_box(adv) & certain
     result[idx[ok]] = l2_norm(adv[ok] - clean[idx[ok]].double())
