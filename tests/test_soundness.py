@@ -265,37 +265,31 @@ def fashion_600():
 
 
 
+def inspecting_outputs(model, path) -> list[str]:
+    """``model`` saved to ``path``, then what certify, lipschitz and info print (stdout and stderr); each exits 0."""
+    cpl_cert.save_checkpoint(model, path, dataset={"name": "fashion-mnist", "input_shape": [1, 28, 28], "num_classes": 10})
+    outputs = []
+    for args in (["certify", str(path), "--limit", "20", "--lower-bound-samples", "0"], ["lipschitz", str(path), "--samples", "0"],
+                 ["info", str(path)]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        outputs.append(result.output + (result.stderr if result.stderr_bytes is not None else ""))
+    return outputs
+
+
 def test_a_checkpoint_above_one_lipschitz_is_named_by_certify_lipschitz_and_info(tmp_path):
     model = make_frozen("cpl-tiny", input_shape=(1, 28, 28), num_classes=10)
     with torch.no_grad():
         model.dense[0].weight.mul_(1.2)  # after freezing: the stored step no longer fits
-    path = tmp_path / "scaled.safetensors"
-    cpl_cert.save_checkpoint(model, path, dataset={"name": "fashion-mnist", "input_shape": [1, 28, 28], "num_classes": 10})
-    commands = (
-        ["certify", str(path), "--limit", "20", "--lower-bound-samples", "0"],
-        ["lipschitz", str(path), "--samples", "0"],
-        ["info", str(path)],
-    )
-    for args in commands:
-        result = CliRunner().invoke(app, args)
-        assert result.exit_code == 0, result.output
-        assert "is not 1-Lipschitz" in result.output + (result.stderr if result.stderr_bytes is not None else "")
+    for output in inspecting_outputs(model, tmp_path / "scaled.safetensors"):
+        assert "is not 1-Lipschitz" in output
 
 
 def test_an_lln_head_above_one_is_not_named(tmp_path):
     """The promise is about the body: an LLN head's whole-map norm exceeds 1 by design (its rows have
     norm 1) and enters the certificates per class pair, so a model with a 1-Lipschitz body gets no warning."""
     model = make_frozen("cpl-tiny", input_shape=(1, 28, 28), num_classes=10, head="lln")
-    path = tmp_path / "lln.safetensors"
-    cpl_cert.save_checkpoint(model, path, dataset={"name": "fashion-mnist", "input_shape": [1, 28, 28], "num_classes": 10})
     bounds = cpl_cert.lipschitz_bounds(model)
     assert bounds.upper > 1.0 >= bounds.body_upper
-    commands = (
-        ["certify", str(path), "--limit", "20", "--lower-bound-samples", "0"],
-        ["lipschitz", str(path), "--samples", "0"],
-        ["info", str(path)],
-    )
-    for args in commands:
-        result = CliRunner().invoke(app, args)
-        assert result.exit_code == 0, result.output
-        assert "1-Lipschitz" not in result.output + (result.stderr if result.stderr_bytes is not None else "")
+    for output in inspecting_outputs(model, tmp_path / "lln.safetensors"):
+        assert "1-Lipschitz" not in output
