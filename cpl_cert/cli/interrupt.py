@@ -22,9 +22,7 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
 
 def _exit_during_start_up(signum: int, frame: FrameType | None) -> None:
     """Answer at once and leave without unwinding: nothing exists yet that could be lost."""
-    message = "interrupted (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
-    sys.stderr.write(f"Error: {message}\n")
-    sys.stderr.flush()
+    _say(_sentence(signum))
     os._exit(128 + signum)
 
 
@@ -45,14 +43,28 @@ def install() -> None:
     signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+def _signum(exc: BaseException) -> int:
+    return signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+
+
+def _sentence(signum: int) -> str:
+    return "interrupted (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+
+
+def _say(message: str) -> None:
+    """``Error: <message>`` on stderr, plain text: Rich may not be loaded yet."""
+    sys.stderr.write(f"Error: {message}\n")
+    sys.stderr.flush()
+
+
 def exit_code(exc: BaseException) -> int:
     """128 + the signal number: 130 for Ctrl-C, 143 for SIGTERM."""
-    return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+    return 128 + _signum(exc)
 
 
 def describe(exc: BaseException) -> str:
     """``interrupted`` or ``interrupted (SIGTERM)``."""
-    return "interrupted (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    return _sentence(_signum(exc))
 
 
 def ignore_further() -> None:
@@ -62,8 +74,7 @@ def ignore_further() -> None:
 
 
 def exit_interrupted(exc: BaseException, message: str | None = None) -> None:
-    """Print ``Error: <message>`` on stderr (plain text: Rich may not be loaded yet) and exit with the signal's code."""
+    """Print ``Error: <message>`` on stderr and exit with the signal's code."""
     ignore_further()
-    sys.stderr.write(f"Error: {message or describe(exc)}\n")
-    sys.stderr.flush()
+    _say(message or describe(exc))
     raise SystemExit(exit_code(exc))
