@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +20,13 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import cpl_cert
+from cpl_cert.certify import certificate_constants
 from cpl_cert.cli import app
 from cpl_cert.errors import CplCertError
 from cpl_cert.layers import CPLLinear
+from cpl_cert.models import float64_copy
 from cpl_cert.numerics import strict_math
+from cpl_cert.radii import exact_enclosure, float32_pass, tail_enclosure
 
 NO_CPL = dict(channels=1, conv_depth=0, dense_depth=0)
 
@@ -293,3 +297,24 @@ def test_an_lln_head_above_one_is_not_named(tmp_path):
     assert bounds.upper > 1.0 >= bounds.body_upper
     for output in inspecting_outputs(model, tmp_path / "lln.safetensors"):
         assert "1-Lipschitz" not in output
+
+
+def test_the_dense_in_float64_step_encloses_the_float64_radius(fashion_600):
+    """Points the float32 pass leaves undecided get their dense layers again in float64 from the pass's own
+    convolution outputs; their interval must still count the convolutions' float32 rounding. The float64
+    evaluation throughout (an independent, far tighter enclosure of the same exact radius) must overlap it
+    for every point. Float32 images make the inputs exact (no uint8 rounding in the interval), so with the
+    convolutions' rounding left out the interval shrinks to about 1e-12 around a value that is off by the
+    float32 error, and misses."""
+    model, _ = cpl_cert.load_checkpoint(Path(__file__).resolve().parents[1] / "models" / "fmnist-cpl-xs.safetensors")
+    _, model_err = certificate_constants(model)
+    images = fashion_600.images[:200].float() / 255
+    split = next(i for i, (name, _) in enumerate(model.body()) if name == "flatten")
+    with torch.inference_mode(), strict_math():
+        _, point = float32_pass(model, model_err, images, fashion_600.labels[:200], split)
+        model64 = float64_copy(model)
+        tail = tail_enclosure(model64, model_err, point)
+        exact = exact_enclosure(model64, model_err, images)
+    same = (tail.top == exact.top) & (exact.low > 0)
+    assert same.sum() > 150
+    assert bool(((tail.low <= exact.high) & (exact.low <= tail.high))[same].all())
