@@ -8,8 +8,12 @@ briefly trained models) it
   (SVD) at random inputs, plus gradient ascent on the secant ratio ``||f(x + d) - f(x)|| / ||d||``;
 * certifies random images and attacks each with a float64 minimum-norm search (FMN + bisection on the
   float64 model), keeping only adversarial examples whose class the exact function provably changes,
-  and with the same search on the float32 network, keeping examples the float32 network misclassifies.
+  and with the same search on the float32 model, keeping examples that cpl-cert's float32 network
+  (float64 accumulation) misclassifies, and examples PyTorch's plain float32 forward misclassifies (one
+  of the runtimes ``radii_any`` covers).
 
+Configurations at extreme scales feed float images multiplied by 1e-25 or 1e25 (the "box" the attacks
+stay in scales with them), or rescale a model's normalisation (std 1e25 or 1e-25, biases to match).
 It prints per configuration and overall the worst ``lower / upper`` bound ratio (must be <= 1) and the
 worst ``adversarial distance / radius`` ratio for each sense (must be >= 1). Run:
 
@@ -21,6 +25,7 @@ worst ``adversarial distance / radius`` ratio for each sense (must be >= 1). Run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -30,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import cpl_cert
-from cpl_cert.attacks.check import make_checker, verify_exact, verify_float32
+from cpl_cert.attacks.check import make_checker, verify_any, verify_exact, verify_float32
+from cpl_cert.attacks.common import AttackOutcome
 from cpl_cert.attacks.minnorm import fmn_l2
 from cpl_cert.layers import CPLConv2d, CPLLinear
 from cpl_cert.models import float64_copy
@@ -47,7 +53,8 @@ class Outcome:
     lower: float
     points: int
     worst_exact: float  # min over attacked points of distance / radius_exact (inf: no example found)
-    worst_float32: float
+    worst_float32: float  # the same for cpl-cert's float32 network and radius_float32
+    worst_any: float  # the same for PyTorch's plain float32 forward and radius_any
     violations: int
     compared: int  # points with a verified adversarial example and a positive radius, in either sense
 
@@ -107,6 +114,44 @@ def _trained(model: cpl_cert.CPLNet, steps: int = 30) -> cpl_cert.CPLNet:
     return cpl_cert.freeze(model)
 
 
+def _rescaled(std: float) -> Callable[[cpl_cert.CPLNet], cpl_cert.CPLNet]:
+    """Mean 0, std ``std`` and every bias divided by ``std``: the same network on inputs scaled by ``1 / std``."""
+    def apply(model: cpl_cert.CPLNet) -> cpl_cert.CPLNet:
+        with torch.no_grad():
+            model.normalize.mean.zero_()
+            model.normalize.std.fill_(std)
+            for layer in _layers(model):
+                layer.bias.div_(std)
+            if isinstance(model.head, torch.nn.Module) and hasattr(model.head, "bias"):
+                model.head.bias.div_(std)
+        return model
+
+    return apply
+
+
+SCALES: dict[str, float] = {"inputs x1e-25": 1e-25, "inputs x1e25": 1e25, "inputs x1e-25, no cpl pool 2": 1e-25}
+"""Configurations whose images are float tensors multiplied by this factor (the others: uint8 pixels)."""
+
+
+def extreme_configurations() -> list[tuple[str, Callable[[], cpl_cert.CPLNet]]]:
+    """Tiny and huge activations: where norms underflow or overflow in float32."""
+    zero_mean = dict(mean=(0.0,))
+    return [
+        ("inputs x1e-25", lambda: _frozen("cpl-tiny", (1, 8, 8), 19, **zero_mean)),
+        ("inputs x1e25", lambda: _frozen("cpl-tiny", (1, 8, 8), 20, **zero_mean)),
+        ("inputs x1e-25, no cpl pool 2", lambda: _frozen("cpl-tiny", (1, 8, 8), 14, channels=1, conv_depth=0, dense_depth=0, pool=2,
+                                                         **zero_mean)),
+        ("std 1e25, biases / 1e25", lambda: _rescaled(1e25)(_frozen("cpl-xs", (1, 8, 8), 21, head="lln"))),
+        ("std 1e-25, biases x 1e25", lambda: _rescaled(1e-25)(_frozen("cpl-tiny", (1, 8, 8), 22))),
+    ]
+
+
+def paper_configurations() -> list[tuple[str, Callable[[], cpl_cert.CPLNet]]]:
+    """The paper's network sizes at CIFAR's input shape (slow: minutes each)."""
+    return [(f"{p} (3, 32, 32) {h}", lambda p=p, h=h: _frozen(p, (3, 32, 32), 30 + i, head=h, num_classes=10))
+            for i, (p, h) in enumerate((("cpl-s", "truncation"), ("cpl-s", "lln"), ("cpl-m", "truncation")))]
+
+
 def configurations(quick: bool = False) -> list[tuple[str, Callable[[], cpl_cert.CPLNet]]]:
     """(name, builder) pairs; ``quick`` keeps one of each kind."""
     shapes = [(1, 8, 8), (3, 8, 8), (1, 12, 12)]
@@ -140,12 +185,13 @@ def configurations(quick: bool = False) -> list[tuple[str, Callable[[], cpl_cert
         ("dense only", lambda: _frozen("cpl-tiny", (1, 8, 8), 15, channels=1, conv_depth=0, dense_depth=3, dense_inner=64, pool=1)),
         ("conv only lln", lambda: _frozen("cpl-tiny", (1, 8, 8), 16, conv_depth=3, dense_depth=0, head="lln")),
     ]
-    configs += variants
+    configs += variants + extreme_configurations()
     if quick:
         keep = {"cpl-tiny (1, 8, 8) truncation", "cpl-xs (3, 8, 8) lln", "std != 1", "scaled x1.3 lln", "unfrozen",
-                "all units active", "trained tiny", "no cpl pool 2", "one layer, all active, x1.2"}
-        configs = [c for c in configs if c[0] in keep]
-    return configs
+                "all units active", "trained tiny", "no cpl pool 2", "one layer, all active, x1.2", "inputs x1e-25",
+                "std 1e25, biases / 1e25"}
+        return [c for c in configs if c[0] in keep]
+    return configs + paper_configurations()
 
 
 # --- the two checks ------------------------------------------------------------------------------------------
@@ -168,24 +214,45 @@ def jacobian_lower_bound(model: cpl_cert.CPLNet, inputs: torch.Tensor, ascent_st
     return best
 
 
-def worst_ratios(model: cpl_cert.CPLNet, images: torch.Tensor, steps: int) -> tuple[float, float, int, int]:
-    """Smallest adversarial-distance / radius ratio in each sense, the number of violations and of
-    points where a comparison was possible."""
+class _Rescaled(torch.nn.Module):
+    """``model(u * inputs) / outputs``: lets FMN (whose steps and margins are in pixel and logit units) attack
+    a model at any input and logit scale; its examples ``u`` stand for the inputs ``u * inputs``."""
+
+    def __init__(self, model: torch.nn.Module, inputs: float, outputs: float) -> None:
+        super().__init__()
+        self.model, self.inputs, self.outputs = model, inputs, outputs
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.model(u * self.inputs) / self.outputs
+
+
+def _fmn(model: torch.nn.Module, clean: torch.Tensor, reference: torch.Tensor, steps: int, scale: float) -> AttackOutcome:
+    """FMN on ``model`` in units where the pixel box is [0, 1] and the logits are about 1; examples in the model's units."""
+    with torch.no_grad():
+        outputs = float(model(clean).abs().max().clamp_min(1e-300))
+    outcome = fmn_l2(_Rescaled(model, scale, outputs), clean / scale, reference, steps=steps)
+    return dataclasses.replace(outcome, adversarial=(outcome.adversarial * scale).to(clean.dtype))
+
+
+def worst_ratios(model: cpl_cert.CPLNet, images: torch.Tensor, steps: int, scale: float) -> tuple[list[float], int, int]:
+    """Smallest adversarial-distance / radius ratio in each sense (exact, cpl-cert's float32, plain float32),
+    the number of violations and of points where a comparison was possible."""
     labels = torch.zeros(images.shape[0], dtype=torch.long)
     cert = cpl_cert.certify(model, (images, labels), eps=[0.1], device="cpu")
-    clean = exact_points(images)
+    clean, box = exact_points(images), (0.0, scale)
     with strict_math():
         checker = make_checker(model)
         reference = cert.predictions.clamp_min(0)
-        exact_attack = fmn_l2(checker.model64, clean, reference, steps=steps)
-        float32_attack = fmn_l2(model, clean.float(), cert.predictions_float32.clamp_min(0), steps=steps)
-        d_exact = verify_exact(checker, clean, exact_attack, reference)
-        d_float32 = verify_float32(model, clean, float32_attack, cert.predictions_float32.clamp_min(0))
-    ratio_exact = _ratios(d_exact, cert.radii_exact)
-    ratio_float32 = _ratios(d_float32, cert.radii_float32)
-    violations = int(((ratio_exact < 1) | (ratio_float32 < 1)).sum())
-    compared = int((torch.isfinite(ratio_exact) | torch.isfinite(ratio_float32)).sum())
-    return float(ratio_exact.min()), float(ratio_float32.min()), violations, compared
+        exact_attack = _fmn(checker.model64, clean, reference, steps, scale)
+        float32_attack = _fmn(model, clean.float(), cert.predictions_float32.clamp_min(0), steps, scale)
+        any_attack = _fmn(model, clean.float(), cert.predictions_any.clamp_min(0), steps, scale)
+        distances = (verify_exact(checker, clean, exact_attack, reference, box),
+                     verify_float32(checker, clean, float32_attack, cert.predictions_float32.clamp_min(0), box),
+                     verify_any(model, clean, any_attack, cert.predictions_any.clamp_min(0), box))
+    ratios = [_ratios(d, r) for d, r in zip(distances, (cert.radii_exact, cert.radii_float32, cert.radii_any), strict=True)]
+    violations = int(torch.stack([r < 1 for r in ratios]).any(dim=0).sum())
+    compared = int(torch.stack([torch.isfinite(r) for r in ratios]).any(dim=0).sum())
+    return [float(r.min()) for r in ratios], violations, compared
 
 
 def _ratios(distance: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
@@ -199,10 +266,13 @@ def run_config(name: str, build: Callable[[], cpl_cert.CPLNet], points: int, ste
     shape = model.config.input_shape
     generator = torch.Generator().manual_seed(len(name))
     images = torch.randint(0, 256, (points, *shape), generator=generator, dtype=torch.uint8)
+    scale = SCALES.get(name)
+    if scale is not None:
+        images = (images.float() / 255 * scale).float()
     upper = cpl_cert.lipschitz_bounds(model).body_upper
-    lower = jacobian_lower_bound(model, images[: min(points, 4)].double() / 255)
-    worst_exact, worst_float32, violations, compared = worst_ratios(model, images, steps)
-    return Outcome(name, upper, lower, points, worst_exact, worst_float32, violations, compared)
+    lower = jacobian_lower_bound(model, exact_points(images[: min(points, 4)]))
+    worst, violations, compared = worst_ratios(model, images, steps, scale or 1.0)
+    return Outcome(name, upper, lower, points, *worst, violations, compared)
 
 
 def main() -> None:
@@ -219,7 +289,8 @@ def main() -> None:
         outcomes.append(outcome)
         print(
             f"{name:<32} upper {outcome.upper:10.5g}  lower {outcome.lower:10.5g}  lower/upper {outcome.lower / outcome.upper:7.4f}  "
-            f"min d/r exact {outcome.worst_exact:8.4g}  float32 {outcome.worst_float32:8.4g}  compared {outcome.compared:3d}  "
+            f"min d/r exact {outcome.worst_exact:8.4g}  float32 {outcome.worst_float32:8.4g}  any {outcome.worst_any:8.4g}  "
+            f"compared {outcome.compared:3d}  "
             f"violations {outcome.violations}",
             flush=True,
         )
@@ -228,7 +299,8 @@ def main() -> None:
         f"({sum(o.compared for o in outcomes)} with a verified adversarial example inside the box), {time.perf_counter() - start:.0f} s\n"
         f"worst lower/upper bound ratio: {max(o.lower / o.upper for o in outcomes):.6f} (must be <= 1)\n"
         f"worst adversarial distance / radius: exact function {min(o.worst_exact for o in outcomes):.6g}, "
-        f"float32 network {min(o.worst_float32 for o in outcomes):.6g} (must be >= 1)\n"
+        f"cpl-cert's float32 network {min(o.worst_float32 for o in outcomes):.6g}, "
+        f"plain float32 {min(o.worst_any for o in outcomes):.6g} (must be >= 1)\n"
         f"violations: {sum(o.violations for o in outcomes)}"
     )
 

@@ -4,8 +4,8 @@ For logits ``f`` and a certified Lipschitz constant ``L_ij`` of each difference 
 prediction ``t`` cannot change within ``radius = min_{j != t} (f_t - f_j) / L_tj``. With a truncation
 head ``L_tj = sqrt(2) L_body`` (the paper's ``margin / (sqrt(2) L)``); with an LLN head
 ``L_tj = ||w_t - w_j|| L_body``. Every radius carries a rigorous allowance for rounding
-(``cpl_cert.radii``); points the float32 pass leaves undecided get their dense layers again in float64
-(from the pass's own convolution outputs), then, if still undecided, a float64 evaluation throughout. See docs/certify.md and docs/math.md.
+(``cpl_cert.radii``): the first pass runs the convolutions in float32 and the dense layers in float64; the
+points it leaves undecided are evaluated in float64 throughout. See docs/certify.md and docs/math.md.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from .lipschitz import LipschitzBounds, lipschitz_bounds
 from .models import CPLNet, float64_copy, weights_key
 from .numerics import strict_math
 from .progress import OnProgress, no_progress
-from .radii import Enclosure, exact_enclosure, float32_pass, label_gap, tail_enclosure
+from .passes import accumulated_logits
+from .radii import UNKNOWN, Answers, as_points, fast_pass, float32_prediction, float64_pass
 from .rounding import ErrorModel, error_model
 from .validate import validate_model
 
@@ -75,20 +76,30 @@ def parse_eps(spec: str | float | Sequence[str | float | EpsValue]) -> list[EpsV
 class CertifyResult:
     """Per-sample results (CPU tensors) and the summary of one certification run.
 
-    Two senses of "certified" (docs/certify.md): ``radii_exact`` bounds the radius of the exact
-    function of the stored weights (what papers report; the counts at each eps are those of an exact
-    evaluation), ``radii_float32`` that of the float32 network as cpl-cert runs it, and ``radii`` holds
-    for both. ``predictions`` is the exact function's class (-1 where no class is certain: a tie, or
-    non-finite logits); ``predictions_float32`` the float32 network's.
+    Three senses of "certified" (docs/certify.md), each about a named network:
+
+    * ``radii_exact``: the exact function of the stored weights (what papers report; the counts at each
+      eps are those of an exact evaluation); ``predictions`` is its class (-1 where no class is certain:
+      a tie, or non-finite logits);
+    * ``radii_float32``: cpl-cert's float32 network (float32 activations, every dot product accumulated in
+      float64, as ``cpl_cert.predict`` and ``cpl-cert predict`` run it); ``predictions_float32`` its class;
+    * ``radii_any``: every float32 runtime that rounds each operation correctly and sums dot products in
+      any order (PyTorch's ``model(x)``, ONNX Runtime); ``predictions_any`` is the class all of them
+      provably compute (-1 where that is not proven). Often 0 on deep networks, whose worst-case rounding
+      bound exceeds their margins.
+
+    ``radii`` holds for the exact function and cpl-cert's float32 network at once.
     """
 
     labels: torch.Tensor
     predictions: torch.Tensor
     predictions_float32: torch.Tensor
+    predictions_any: torch.Tensor
     margins: torch.Tensor
     radii: torch.Tensor
     radii_exact: torch.Tensor
     radii_float32: torch.Tensor
+    radii_any: torch.Tensor
     eps: list[EpsValue]
     bounds: LipschitzBounds
     device: str
@@ -111,6 +122,10 @@ class CertifyResult:
         return self.predictions_float32 == self.labels
 
     @property
+    def correct_any(self) -> torch.Tensor:
+        return self.predictions_any == self.labels
+
+    @property
     def clean_accuracy(self) -> float:
         return _fraction(self.correct)
 
@@ -118,19 +133,28 @@ class CertifyResult:
     def clean_accuracy_float32(self) -> float:
         return _fraction(self.correct_float32)
 
+    @property
+    def clean_accuracy_any(self) -> float:
+        """Fraction of points every correctly rounded float32 runtime provably classifies correctly."""
+        return _fraction(self.correct_any)
+
     def certified_accuracy(self, eps: float) -> float:
         """Fraction of points the exact function classifies correctly with a radius above ``eps``."""
         return _fraction(self.correct & (self.radii_exact > eps))
 
     def certified_accuracy_float32(self, eps: float) -> float:
-        """The same for the float32 network as cpl-cert runs it (margins deflated by its rounding bound)."""
+        """The same for cpl-cert's float32 network (margins deflated by its rounding bound)."""
         return _fraction(self.correct_float32 & (self.radii_float32 > eps))
+
+    def certified_accuracy_any(self, eps: float) -> float:
+        """The same for every correctly rounded float32 runtime at once."""
+        return _fraction(self.correct_any & (self.radii_any > eps))
 
     @property
     def certified(self) -> list[dict[str, Any]]:
         return [
             {"eps": e.value, "label": e.label, "accuracy": self.certified_accuracy(e.value),
-             "accuracy_float32": self.certified_accuracy_float32(e.value)}
+             "accuracy_float32": self.certified_accuracy_float32(e.value), "accuracy_any": self.certified_accuracy_any(e.value)}
             for e in self.eps
         ]
 
@@ -174,21 +198,24 @@ def certify(
     bounds: LipschitzBounds | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_progress: OnProgress | None = None,
+    tight_radii: bool = False,
 ) -> CertifyResult:
-    """Certify every point of ``data``: predictions, margins, radii in both senses, and accuracies.
+    """Certify every point of ``data``: predictions, margins, radii in the three senses, and accuracies.
 
     The model is moved to ``device`` (in place, as ``nn.Module.to`` does); the data go there once;
     nothing syncs with the host per batch. ``progress(done, total)`` is called after each batch of
-    the float32 pass. Points whose float32 evaluation cannot decide the exact function's answer at
-    some eps (or its class) are evaluated again in float64 before they count (docs/certify.md).
-    ``on_progress(stage, done, total)`` follows every stage in points: ``"float32"`` (all points; it
-    includes re-running the dense layers in float64 for the points it leaves undecided), then
-    ``"float64"`` (the points still undecided, when there are any).
+    the first pass. Points whose first evaluation cannot decide the exact function's answer at some eps
+    (or its class), or could be certified at an eps by a tighter evaluation of cpl-cert's float32 network,
+    are evaluated again in float64 before they count (docs/certify.md). ``tight_radii`` evaluates every
+    correctly classified point in float64, so that each reported radius is within about 1e-9 of its exact
+    value (for a per-sample export; the counts do not need it). ``on_progress(stage, done, total)``
+    follows every stage in points: ``"float32"`` (all points), then ``"float64"`` (the points re-evaluated).
     """
     with torch.inference_mode(), strict_math():
-        result = _certify(model, data, eps, device, batch_size, bounds, progress, on_progress)
+        result = _certify(model, data, eps, device, batch_size, bounds, progress, on_progress, tight_radii)
     # Inference tensors cannot enter autograd (an attack on the certified points would fail): clone out.
-    for name in ("labels", "predictions", "predictions_float32", "margins", "radii", "radii_exact", "radii_float32"):
+    for name in ("labels", "predictions", "predictions_float32", "predictions_any", "margins", "radii", "radii_exact",
+                 "radii_float32", "radii_any"):
         setattr(result, name, getattr(result, name).clone())
     return result
 
@@ -201,7 +228,8 @@ def _certify(
     batch_size: int,
     bounds: LipschitzBounds | None,
     progress: Callable[[int, int], None] | None,
-    on_progress: OnProgress | None = None,
+    on_progress: OnProgress | None,
+    tight_radii: bool,
 ) -> CertifyResult:
     if batch_size < 1:
         raise CplCertError(f"--batch-size must be positive, got {batch_size}")
@@ -214,33 +242,32 @@ def _certify(
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     start = time.perf_counter()
-    images_dev, labels_dev = images.to(dev, non_blocking=True), labels.to(dev).long()
-    eps_tensor = torch.tensor([e.value for e in eps_values], dtype=torch.float64, device=dev)
-    exact = _Exact(model, model_err)
-    run = _float32_run(exact, images_dev, labels_dev, eps_tensor, batch_size, progress, on_progress)
-    _float64_run(exact, images_dev, labels_dev, eps_tensor, run, batch_size, on_progress)
-    rechecked = exact.rechecked
-    left = _undecided(run, labels_dev, eps_tensor)
-    result = _result(run, labels_dev, eps_values, bounds, str(dev))
-    result.rechecked, result.undecided = rechecked, int(left.sum())
-    result.nonfinite = int((~run["finite"]).sum())
+    run = _Run(model, model_err, images.to(dev, non_blocking=True), labels.to(dev).long(),
+               torch.tensor([e.value for e in eps_values], dtype=torch.float64, device=dev), tight_radii, on_progress or no_progress)
+    answers = _first_pass(run, batch_size, progress)
+    _float64_pass(run, answers, batch_size)
+    _run_float32_network(run, answers, batch_size)
+    result = _result(answers, run.labels, eps_values, bounds, str(dev))
+    result.rechecked = int(answers.float64.sum())
+    result.undecided = int(_undecided(run, answers).sum())
+    result.nonfinite = int((~answers.finite).sum())
     result.seconds = time.perf_counter() - start
     return result
 
 
 @dataclass
-class _Exact:
-    """What the re-evaluations share: the model, its float64 copy (made on first need), its rounding
-    constants, the first dense stage (where float64 takes over first) and the points re-evaluated."""
+class _Run:
+    """One certification run: the model, its float64 copy (made on first need), its rounding constants,
+    the data on the device and what must be decided about them."""
 
     model: CPLNet
     model_err: ErrorModel
+    images: torch.Tensor
+    labels: torch.Tensor
+    eps: torch.Tensor
+    tight_radii: bool
+    report: OnProgress
     model64: CPLNet | None = None
-    rechecked: int = 0
-
-    @property
-    def dense_start(self) -> int:
-        return next(i for i, (name, _) in enumerate(self.model.body()) if name == "flatten")
 
     def copy64(self) -> CPLNet:
         if self.model64 is None:
@@ -248,79 +275,85 @@ class _Exact:
         return self.model64
 
 
-def _float32_run(
-    exact: _Exact, images: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor, batch_size: int,
-    progress: Callable[[int, int], None] | None, on_progress: OnProgress | None = None,
-) -> dict[str, torch.Tensor]:
-    """The float32 pass over all points, batch by batch, concatenated. A point it leaves undecided gets
-    its dense layers again in float64 at once, from the batch's float32 convolution outputs."""
-    total = images.shape[0]
-    report = on_progress or no_progress
-    report("float32", 0, total)
-    parts, split = [], exact.dense_start
+FLOAT64_FIRST = 0.5
+"""When the first batch's float32 pass leaves more than this fraction of its points undecided (a deep
+network whose worst-case float32 rounding bound exceeds its margins), the other batches go straight to
+float64: evaluating them twice would cost more."""
+
+
+def _first_pass(run: _Run, batch_size: int, progress: Callable[[int, int], None] | None) -> Answers:
+    """The fast pass (float32 convolutions, float64 dense layers) over all points, batch by batch; or
+    float64 from the second batch on when the fast pass decides too little (``FLOAT64_FIRST``)."""
+    total = run.images.shape[0]
+    run.report("float32", 0, total)
+    parts: list[Answers] = []
+    float64_first = False
     for begin in range(0, total, batch_size):
         part = slice(begin, begin + batch_size)
-        run, point = float32_pass(exact.model, exact.model_err, images[part], labels[part], split)
-        todo = _undecided(run, labels[part], eps).nonzero().flatten()
-        if todo.numel():
-            _store(run, todo, tail_enclosure(exact.copy64(), exact.model_err, point.rows(todo)), labels[part][todo])
-            exact.rechecked += int(todo.numel())
-        parts.append(run)
+        if float64_first:
+            answers = float64_pass(run.copy64(), run.model_err, run.images[part], run.labels[part])
+        else:
+            answers = fast_pass(run.model, run.copy64(), run.model_err, run.images[part], run.labels[part])
+            float64_first = begin == 0 and float(_undecided(run, answers, part).double().mean()) > FLOAT64_FIRST
+        parts.append(answers)
         if progress is not None:
             progress(min(begin + batch_size, total), total)
-        report("float32", min(begin + batch_size, total), total)
+        run.report("float32", min(begin + batch_size, total), total)
     if not parts:
-        parts.append(float32_pass(exact.model, exact.model_err, images[:0], labels[:0], split)[0])
-    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        parts.append(fast_pass(run.model, run.copy64(), run.model_err, run.images[:0], run.labels[:0]))
+    return Answers.cat(parts)
 
 
-def _store(run: dict[str, torch.Tensor], index: torch.Tensor, enclosure: Enclosure, labels: torch.Tensor) -> None:
-    """Replace the answers of the points ``index`` by those of a tighter evaluation."""
-    for key in ("top", "low", "high", "margin", "finite"):
-        run[key][index] = getattr(enclosure, key)
-    run["label_gap"][index] = label_gap(enclosure, labels)
-
-
-def _undecided(run: dict[str, torch.Tensor], labels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Points whose evaluation so far leaves an answer open: non-finite values; a class that is not
-    certain while the label is one of the candidates (or no label is given: -1); a correctly classified
-    point whose exact radius may lie on either side of some eps. A point whose candidate classes all
-    differ from its label is an error whatever its exact class, and counts at no eps."""
-    low, high = run["low"][:, None], run["high"][:, None]
+def _undecided(run: _Run, answers: Answers, part: slice = slice(None)) -> torch.Tensor:
+    """Points a float64 evaluation could still change an answer of: non-finite values; a class that is not
+    certain while the label is one of the candidates (or no label is given: -1); for a correctly classified
+    point (or one without a label), an exact radius that may lie on either side of some eps, or cpl-cert's
+    float32 network certified below an eps the exact radius may exceed; every such point with ``tight_radii``.
+    A point whose candidate classes all differ from its label is an error whatever its exact class, and
+    counts at no eps. Points already evaluated in float64 are final."""
+    labels, eps = run.labels[part], run.eps
+    low, high = answers.low[:, None], answers.high[:, None]
+    relevant = (labels < 0) | (answers.top == labels)
     straddles = ((low <= eps) & (high > eps)).any(dim=1)
-    label_possible = (labels < 0) | (run["label_gap"] <= 0)
-    return ~run["finite"] | ((run["low"] <= 0) & label_possible) | (straddles & (run["top"] == labels))
+    improvable = ((answers.radius32[:, None] <= eps) & (high > eps)).any(dim=1)
+    label_possible = (labels < 0) | (answers.label_gap <= 0)
+    open_ = ~answers.finite | ((answers.low <= 0) & label_possible) | (relevant & (straddles | improvable | run.tight_radii))
+    return open_ & ~answers.float64
 
 
-def _float64_run(
-    exact: _Exact, images: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor,
-    run: dict[str, torch.Tensor], batch_size: int, on_progress: OnProgress | None = None,
-) -> None:
-    """Evaluate in float64 throughout the points still undecided; updates ``run`` in place."""
-    todo = _undecided(run, labels, eps).nonzero().flatten()
+def _float64_pass(run: _Run, answers: Answers, batch_size: int) -> None:
+    """Evaluate in float64 throughout the points still undecided; updates ``answers`` in place."""
+    todo = _undecided(run, answers).nonzero().flatten()
     if todo.numel() == 0:
         return
-    report = on_progress or no_progress
-    report("float64", 0, todo.numel())
+    run.report("float64", 0, todo.numel())
     for begin in range(0, todo.numel(), batch_size):
         part = todo[begin : begin + batch_size]
-        _store(run, part, exact_enclosure(exact.copy64(), exact.model_err, images[part]), labels[part])
-        report("float64", min(begin + batch_size, todo.numel()), todo.numel())
+        answers.take(part, float64_pass(run.copy64(), run.model_err, run.images[part], run.labels[part]))
+        run.report("float64", min(begin + batch_size, todo.numel()), todo.numel())
 
 
-def _result(run: dict[str, torch.Tensor], labels: torch.Tensor, eps: list[EpsValue], bounds: LipschitzBounds, device: str) -> CertifyResult:
-    """Per-sample answers: the exact class where certain, radii in both senses and the radius valid for both."""
-    decided = run["finite"] & (run["low"] > 0)
-    prediction = torch.where(decided, run["top"], torch.full_like(run["top"], -1))
-    exact = torch.where(decided, run["low"], torch.zeros_like(run["low"]))
-    float32 = run["radius32"]
-    agree = decided & (run["prediction32"] == prediction)
-    both = torch.where(agree, torch.minimum(exact, float32), torch.zeros_like(exact))
-    margin = torch.where(run["finite"], run["margin"], torch.full_like(run["margin"], math.nan))
+def _run_float32_network(run: _Run, answers: Answers, batch_size: int) -> None:
+    """cpl-cert's float32 network's class where no bound proves it (ties, near ties, non-finite values): run it."""
+    todo = (answers.prediction32 == UNKNOWN).nonzero().flatten()
+    for begin in range(0, todo.numel(), batch_size):
+        part = todo[begin : begin + batch_size]
+        x, _ = as_points(run.images[part], torch.float32)
+        answers.prediction32[part] = float32_prediction(accumulated_logits(run.model, run.copy64(), x))
+
+
+def _result(answers: Answers, labels: torch.Tensor, eps: list[EpsValue], bounds: LipschitzBounds, device: str) -> CertifyResult:
+    """Per-sample answers: the exact class where certain, radii in each sense and the radius valid for two."""
+    decided = answers.finite & (answers.low > 0)
+    prediction = torch.where(decided, answers.top, torch.full_like(answers.top, -1))
+    exact = torch.where(decided, answers.low, torch.zeros_like(answers.low))
+    agree = decided & (answers.prediction32 == prediction)
+    both = torch.where(agree, torch.minimum(exact, answers.radius32), torch.zeros_like(exact))
+    margin = torch.where(answers.finite, answers.margin, torch.full_like(answers.margin, math.nan))
     return CertifyResult(
-        labels=labels.cpu(), predictions=prediction.cpu(), predictions_float32=run["prediction32"].cpu(),
-        margins=margin.cpu(), radii=both.cpu(), radii_exact=exact.cpu(), radii_float32=float32.cpu(),
-        eps=eps, bounds=bounds, device=device, seconds=0.0,
+        labels=labels.cpu(), predictions=prediction.cpu(), predictions_float32=answers.prediction32.cpu(),
+        predictions_any=answers.prediction_any.cpu(), margins=margin.cpu(), radii=both.cpu(), radii_exact=exact.cpu(),
+        radii_float32=answers.radius32.cpu(), radii_any=answers.radius_any.cpu(), eps=eps, bounds=bounds, device=device, seconds=0.0,
     )
 
 

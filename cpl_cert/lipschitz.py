@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import CplCertError
-from .layers import CPLConv2d, CPLLinear, LLNHead, TruncationHead
+from .layers import BlockSumPool, ChannelPad, CPLConv2d, CPLLinear, InputNormalization, LLNHead, TruncationHead
 from .models import CPLNet, float64_copy
 from .numerics import FP64_SLACK, round_up
 from .spectral import sigma_power, sigma_upper
@@ -77,34 +77,43 @@ def cpl_layer_bound(step: float, sigma_up: float) -> float:
     return bound
 
 
+STAGE_KINDS = ("normalize", "channel-pad", "cpl-conv", "cpl-dense", "block-sum-pool", "flatten")
+"""The kinds of body stage, one vocabulary for the bounds table, the rounding model and the reports."""
+
+
+def stage_kind(name: str, stage: nn.Module) -> str:
+    """The kind of one body stage of ``CPLNet.body()``; a stage cpl-cert has no bound for is an error."""
+    for types, kind in (
+        (InputNormalization, "normalize"), (ChannelPad, "channel-pad"), (CPLConv2d, "cpl-conv"), (CPLLinear, "cpl-dense"),
+        (BlockSumPool, "block-sum-pool"), (nn.Flatten, "flatten"),
+    ):
+        if isinstance(stage, types):
+            return kind
+    raise CplCertError(f"cpl-cert has no Lipschitz bound for the stage {name} ({type(stage).__name__})")
+
+
+def stage_bound(name: str, stage: nn.Module) -> LayerBound:
+    """The bounds-table row of one body stage: its certified Lipschitz constant (and a CPL layer's step and sigmas)."""
+    kind = stage_kind(name, stage)
+    if kind == "normalize":
+        assert isinstance(stage, InputNormalization)
+        return LayerBound(name, kind, stage.lipschitz())
+    if kind in ("cpl-conv", "cpl-dense"):
+        assert isinstance(stage, (CPLConv2d, CPLLinear))
+        step, s_up = float(stage.current_step()), sigma_upper(stage)
+        return LayerBound(name, kind, cpl_layer_bound(step, s_up), step=step, sigma_power=sigma_power(stage), sigma_upper=s_up)
+    return LayerBound(name, kind, 1.0)  # channel padding (an isometry), block-sum pool, flatten
+
+
 @torch.no_grad()
 def lipschitz_bounds(model: CPLNet) -> LipschitzBounds:
-    """Certified per-layer bounds and their product for a CPL network (frozen or not).
+    """Certified per-stage bounds and their product for a CPL network (frozen or not).
 
-    Uses the step inference actually applies (``layer.current_step()``), so the result is a bound on
+    One row per stage of ``model.body()``, in order (the rounding model reads them by position), then the
+    head. Uses the step inference actually applies (``layer.current_step()``), so the result is a bound on
     the function the model computes in eval mode.
     """
-    rows: list[LayerBound] = [
-        LayerBound("normalize", "normalize", model.normalize.lipschitz()),
-        LayerBound("pad", "channel-pad", 1.0),
-    ]
-    for prefix, container in (("convs", model.convs), ("dense", model.dense)):
-        for index, layer in enumerate(container):
-            assert isinstance(layer, (CPLConv2d, CPLLinear))
-            step = float(layer.current_step())
-            s_up = sigma_upper(layer)
-            rows.append(
-                LayerBound(
-                    name=f"{prefix}.{index}",
-                    kind="cpl-conv" if isinstance(layer, CPLConv2d) else "cpl-dense",
-                    bound=cpl_layer_bound(step, s_up),
-                    step=step,
-                    sigma_power=sigma_power(layer),
-                    sigma_upper=s_up,
-                )
-            )
-        if prefix == "convs":
-            rows.append(LayerBound("pool", "block-sum-pool", 1.0))
+    rows = [stage_bound(name, stage) for name, stage in model.body()]
     body_upper = product_upper(row.bound for row in rows)
     head = model.head
     assert isinstance(head, (TruncationHead, LLNHead))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +23,34 @@ FP64_SLACK = 2.0**-40
 """Relative slack applied to cpl-cert's own float64 bound arithmetic (chains of at most a few hundred
 float64 operations on non-negative numbers, each off by at most 2^-53 relative): rounds bounds
 outward so that they stay bounds."""
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """How a network stage is computed, for its rounding bound (docs/math.md 6.1).
+
+    ``storage`` is the precision every elementwise result and every stored activation is rounded to.
+    ``accumulate`` is the precision of dot-product sums (matrix products and convolutions): equal to
+    ``storage`` for a plain pass (any summation order), or float64 over float32 storage, where the
+    products of float32 numbers are exact in float64, the sums run in float64 and each result is rounded
+    once to float32 (cpl-cert's float32 network).
+    """
+
+    name: str
+    storage: torch.dtype
+    accumulate: torch.dtype
+
+    @property
+    def exact_products(self) -> bool:
+        return self.storage == torch.float32 and self.accumulate == torch.float64
+
+
+FLOAT32 = Arithmetic("float32", torch.float32, torch.float32)
+"""Plain float32: any correctly rounded runtime, dot products in any order (PyTorch's own ``model(x)``, ONNX Runtime)."""
+FLOAT32_ACC64 = Arithmetic("float32, float64 accumulation", torch.float32, torch.float64)
+"""cpl-cert's float32 network: float32 activations, every product and sum of a dot product in float64."""
+FLOAT64 = Arithmetic("float64", torch.float64, torch.float64)
+"""float64 throughout (cpl-cert's re-evaluation of the exact function)."""
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -52,16 +81,21 @@ def round_up(value: float) -> float:
 
 
 def norm_upper(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample upper bound of ``||x||_2`` (rows of ``x``) as float64.
+    """Per-sample upper bound of ``||x||_2`` (rows of ``x``) as float64, at every scale.
 
-    Computed in ``x``'s own precision (a float64 copy of every activation would cost a quarter of the
-    forward pass) and inflated by ``gamma_{n+2}`` of that precision, which covers any summation order of
-    the squares and the square root. If a square overflows the result is infinite, which callers treat
-    as "evaluate this point again in float64".
+    Measured in ``x``'s own precision (a float64 copy of every activation would cost a quarter of the
+    forward pass): each square is rounded (relative ``u``, or absolutely by at most ``eta``, the smallest
+    normal number, where it underflows), the ``n`` squares are summed in any order (``gamma_n``) and the root
+    taken (``u``). Hence ``||x||^2 <= S (1 + gamma_{n+2}) + n eta`` for the computed sum of squares ``S``:
+    the absolute floor ``n eta`` keeps the bound valid when squares underflow (entries below about 1e-19
+    in float32, 1e-154 in float64), where the measured norm alone can be 0 or far too low. docs/math.md 6.1.
+    An overflowing square gives an infinite bound, which callers treat as "evaluate this point again".
     """
     flat = x.flatten(1)
-    norms = torch.linalg.vector_norm(flat, dim=1).double()
-    return norms * (1.0 + gamma(flat.shape[1] + 2, flat.dtype) + FP64_SLACK)
+    n = flat.shape[1]
+    measured = torch.linalg.vector_norm(flat, dim=1).double()
+    squares = measured.square() * (1.0 + gamma(n + 2, flat.dtype)) + n * smallest_normal(flat.dtype)
+    return squares.sqrt() * (1.0 + FP64_SLACK)
 
 
 @contextlib.contextmanager

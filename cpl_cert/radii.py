@@ -1,30 +1,28 @@
-"""Radii from a forward pass: what one evaluation proves about the exact logits, and the float32 radius.
+"""Radii from a forward pass: what one evaluation proves about the exact logits, and about the float32 networks.
 
-An evaluation of the body (float32, or partly or wholly float64) with its rounding bound
-(``cpl_cert.rounding``) gives, per point, an *enclosure*: the class with the largest logit, the gaps to
-the others, and a bound of how far each gap can be from the exact function's. From it follow bounds of
-the exact radius, and, for the float32 pass, the radius within which the float32 network's own
-prediction provably stays (docs/math.md, section 6).
+An evaluation of the body (float32 convolutions with float64 dense layers, or float64 throughout) with
+its rounding bound (``cpl_cert.rounding``) gives, per point, an *enclosure*: the class with the largest
+logit, the gaps to the others, and a bound of how far each gap can be from the exact function's. From it
+follow bounds of the exact radius and, for each float32 network whose rounding is bounded (cpl-cert's,
+with float64 accumulation, and any correctly rounded float32 runtime), the radius within which that
+network's own prediction provably stays (docs/math.md, section 6).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
+from torch import nn
 
-from .models import CPLNet
-from .numerics import FP64_SLACK, norm_upper, unit_roundoff
-from .rounding import (
-    BodyTrace,
-    ErrorModel,
-    ball_body_error,
-    body_error,
-    exact_head_logits,
-    float32_head_error,
-    trace_body,
-)
+from .numerics import FLOAT32, FLOAT32_ACC64, FLOAT64, FP64_SLACK, Arithmetic, norm_upper, unit_roundoff
+from .passes import trace_body
+from .rounding import BodyTrace, ErrorModel, ball_body_error, body_error, exact_head_logits, head_error
+
+UNKNOWN = -2
+"""A float32 network's class that no evaluation so far proves (cpl-cert runs that network to find it)."""
 
 
 # --- inputs ------------------------------------------------------------------------------------------------
@@ -60,7 +58,11 @@ class Enclosure:
 
 
 def enclose(center: torch.Tensor, head_error: torch.Tensor, body_error: torch.Tensor, model_err: ErrorModel) -> Enclosure:
-    """Radius bounds from centre logits, their per-logit head error and the body error (in feature norm)."""
+    """Radius bounds from centre logits, their per-logit head error and the body error (in feature norm).
+
+    The float64 subtraction ``centre_top - centre_j`` is off by at most ``u (|centre_top| + |centre_j|)``
+    (a subtraction whose result underflows is exact, so no absolute term is needed).
+    """
     pair = model_err.pair_lipschitz.to(center.device)
     finite = torch.isfinite(center).all(dim=1) & torch.isfinite(body_error)
     center = torch.where(finite[:, None], center, torch.zeros_like(center))
@@ -74,7 +76,7 @@ def enclose(center: torch.Tensor, head_error: torch.Tensor, body_error: torch.Te
     error = (error + (centre_top.abs() + center.abs()) * unit_roundoff(torch.float64)) * (1.0 + FP64_SLACK)
     error.scatter_(1, top[:, None], 0.0)
     low = _min_other(_round_down((gap - error) / pair_top), top)
-    high = _min_other(_round_up_t((gap + error) / pair_top), top)
+    high = _min_other(_round_up((gap + error) / pair_top), top)
     margin = _min_other(gap, top)
     low = torch.where(finite, low, torch.full_like(low, -math.inf))
     return Enclosure(top, gap, error, low, high, margin, finite)
@@ -89,95 +91,28 @@ def _round_down(values: torch.Tensor) -> torch.Tensor:
     return values - values.abs() * FP64_SLACK
 
 
-def _round_up_t(values: torch.Tensor) -> torch.Tensor:
+def _round_up(values: torch.Tensor) -> torch.Tensor:
     return values + values.abs() * FP64_SLACK
 
 
-# --- the three evaluations ----------------------------------------------------------------------------------
-@dataclass
-class SplitPoint:
-    """A float32 pass seen at body stage ``split``: the activation entering it, the norms measured
-    before it, and the bound of each input's distance to the exact point it stands for."""
+def network_radius(
+    model_err: ErrorModel, trace: BodyTrace, here: Sequence[Arithmetic], there: Sequence[Arithmetic], enclosure: Enclosure,
+    delta: torch.Tensor,
+) -> torch.Tensor:
+    """Radius within which the float32 network computing in the arithmetic ``there`` provably predicts
+    ``enclosure.top`` (docs/math.md 6.4); the enclosure and ``trace`` come from a pass in the arithmetic ``here``.
 
-    split: int
-    activation: torch.Tensor
-    first: BodyTrace
-    delta: torch.Tensor
-
-    def rows(self, index: torch.Tensor) -> SplitPoint:
-        """The same for the points ``index`` only."""
-        first = BodyTrace({k: v[index] for k, v in self.first.inputs.items()}, {k: v[index] for k, v in self.first.hidden.items()},
-                          self.first.features[index])
-        return SplitPoint(self.split, self.activation[index], first, self.delta[index])
-
-
-def float32_pass(
-    model: CPLNet, model_err: ErrorModel, images: torch.Tensor, labels: torch.Tensor, split: int = 0
-) -> tuple[dict[str, torch.Tensor], SplitPoint]:
-    """The float32 network as deployed, with its rounding bound: exact-radius bounds and the float32 radius.
-
-    Also returns the pass as seen at body stage ``split``, from which ``tail_enclosure`` re-runs the
-    later stages in float64 without repeating the earlier ones.
+    The network's radius never exceeds the exact radius, whose upper bound is ``enclosure.high``, so the
+    rounding error is bounded over the ball of that radius (plus the input's own rounding ``delta``).
     """
-    x, delta = as_points(images, torch.float32)
-    head, first = trace_body(model, x, 0, split)
-    features, rest = trace_body(model, head, split)
-    trace = BodyTrace({**first.inputs, **rest.inputs}, {**first.hidden, **rest.hidden}, rest.features)
-    logits32 = model.head(features)
-    error = body_error(model_err, trace, [torch.float32] * len(model_err.stages))
-    center, head_error = exact_head_logits(model_err, features)
-    enclosure = enclose(center, head_error, error + model_err.body_lipschitz * delta, model_err)
-    prediction32 = float32_prediction(logits32)
-    finite32 = (prediction32 >= 0) & enclosure.finite
-    radius32 = _float32_radius(model_err, trace, enclosure, delta)
-    valid = finite32 & (prediction32 == enclosure.top) & (enclosure.low > 0)
-    run = {
-        "top": enclosure.top, "low": enclosure.low, "high": enclosure.high, "margin": enclosure.margin,
-        "finite": enclosure.finite, "prediction32": prediction32, "label_gap": label_gap(enclosure, labels),
-        "radius32": torch.where(valid, radius32.clamp_min(0.0), torch.zeros_like(radius32)),
-    }
-    return run, SplitPoint(split, head, first, delta)
-
-
-def float32_prediction(logits: torch.Tensor) -> torch.Tensor:
-    """The float32 network's class: the largest logit, or -1 on a tie for the top or non-finite logits."""
-    if logits.shape[1] < 2:
-        return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    top2 = logits.topk(2, dim=1)
-    clear = torch.isfinite(logits).all(dim=1) & (top2.values[:, 0] > top2.values[:, 1])
-    return torch.where(clear, top2.indices[:, 0], torch.full_like(top2.indices[:, 0], -1))
-
-
-def _float32_radius(model_err: ErrorModel, trace: BodyTrace, enclosure: Enclosure, delta: torch.Tensor) -> torch.Tensor:
-    """Radius within which the float32 network's prediction provably stays ``top`` (docs/math.md 6.4)."""
     reach = torch.where(torch.isfinite(enclosure.high), enclosure.high, torch.zeros_like(enclosure.high)).clamp_min(0.0)
-    ball_error, features_norm = ball_body_error(model_err, trace, torch.float32, reach + delta)
-    head = float32_head_error(model_err, features_norm)
+    ball_error, features_norm = ball_body_error(model_err, trace, here, there, reach + delta)
+    head = head_error(model_err, features_norm, there[-1])
     head_pairs = head.gather(1, enclosure.top[:, None]) + head
     pair = model_err.pair_lipschitz.to(head.device)[enclosure.top]
     slack = _round_down((enclosure.gap - enclosure.error - head_pairs) / pair)
-    radius = _min_other(slack, enclosure.top) - _round_up_t(ball_error / model_err.body_lipschitz)
+    radius = _min_other(slack, enclosure.top) - _round_up(ball_error / model_err.body_lipschitz)
     return _round_down(torch.where(torch.isfinite(radius), radius, torch.full_like(radius, -1.0)))
-
-
-def exact_enclosure(model64: CPLNet, model_err: ErrorModel, images: torch.Tensor) -> Enclosure:
-    """Bounds of the exact radius from a float64 evaluation throughout (about a hundred million times
-    tighter than float32)."""
-    x, delta = as_points(images, torch.float64)
-    return tail_enclosure(model64, model_err, SplitPoint(0, x, BodyTrace({}, {}, norm_upper(x)), delta))
-
-
-def tail_enclosure(model64: CPLNet, model_err: ErrorModel, point: SplitPoint) -> Enclosure:
-    """Bounds of the exact radius when the stages before ``point.split`` ran in float32 as traced in
-    ``point`` and the rest run now in float64 (``model64``). Keeping the float32 convolutions and removing
-    the rounding of the dense layers, which sum hundreds of terms per output, decides most points cheaply."""
-    features, trace = trace_body(model64, point.activation.double(), point.split)
-    trace.inputs.update(point.first.inputs)
-    trace.hidden.update(point.first.hidden)
-    dtypes = [torch.float32] * point.split + [torch.float64] * (len(model_err.stages) - point.split)
-    error = body_error(model_err, trace, dtypes)
-    center, head_error = exact_head_logits(model_err, features)
-    return enclose(center, head_error, error + model_err.body_lipschitz * point.delta, model_err)
 
 
 def label_gap(enclosure: Enclosure, labels: torch.Tensor) -> torch.Tensor:
@@ -185,3 +120,83 @@ def label_gap(enclosure: Enclosure, labels: torch.Tensor) -> torch.Tensor:
     gap = (enclosure.gap - enclosure.error).gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
     gap = torch.where(labels == enclosure.top, torch.zeros_like(gap), gap)
     return torch.where(labels < 0, torch.full_like(gap, -1.0), gap)
+
+
+# --- what the evaluations so far prove --------------------------------------------------------------------
+@dataclass
+class Answers:
+    """Per point (tensors of one length): the exact radius's bounds, and each float32 network's class and radius."""
+
+    top: torch.Tensor  # class of the largest logit of the evaluation
+    low: torch.Tensor  # lower bound of the exact radius (<= 0: the exact class is not certain)
+    high: torch.Tensor  # upper bound of the exact radius
+    margin: torch.Tensor  # the evaluation's top logit minus the second
+    finite: torch.Tensor  # bool: the evaluation's values are finite
+    label_gap: torch.Tensor  # lower bound of exact f_top - f_label (``label_gap``)
+    prediction32: torch.Tensor  # cpl-cert's float32 network's class (UNKNOWN: not proven yet, -1: a tie or non-finite)
+    radius32: torch.Tensor  # its certified radius
+    prediction_any: torch.Tensor  # the class every correctly rounded float32 runtime computes (-1: not proven)
+    radius_any: torch.Tensor  # the radius within which each of them keeps it
+    float64: torch.Tensor  # bool: evaluated in float64 throughout
+
+    def take(self, index: torch.Tensor, other: Answers) -> None:
+        """Replace the answers of the points ``index`` by ``other``'s (a tighter evaluation of those points)."""
+        for f in fields(self):
+            getattr(self, f.name)[index] = getattr(other, f.name)
+
+    @staticmethod
+    def cat(parts: list[Answers]) -> Answers:
+        return Answers(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Answers)})
+
+
+def assess(
+    model_err: ErrorModel, trace: BodyTrace, features: torch.Tensor, here: Sequence[Arithmetic], delta: torch.Tensor,
+    labels: torch.Tensor,
+) -> Answers:
+    """Everything one evaluation (stages in the arithmetic ``here``, input rounding ``delta``) proves."""
+    error = body_error(model_err, trace, here)
+    center, head_err = exact_head_logits(model_err, features, trace.features)
+    enclosure = enclose(center, head_err, error + model_err.body_lipschitz * delta, model_err)
+    valid = enclosure.finite & (enclosure.low > 0)
+    radius32 = network_radius(model_err, trace, here, model_err.plan(FLOAT32_ACC64), enclosure, delta)
+    radius_any = network_radius(model_err, trace, here, model_err.plan(FLOAT32), enclosure, delta)
+    known32, known_any = valid & (radius32 > 0), valid & (radius_any > 0)
+    return Answers(
+        top=enclosure.top, low=enclosure.low, high=enclosure.high, margin=enclosure.margin, finite=enclosure.finite,
+        label_gap=label_gap(enclosure, labels),
+        prediction32=torch.where(known32, enclosure.top, torch.full_like(enclosure.top, UNKNOWN)),
+        radius32=torch.where(known32, radius32, torch.zeros_like(radius32)),
+        prediction_any=torch.where(known_any, enclosure.top, torch.full_like(enclosure.top, -1)),
+        radius_any=torch.where(known_any, radius_any, torch.zeros_like(radius_any)),
+        float64=torch.full_like(enclosure.finite, all(a == FLOAT64 for a in here)),
+    )
+
+
+# --- the evaluations ----------------------------------------------------------------------------------------
+def fast_pass(model: nn.Module, model64: nn.Module, model_err: ErrorModel, images: torch.Tensor, labels: torch.Tensor) -> Answers:
+    """The model's own float32 stages up to the dense layers (convolutions at float32 speed), then the dense
+    layers and the head in float64 (``model64``): they sum thousands of terms per output and would hold most
+    of a float32 pass's rounding bound."""
+    x, delta = as_points(images, torch.float32)
+    here = model_err.plan(FLOAT32, FLOAT64)
+    split = here.index(FLOAT64) if FLOAT64 in here else len(here)
+    convolved, first = trace_body(model, x, 0, split)
+    features, rest = trace_body(model64, convolved.double(), split)
+    trace = BodyTrace({**first.inputs, **rest.inputs}, {**first.hidden, **rest.hidden}, rest.features)
+    return assess(model_err, trace, features, here, delta, labels)
+
+
+def float64_pass(model64: nn.Module, model_err: ErrorModel, images: torch.Tensor, labels: torch.Tensor) -> Answers:
+    """Every stage in float64 (``model64``): bounds of the exact radius about a hundred million times tighter."""
+    x, delta = as_points(images, torch.float64)
+    features, trace = trace_body(model64, x)
+    return assess(model_err, trace, features, model_err.plan(FLOAT64), delta, labels)
+
+
+def float32_prediction(logits: torch.Tensor) -> torch.Tensor:
+    """A float32 network's class: the largest logit, or -1 on a tie for the top or non-finite logits."""
+    if logits.shape[1] < 2:
+        return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    top2 = logits.topk(2, dim=1)
+    clear = torch.isfinite(logits).all(dim=1) & (top2.values[:, 0] > top2.values[:, 1])
+    return torch.where(clear, top2.indices[:, 0], torch.full_like(top2.indices[:, 0], -1))

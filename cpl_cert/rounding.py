@@ -2,31 +2,37 @@
 
 The network runs in floating point; its certificates are about the exact function of the stored
 weights. For each stage of the body (normalisation, CPL layers, pooling) this module bounds, per
-sample, how far the computed output can be from the exact stage applied to the computed input. The
-bounds depend only on norms measured during the forward pass (the stage's input and a CPL layer's
-hidden units) and on constants fixed once per model; errors made early are carried by the later
-stages' Lipschitz constants (1 for a frozen, certified network). ``ErrorModel`` holds the constants;
-``trace_body`` runs the body and measures the norms; ``body_error`` and ``ball_body_error`` turn them
-into bounds at the point and anywhere in a ball around it.
+sample, how far the computed output can be from the exact stage applied to the computed input, for a
+given ``Arithmetic`` (plain float32 in any summation order, float32 with float64 accumulation, or
+float64). The bounds depend only on norms measured during the forward pass (a stage's input and a CPL
+layer's hidden units) and on constants fixed once per model; errors made early are carried by the later
+stages' Lipschitz constants (1 for a frozen, certified network). ``ErrorModel`` holds the constants (one
+entry per row of ``lipschitz_bounds``, matched by position); ``body_error`` and ``ball_body_error`` turn
+the measured norms into bounds at the point and anywhere in a ball around it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import BlockSumPool, ChannelPad, CPLConv2d, CPLLinear, InputNormalization, LLNHead, TruncationHead
+from .errors import CplCertError
+from .layers import BlockSumPool, CPLConv2d, CPLLinear, InputNormalization, LLNHead, TruncationHead
 from .lipschitz import LayerBound, LipschitzBounds
-from .numerics import FP64_SLACK, gamma, norm_upper, round_up, smallest_normal, unit_roundoff
+from .numerics import FP64_SLACK, Arithmetic, gamma, round_up, smallest_normal, unit_roundoff
+
+MEASURED_KINDS = ("normalize", "cpl-conv", "cpl-dense", "block-sum-pool")
+"""Stages whose rounding bound needs the norm of their input (the others are exact)."""
 
 
 @dataclass(frozen=True)
 class StageConstants:
-    """What the rounding bound of one body stage needs; ``kind`` is normalize, pad, cpl, pool or flatten."""
+    """What the rounding bound of one body stage needs; ``kind`` is the stage's row kind in ``lipschitz_bounds``."""
 
     name: str
     kind: str
@@ -43,7 +49,11 @@ class StageConstants:
     @property
     def measured(self) -> bool:
         """Whether the bound needs this stage's input norm."""
-        return self.kind in ("normalize", "cpl", "pool")
+        return self.kind in MEASURED_KINDS
+
+    @property
+    def is_cpl(self) -> bool:
+        return self.kind in ("cpl-conv", "cpl-dense")
 
 
 @dataclass(frozen=True)
@@ -69,14 +79,25 @@ class ErrorModel:
     head_pairs: torch.Tensor  # c[i, j]: Lipschitz constant of f_i - f_j with respect to the features
     pair_lipschitz: torch.Tensor  # L[i, j] >= c[i, j] * body_lipschitz: the same with respect to the input
 
+    def plan(self, conv: Arithmetic, dense: Arithmetic | None = None) -> list[Arithmetic]:
+        """One arithmetic per stage: ``dense`` from the flatten stage on (default ``conv``), ``conv`` before it."""
+        split = next((i for i, c in enumerate(self.stages) if c.kind == "flatten"), len(self.stages))
+        return [conv] * split + [dense or conv] * (len(self.stages) - split)
+
 
 # --- constants ---------------------------------------------------------------------------------------
 def error_model(model: nn.Module, bounds: LipschitzBounds) -> ErrorModel:
-    """The constants of every stage of ``model``'s body and of its head, with the layer rows of ``bounds``
-    (each CPL layer's step, certified sigma and Lipschitz bound)."""
-    rows = {row.name: row for row in bounds.layers}
+    """The constants of every stage of ``model``'s body and of its head. ``bounds.layers`` holds one row per
+    stage of ``model.body()`` in the same order, then the head's; a mismatch is an error, never a default."""
+    body = model.body()
+    rows = bounds.layers[: len(body)]
+    names = [name for name, _ in body]
+    if len(bounds.layers) != len(body) + 1 or [row.name for row in rows] != names:
+        raise CplCertError(
+            f"the Lipschitz bounds describe the stages {[row.name for row in bounds.layers]}, not this model's {names} and its head"
+        )
     sizes = _stage_input_sizes(model)
-    stages = [_stage_constants(name, stage, rows.get(name), size) for (name, stage), size in zip(model.body(), sizes, strict=True)]
+    stages = [_stage_constants(stage, row, size) for (_, stage), row, size in zip(body, rows, sizes, strict=True)]
     return ErrorModel(stages, _head_constants(model.head), bounds.body_upper, bounds.head_pairs, bounds.pair_lipschitz())
 
 
@@ -93,24 +114,26 @@ def _stage_input_sizes(model: nn.Module) -> list[int]:
 
 
 @torch.no_grad()
-def _stage_constants(name: str, stage: nn.Module, row: LayerBound | None, size: int) -> StageConstants:
-    lipschitz = row.bound if row is not None else 1.0
-    if isinstance(stage, InputNormalization):
+def _stage_constants(stage: nn.Module, row: LayerBound, size: int) -> StageConstants:
+    """The constants of one stage, from its row of the bounds table (kind, Lipschitz bound, step, sigma)."""
+    if row.kind == "normalize":
+        assert isinstance(stage, InputNormalization)
         positions = size // stage.mean.numel()
         mean_norm = round_up(float(stage.mean.detach().double().norm()) * math.sqrt(positions))
-        return StageConstants(name, "normalize", lipschitz, width=size, inv_std=lipschitz, bias_norm=mean_norm)
-    if isinstance(stage, (CPLConv2d, CPLLinear)):
-        assert row is not None and row.step is not None and row.sigma_upper is not None
-        return _cpl_constants(name, stage, row.bound, row.step, row.sigma_upper)
-    if isinstance(stage, BlockSumPool):
+        return StageConstants(row.name, row.kind, row.bound, width=size, inv_std=row.bound, bias_norm=mean_norm)
+    if row.kind in ("cpl-conv", "cpl-dense"):
+        assert isinstance(stage, (CPLConv2d, CPLLinear)) and row.step is not None and row.sigma_upper is not None
+        return _cpl_constants(row, stage)
+    if row.kind == "block-sum-pool":
+        assert isinstance(stage, BlockSumPool)
         k = int(stage.kernel_size) if isinstance(stage.kernel_size, int) else int(stage.kernel_size[0])
-        return StageConstants(name, "pool", 1.0, width=size, terms_w=k * k)
-    if isinstance(stage, (ChannelPad, nn.Flatten)):
-        return StageConstants(name, "pad" if isinstance(stage, ChannelPad) else "flatten", 1.0)
-    raise TypeError(f"no rounding model for the stage {name} ({type(stage).__name__})")
+        return StageConstants(row.name, row.kind, row.bound, width=size, terms_w=k * k)
+    if row.kind in ("channel-pad", "flatten"):
+        return StageConstants(row.name, row.kind, row.bound)
+    raise CplCertError(f"cpl-cert has no rounding model for the stage {row.name} ({row.kind})")
 
 
-def _cpl_constants(name: str, layer: CPLConv2d | CPLLinear, lipschitz: float, step: float, sigma: float) -> StageConstants:
+def _cpl_constants(row: LayerBound, layer: CPLConv2d | CPLLinear) -> StageConstants:
     """Norm of ``|W|``, bias norm and summand counts of one CPL layer, beside its step and certified sigma."""
     weight = layer.weight.detach().double()
     if isinstance(layer, CPLConv2d):
@@ -124,8 +147,9 @@ def _cpl_constants(name: str, layer: CPLConv2d | CPLLinear, lipschitz: float, st
         terms_w, terms_wt, width = weight.shape[1], weight.shape[0], max(weight.shape)
     abs_sigma = _abs_norm_upper(abs_matrix)
     bias_norm = round_up(float(layer.bias.detach().double().norm()) * math.sqrt(positions))
+    assert row.step is not None and row.sigma_upper is not None
     return StageConstants(
-        name, "cpl", lipschitz, width=width, step=step, sigma=sigma, abs_sigma=abs_sigma,
+        row.name, row.kind, row.bound, width=width, step=row.step, sigma=row.sigma_upper, abs_sigma=abs_sigma,
         bias_norm=bias_norm, terms_w=terms_w, terms_wt=terms_wt,
     )
 
@@ -160,7 +184,7 @@ def _head_constants(head: nn.Module) -> HeadConstants:
     return HeadConstants("lln", head.features, row_error, row_norm, head.bias.detach().double().clone(), exact)
 
 
-# --- measuring the forward pass -----------------------------------------------------------------------
+# --- measured norms -----------------------------------------------------------------------------------
 @dataclass
 class BodyTrace:
     """Per-sample norms measured while running the body: ``inputs[k]`` of stage k's input (measured
@@ -170,44 +194,37 @@ class BodyTrace:
     hidden: dict[int, torch.Tensor]
     features: torch.Tensor
 
-
-def trace_body(model: nn.Module, x: torch.Tensor, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, BodyTrace]:
-    """Run body stages ``start:stop`` of ``model`` on ``x`` exactly as ``model.features`` does, measuring norms."""
-    stages = model.body()
-    trace = BodyTrace({}, {}, torch.empty(0))
-    for index in range(start, len(stages) if stop is None else stop):
-        _, stage = stages[index]
-        if isinstance(stage, (InputNormalization, BlockSumPool, CPLConv2d, CPLLinear)):
-            trace.inputs[index] = norm_upper(x)
-        if isinstance(stage, (CPLConv2d, CPLLinear)):
-            hidden = stage.hidden(x)
-            trace.hidden[index] = norm_upper(hidden)
-            x = stage.update(x, hidden, stage.current_step())
-        else:
-            x = stage(x)
-    trace.features = norm_upper(x)
-    return x, trace
+    def rows(self, index: torch.Tensor) -> BodyTrace:
+        """The same norms for the points ``index`` only."""
+        return BodyTrace({k: v[index] for k, v in self.inputs.items()}, {k: v[index] for k, v in self.hidden.items()},
+                         self.features[index])
 
 
 # --- per-stage bounds ---------------------------------------------------------------------------------
-def stage_error(c: StageConstants, a: torch.Tensor, hidden: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def stage_error(c: StageConstants, a: torch.Tensor, hidden: torch.Tensor | None, arithmetic: Arithmetic) -> torch.Tensor:
     """Bound of ``||computed stage output - exact stage(computed input)||`` for input norm ``a``.
 
     ``hidden`` is the measured norm of a CPL layer's computed hidden units (``None``: bounded from ``a``).
+    Every operation may also underflow, by at most the smallest normal number ``eta`` per operation: a
+    value of the stage takes part in at most ``terms_w + terms_wt + 6`` of them, so these absolute errors
+    add at most ``(terms_w + terms_wt + 6) eta`` per value and that times ``sqrt(width)`` in norm.
     """
-    u, tiny = unit_roundoff(dtype), smallest_normal(dtype)
-    underflow = (c.terms_w + c.terms_wt + 6) * tiny * math.sqrt(c.width)  # per-operation absolute errors
-    if c.kind == "normalize":
-        return gamma(2, dtype) * (a + c.bias_norm) * c.inv_std + underflow
-    if c.kind == "pool":
-        return gamma(c.terms_w + 2, dtype) * a + underflow
-    if c.kind != "cpl":
+    if not c.measured:
         return torch.zeros_like(a)
-    return _cpl_error(c, a, hidden, u, dtype) + underflow
+    storage = arithmetic.storage
+    underflow = (c.terms_w + c.terms_wt + 6) * smallest_normal(storage) * math.sqrt(c.width)
+    if c.kind == "normalize":
+        return gamma(2, storage) * (a + c.bias_norm) * c.inv_std + underflow
+    if c.kind == "block-sum-pool":
+        return gamma(c.terms_w + 2, storage) * a + underflow
+    layer = _cpl_error_accumulated if arithmetic.exact_products else _cpl_error
+    return layer(c, a, hidden, storage) + underflow
 
 
-def _cpl_error(c: StageConstants, a: torch.Tensor, hidden: torch.Tensor | None, u: float, dtype: torch.dtype) -> torch.Tensor:
-    """The CPL layer's bound (docs/math.md 6.2): ``z = x - h W^T relu(W x + b)`` with every product and sum rounded."""
+def _cpl_error(c: StageConstants, a: torch.Tensor, hidden: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The CPL layer's bound (docs/math.md 6.2): ``z = x - h W^T relu(W x + b)`` with every product and sum
+    rounded in ``dtype``, dot products in any order."""
+    u = unit_roundoff(dtype)
     h, s, sa, beta = c.step, c.sigma, c.abs_sigma, c.bias_norm
     e_p = gamma(c.terms_w, dtype) * sa * a  # W x
     e_q = e_p + u * (s * a + e_p + beta)  # + b
@@ -220,44 +237,86 @@ def _cpl_error(c: StageConstants, a: torch.Tensor, hidden: torch.Tensor | None, 
     return e_t + u * (a + abs(h) * sigma_norm + e_t)  # x - t
 
 
+def _cpl_error_accumulated(c: StageConstants, a: torch.Tensor, hidden: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The CPL layer's bound in cpl-cert's float32 network (docs/math.md 6.2): ``q = fl32(W x + b)`` and
+    ``z = fl32(x - h W^T relu(q))``, each right-hand side computed in float64 from float32 operands (exact
+    products, float64 sums in any order) and rounded once to float32."""
+    u, u64 = unit_roundoff(dtype), unit_roundoff(torch.float64)
+    h, s, sa, beta = abs(c.step), c.sigma, c.abs_sigma, c.bias_norm
+    sum_w = gamma(c.terms_w + 1, torch.float64) * (sa * a + beta)  # the float64 sum of W x and b
+    e_q = u * (s * a + beta + sum_w) + sum_w  # then one rounding to float32
+    r_computed = hidden if hidden is not None else s * a + beta + e_q
+    t_norm = h * s * r_computed  # ||h W^T r~||
+    inner = h * gamma(c.terms_wt, torch.float64) * sa * r_computed + 3.0 * u64 * (a + t_norm)  # W^T r~, times h, x - (.)
+    e_z = u * (a + t_norm + inner) + inner  # then one rounding to float32
+    return h * s * e_q + e_z  # the hidden units' error, carried by h W^T (norm h s), plus the update's own
+
+
+def stage_peak(c: StageConstants, a: torch.Tensor) -> torch.Tensor:
+    """Bound of the magnitude of every value the stage computes, partial sums of its dot products included,
+    from an input of norm ``a`` (each entry of a vector is at most its norm; ``|| |W| ||`` bounds ``||W||``)."""
+    if c.kind == "normalize":
+        return (a + c.bias_norm) * max(c.inv_std, 1.0)
+    if c.kind == "block-sum-pool":
+        return math.sqrt(c.terms_w) * a
+    if c.is_cpl:
+        hidden = c.abs_sigma * a + c.bias_norm  # partial sums of W x + b, and so the hidden units
+        return a + hidden + c.abs_sigma * hidden * (1.0 + abs(c.step))  # W^T r, h times it, x minus that
+    return a
+
+
+def overflows(peak: torch.Tensor, arithmetic: Arithmetic) -> torch.Tensor:
+    """Where a computation in ``arithmetic`` whose exact values stay below ``peak`` might overflow. Rounding
+    moves a value by far less than a factor 2, so staying below half the largest finite number is enough."""
+    return ~(peak * 2.0 < torch.finfo(arithmetic.storage).max)
+
+
 # --- whole body -----------------------------------------------------------------------------------------
-def body_error(model_err: ErrorModel, trace: BodyTrace, dtypes: list[torch.dtype]) -> torch.Tensor:
-    """Per-sample bound of ``||computed features - exact features(computed input)||``; ``dtypes[k]`` is the
-    dtype stage k ran in."""
+def body_error(model_err: ErrorModel, trace: BodyTrace, arithmetic: Sequence[Arithmetic]) -> torch.Tensor:
+    """Per-sample bound of ``||computed features - exact features(computed input)||``; stage k ran in
+    ``arithmetic[k]``."""
     total = torch.zeros_like(trace.features)
     for index, c in enumerate(model_err.stages):
         total = total * c.lipschitz
         if c.measured:
-            total = total + stage_error(c, trace.inputs[index], trace.hidden.get(index), dtypes[index])
+            total = total + stage_error(c, trace.inputs[index], trace.hidden.get(index), arithmetic[index])
     return total * (1.0 + FP64_SLACK)
 
 
-def ball_body_error(model_err: ErrorModel, trace: BodyTrace, dtype: torch.dtype, distance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(E, Phi)``: bounds of the features' rounding error and of the computed features' norm at any
-    input within ``distance`` (per sample) of the traced one, when the whole body runs in ``dtype``.
+def ball_body_error(
+    model_err: ErrorModel, trace: BodyTrace, here: Sequence[Arithmetic], there: Sequence[Arithmetic], distance: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E, Phi)``: bounds of the features' rounding error and of the computed features' norm when the body
+    runs in the arithmetic ``there`` at any input within ``distance`` (per sample) of the one traced in
+    the arithmetic ``here``.
 
     Stage k's computed input there has norm at most its measured norm here, plus the exact map's
-    Lipschitz constant times ``distance``, plus the rounding errors at both points.
+    Lipschitz constant times ``distance``, plus the rounding errors of both computations up to stage k.
+    The rounding model holds only while nothing overflows: where some value computed there might,
+    ``E`` is infinite (the pass here was run, so its own overflows show as non-finite values).
     """
-    here = torch.zeros_like(trace.features)
-    there = torch.zeros_like(trace.features)
+    error_here = torch.zeros_like(trace.features)
+    error_there = torch.zeros_like(trace.features)
+    overflow = torch.zeros_like(trace.features, dtype=torch.bool)
     lipschitz = 1.0
     for index, c in enumerate(model_err.stages):
-        here, there = here * c.lipschitz, there * c.lipschitz
+        error_here, error_there = error_here * c.lipschitz, error_there * c.lipschitz
         if c.measured:
             a = trace.inputs[index]
-            a_there = a + lipschitz * distance + here + there
-            here = here + stage_error(c, a, trace.hidden.get(index), dtype)
-            there = there + stage_error(c, a_there, None, dtype)
+            a_there = a + lipschitz * distance + error_here + error_there
+            error_here = error_here + stage_error(c, a, trace.hidden.get(index), here[index])
+            error_there = error_there + stage_error(c, a_there, None, there[index])
+            overflow |= overflows(stage_peak(c, a_there), there[index])
         lipschitz *= c.lipschitz
-    features = trace.features + lipschitz * distance + here + there
-    return there * (1.0 + FP64_SLACK), features * (1.0 + FP64_SLACK)
+    features = trace.features + lipschitz * distance + error_here + error_there
+    error_there = torch.where(overflow, torch.full_like(error_there, math.inf), error_there)
+    return error_there * (1.0 + FP64_SLACK), features * (1.0 + FP64_SLACK)
 
 
 # --- head --------------------------------------------------------------------------------------------
-def exact_head_logits(model_err: ErrorModel, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits, error)``: the head applied in float64 to ``features``, and a per-logit bound of its
-    distance to the exact head applied to the same features."""
+def exact_head_logits(model_err: ErrorModel, features: torch.Tensor, features_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, error)``: the head applied in float64 to ``features`` (norm at most ``features_norm``),
+    and a per-logit bound of its distance to the exact head applied to the same features."""
     head = model_err.head
     feats = features.double()
     if head.kind == "truncation":
@@ -265,18 +324,25 @@ def exact_head_logits(model_err: ErrorModel, features: torch.Tensor) -> tuple[to
         return logits, torch.zeros_like(logits)
     assert head.exact_weight is not None
     logits = F.linear(feats, head.exact_weight.to(feats.device), head.bias.to(feats.device))
-    phi = norm_upper(feats)[:, None]
+    phi = features_norm[:, None]
     own = gamma(head.features + 3, torch.float64)
     error = own * phi + gamma(head.features + 1, torch.float64) * ((1.0 + own) * phi + head.bias.abs().to(feats.device))
     return logits, error * (1.0 + FP64_SLACK)
 
 
-def float32_head_error(model_err: ErrorModel, features_norm: torch.Tensor) -> torch.Tensor:
-    """Per-logit bound (B, K) of the float32 head's own rounding on features of norm ``features_norm``."""
+def head_error(model_err: ErrorModel, features_norm: torch.Tensor, arithmetic: Arithmetic) -> torch.Tensor:
+    """Per-logit bound (B, K) of a float32 head's own rounding on features of norm ``features_norm``: the
+    rows it normalised in float32, and its dot products (any order, or float64 accumulation)."""
     head = model_err.head
     if head.kind == "truncation":
-        return torch.zeros(features_norm.shape[0], head.row_error.shape[0], dtype=torch.float64, device=features_norm.device)
+        zeros = torch.zeros(features_norm.shape[0], head.row_error.shape[0], dtype=torch.float64, device=features_norm.device)
+        return torch.where(overflows(features_norm, arithmetic)[:, None], math.inf, zeros)
     phi = features_norm[:, None]
     row_error, row_norm, bias = (t.to(features_norm.device) for t in (head.row_error, head.row_norm, head.bias))
-    g = gamma(head.features + 1, torch.float32)
-    return (row_error * phi + g * (row_norm * phi + bias.abs())) * (1.0 + FP64_SLACK)
+    if arithmetic.exact_products:
+        g64 = gamma(head.features + 1, torch.float64)
+        rounding = unit_roundoff(torch.float32) * (1.0 + g64) + g64
+    else:
+        rounding = gamma(head.features + 1, torch.float32)
+    error = (row_error * phi + rounding * (row_norm * phi + bias.abs())) * (1.0 + FP64_SLACK)
+    return torch.where(overflows(row_norm * phi + bias.abs(), arithmetic), math.inf, error)

@@ -136,7 +136,7 @@ def test_verification_accepts_only_examples_that_really_change_the_class():
     for factor, real in ((1 + 1e-4, True), (1 - 1e-4, False), (0.0, False)):
         candidate = (x + direction * (truth * factor)[:, None]).float().view(16, 1, 4, 4)
         outcome = AttackOutcome(found, candidate, torch.zeros(16), "probe")
-        for d in (verify_exact(checker, x.view(16, 1, 4, 4), outcome, top), verify_float32(model, x.view(16, 1, 4, 4), outcome, top)):
+        for d in (verify_exact(checker, x.view(16, 1, 4, 4), outcome, top), verify_float32(checker, x.view(16, 1, 4, 4), outcome, top)):
             if real:
                 assert bool(torch.isfinite(d).all()) and torch.allclose(d, truth * factor, rtol=1e-5)
             else:

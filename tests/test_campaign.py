@@ -20,4 +20,4 @@ def test_campaign_slice(name, build):
     outcome = soundness_campaign.run_config(name, build, points=6, steps=60)
     assert outcome.lower <= outcome.upper
     assert outcome.violations == 0
-    assert outcome.worst_exact >= 1 and outcome.worst_float32 >= 1
+    assert outcome.worst_exact >= 1 and outcome.worst_float32 >= 1 and outcome.worst_any >= 1

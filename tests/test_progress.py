@@ -18,7 +18,7 @@ from cpl_cert.cli import app
 from cpl_cert.cli.progress import Activity, Line, clock
 from cpl_cert.cli.train_display import RunClock
 from cpl_cert.models import float64_copy
-from cpl_cert.radii import exact_enclosure
+from cpl_cert.radii import float64_pass
 
 runner = CliRunner()
 
@@ -33,8 +33,8 @@ def test_certify_reports_every_stage_and_keeps_the_old_callback(small_model):
     # An eps equal to a point's float64 lower radius bound lies inside that point's interval at every
     # precision short of float64, so the float64 stage runs.
     _, model_err = certificate_constants(small_model)
-    enclosure = exact_enclosure(float64_copy(small_model), model_err, data.images[:20])
-    on_edge = float(enclosure.low[(enclosure.low > 0) & (enclosure.top == data.labels[:20])][0])
+    answers = float64_pass(float64_copy(small_model), model_err, data.images[:20], data.labels[:20])
+    on_edge = float(answers.low[(answers.low > 0) & (answers.top == data.labels[:20])][0])
     old, new = [], []
     result = cpl_cert.certify(small_model, data, eps=[0.1, on_edge], device="cpu", batch_size=128,
                               progress=lambda d, t: old.append((d, t)), on_progress=lambda *a: new.append(a))

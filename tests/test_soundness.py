@@ -25,8 +25,12 @@ from cpl_cert.cli import app
 from cpl_cert.errors import CplCertError
 from cpl_cert.layers import CPLLinear
 from cpl_cert.models import float64_copy
-from cpl_cert.numerics import strict_math
-from cpl_cert.radii import exact_enclosure, float32_pass, tail_enclosure
+from cpl_cert.numerics import norm_upper, strict_math
+from cpl_cert.passes import accumulated_logits
+from cpl_cert.numerics import FLOAT32
+from cpl_cert.passes import trace_body
+from cpl_cert.radii import as_points, fast_pass, float64_pass
+from cpl_cert.rounding import body_error
 
 NO_CPL = dict(channels=1, conv_depth=0, dense_depth=0)
 
@@ -121,24 +125,29 @@ def test_no_radius_exceeds_the_true_distance_to_the_boundary():
 
 
 def _float32_flips_outside(model, clean: torch.Tensor, result, sums: torch.Tensor) -> None:
-    """Walk towards the nearest boundary: the float32 network keeps its class inside ``radii_float32``."""
+    """Walk towards the nearest boundary: cpl-cert's float32 network keeps its class inside ``radii_float32``
+    and PyTorch's plain float32 forward (a correctly rounded runtime) inside ``radii_any``."""
     top2 = sums.topk(2, dim=1).indices
-    blocks = torch.zeros(10, 64, dtype=torch.float64)
+    side = int(math.isqrt(clean[0].numel()))
+    blocks = torch.zeros(10, side * side, dtype=torch.float64)
     for b in range(10):
-        row, col = divmod(b, 4)
-        blocks[b].view(8, 8)[2 * row : 2 * row + 2, 2 * col : 2 * col + 2] = 1.0
+        row, col = divmod(b, side // 2)
+        blocks[b].view(side, side)[2 * row : 2 * row + 2, 2 * col : 2 * col + 2] = 1.0
     direction = (blocks[top2[:, 1]] - blocks[top2[:, 0]]) / math.sqrt(8.0)
-    radius = result.radii_float32.double()
-    checked = 0
-    for fraction in (1.0, 1 - 1e-8, 1 - 1e-7, 1 - 1e-6):
-        moved = (clean.flatten(1) + direction * (radius * fraction)[:, None]).float()
-        distance = (moved.double() - clean.flatten(1)).norm(dim=1)
-        inside = (distance * (1 + 1e-12) < radius) & (radius > 0)
-        with torch.no_grad():
-            flipped = model(moved.view(-1, 1, 8, 8)).argmax(dim=1) != result.predictions_float32
-        assert not bool((inside & flipped).any())
-        checked += int(inside.sum())
-    assert checked > 1000
+    model64 = float64_copy(model)
+    networks = ((result.radii_float32, result.predictions_float32, lambda x: accumulated_logits(model, model64, x)),
+                (result.radii_any, result.predictions_any, model))
+    for radius, reference, network in networks:
+        checked = 0
+        for fraction in (1.0, 1 - 1e-8, 1 - 1e-7, 1 - 1e-6):
+            moved = (clean.flatten(1) + direction * (radius.double() * fraction)[:, None]).float()
+            distance = (moved.double() - clean.flatten(1)).norm(dim=1)
+            inside = (distance * (1 + 1e-12) < radius) & (radius > 0)
+            with torch.no_grad():
+                flipped = network(moved.view(clean.shape)).argmax(dim=1) != reference
+            assert not bool((inside & flipped).any())
+            checked += int(inside.sum())
+        assert checked > 1000
 
 
 # --- 4. logits far from zero ------------------------------------------------------------------------------
@@ -192,8 +201,11 @@ def test_overflowing_float32_logits_are_decided_in_float64():
     assert torch.equal(result.predictions, exact.argmax(dim=1))
     top2 = exact.topk(2, dim=1).values
     assert bool((result.radii_exact <= (top2[:, 0] - top2[:, 1]) / math.sqrt(2) * (1 + 1e-9)).all())
-    assert bool((result.predictions_float32[nonfinite] == -1).all())
-    assert bool((result.radii_float32[nonfinite] == 0).all() and (result.radii[nonfinite] == 0).all())
+    # plain float32 overflows (W^T r ~ 1e40), so no float32 runtime is proven to give any class there ...
+    assert bool((result.predictions_any[nonfinite] == -1).all() and (result.radii_any[nonfinite] == 0).all())
+    # ... while cpl-cert's float32 network sums in float64, never overflows here, and predicts the exact class
+    assert torch.equal(result.predictions_float32, exact.argmax(dim=1))
+    assert bool((result.radii_float32 <= (top2[:, 0] - top2[:, 1]) / math.sqrt(2) * (1 + 1e-9)).all())
     assert result.nonfinite == 0  # float64 decided them all
 
 
@@ -299,22 +311,74 @@ def test_an_lln_head_above_one_is_not_named(tmp_path):
         assert "1-Lipschitz" not in output
 
 
-def test_the_dense_in_float64_step_encloses_the_float64_radius(fashion_600):
-    """Points the float32 pass leaves undecided get their dense layers again in float64 from the pass's own
-    convolution outputs; their interval must still count the convolutions' float32 rounding. The float64
-    evaluation throughout (an independent, far tighter enclosure of the same exact radius) must overlap it
-    for every point. Float32 images make the inputs exact (no uint8 rounding in the interval), so with the
-    convolutions' rounding left out the interval shrinks to about 1e-12 around a value that is off by the
-    float32 error, and misses."""
+def test_the_fast_pass_encloses_the_float64_radius(fashion_600):
+    """The first pass runs the convolutions in float32 and the dense layers in float64; its interval must
+    still count the convolutions' float32 rounding. The float64 evaluation throughout (an independent, far
+    tighter enclosure of the same exact radius) must overlap it for every point. Float32 images make the
+    inputs exact (no uint8 rounding in the interval), so with the convolutions' rounding left out the
+    interval shrinks to about 1e-12 around a value that is off by the float32 error, and misses."""
     model, _ = cpl_cert.load_checkpoint(Path(__file__).resolve().parents[1] / "models" / "fmnist-cpl-xs.safetensors")
     _, model_err = certificate_constants(model)
-    images = fashion_600.images[:200].float() / 255
-    split = next(i for i, (name, _) in enumerate(model.body()) if name == "flatten")
+    images, labels = fashion_600.images[:200].float() / 255, fashion_600.labels[:200]
     with torch.inference_mode(), strict_math():
-        _, point = float32_pass(model, model_err, images, fashion_600.labels[:200], split)
         model64 = float64_copy(model)
-        tail = tail_enclosure(model64, model_err, point)
-        exact = exact_enclosure(model64, model_err, images)
-    same = (tail.top == exact.top) & (exact.low > 0)
+        fast = fast_pass(model, model64, model_err, images, labels)
+        exact = float64_pass(model64, model_err, images, labels)
+    same = (fast.top == exact.top) & (exact.low > 0)
     assert same.sum() > 150
-    assert bool(((tail.low <= exact.high) & (exact.low <= tail.high))[same].all())
+    assert bool(((fast.low <= exact.high) & (exact.low <= fast.high))[same].all())
+    assert bool((fast.radius32 <= exact.high)[same].all()) and bool((fast.radius_any <= fast.radius32)[same].all())
+
+
+# --- 9. tiny and huge activations -------------------------------------------------------------------------
+def test_norms_that_underflow_still_bound_the_true_norm():
+    """A 1000-vector of 1e-23 measured 0 in float32 (its squares underflow), one of 1e-22 1 % low."""
+    for value, dtype in ((1e-23, torch.float32), (1e-22, torch.float32), (1e-40, torch.float32), (1e-160, torch.float64)):
+        x = torch.full((1, 1000), value, dtype=dtype)
+        true = Fraction(float(x[0, 0])) ** 2 * 1000
+        bound = Fraction(float(norm_upper(x)[0]))
+        assert bound * bound >= true
+
+
+def test_tiny_inputs_keep_every_radius_below_the_true_one():
+    """Test 3's exact geometry (pool 2, truncation head, f_t - f_j = (S_t - S_j) / 2 for block sums S) on
+    float inputs scaled by 1e-25: every radius below the true one, exact counts, and both float32 networks
+    keeping their class inside their radii (norms of 1e-25-sized activations underflowed in float32)."""
+    model = make_frozen("cpl-tiny", input_shape=(1, 8, 8), num_classes=10, pool=2, mean=(0.0,), **NO_CPL)
+    images = pixel_batch(2000, (1, 8, 8), 3).float() / 255 * 1e-25
+    blocks = images.double().view(2000, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(2000, 16, 4)[:, :10]
+    sums = [[sum(Fraction(float(v)) for v in block) for block in row] for row in blocks.tolist()]
+    gaps = [sorted(row, reverse=True)[0] - sorted(row, reverse=True)[1] for row in sums]  # 2 (f_top - f_second)
+    labels = torch.tensor([max(range(10), key=row.__getitem__) for row in sums])
+    truth = torch.tensor([float(g) / 2 / math.sqrt(2) for g in gaps], dtype=torch.float64)
+    picks = truth.sort().values[[100, 1000, 1900]]
+    eps = [float(v) * (1 + d) for v, d in zip(picks, (1e-7, -1e-7, 3e-7), strict=True)]
+    result = cpl_cert.certify(model, (images, labels), eps=eps, device="cpu")
+    for name in ("radii", "radii_exact", "radii_float32", "radii_any"):
+        radii = getattr(result, name)
+        assert all(2 * Fraction(float(r)) ** 2 * 4 <= g * g for r, g in zip(radii.tolist(), gaps, strict=True)), name
+    for entry, value in zip(result.certified, eps, strict=True):
+        assert entry["accuracy"] == float(((truth > value) & torch.tensor([g > 0 for g in gaps])).double().mean())
+    _float32_flips_outside(model, images.double(), result, torch.tensor([[float(v) for v in row] for row in sums]))
+
+
+def test_a_network_at_1e_minus_25_scale_keeps_its_rounding_bound():
+    """fmnist-cpl-best rewritten with mean 0, std 1e25 and biases / 1e25 computes the same function at 1e-25
+    scale; the measured error of the first pass's features must stay under its bound at every point."""
+    model, _ = cpl_cert.load_checkpoint(Path(__file__).resolve().parents[1] / "models" / "fmnist-cpl-best.safetensors")
+    with torch.no_grad():
+        model.normalize.mean.zero_()
+        model.normalize.std.fill_(1e25)
+        for _, layer in cpl_cert.models.cpl_layers(model):
+            layer.bias.div_(1e25)
+        model.head.bias.div_(1e25)
+    _, model_err = certificate_constants(model)
+    images = cpl_cert.load_dataset("fashion-mnist").images[:300]
+    with torch.inference_mode(), strict_math():
+        model64 = float64_copy(model)
+        x32, _ = as_points(images, torch.float32)
+        features32, trace = trace_body(model, x32)
+        bound = body_error(model_err, trace, model_err.plan(FLOAT32))
+        exact = model64.features(x32.double())
+    measured = (features32.double() - exact).norm(dim=1)
+    assert bool((measured <= bound).all()) and float(measured.max()) > 0

@@ -6,11 +6,12 @@ prediction and lies provably closer than the radius. Both senses of docs/certify
 * the exact function of the stored weights: the example's class is established by a float64
   evaluation with a rigorous rounding bound (``certify``'s own enclosure), so float rounding cannot
   manufacture a violation, and it is compared with ``radii_exact``;
-* the float32 network as cpl-cert runs it: the example's float32 prediction is what that network
-  outputs, compared with ``radii_float32``.
+* cpl-cert's float32 network (float32 activations, float64 accumulation; ``cpl_cert.passes``): the
+  example's prediction is what that network outputs, compared with ``radii_float32``.
 
-Distances are measured in float64 from the exact clean point (uint8 pixels / 255 in float64) and a
-violation needs ``distance * (1 + 1e-12) < radius``, so rounding of the distance cannot create one.
+Distances are measured in float64 from the exact clean point (uint8 pixels / 255 in float64), scaled so
+that no square underflows, and a violation needs ``distance * (1 + 1e-12) < radius``: a relative slack,
+so rounding of the distance cannot create one at any scale and a real one is found at every scale.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from torch import nn
 
 from ..certify import certificate_constants
 from ..models import CPLNet, float64_copy
-from ..radii import exact_enclosure, float32_prediction
+from ..passes import accumulated_logits
+from ..radii import float32_prediction, float64_pass
 from ..rounding import ErrorModel
 from .common import AttackOutcome, l2_norm
 
 DISTANCE_SLACK = 1e-12
-"""Rounding allowance (relative and absolute) of a float64 distance between points in the pixel box."""
+"""Relative rounding allowance of a float64 distance (a few hundred operations, each off by 2^-53 at most)."""
 
 
 @dataclass
@@ -48,7 +50,9 @@ def make_checker(model: CPLNet) -> Checker:
 
 
 @torch.no_grad()
-def verify_exact(checker: Checker, clean: torch.Tensor, outcome: AttackOutcome, reference: torch.Tensor) -> torch.Tensor:
+def verify_exact(
+    checker: Checker, clean: torch.Tensor, outcome: AttackOutcome, reference: torch.Tensor, box: tuple[float, float] = (0.0, 1.0)
+) -> torch.Tensor:
     """float64 distances of the examples whose class under the exact function is provably not
     ``reference`` (``inf`` elsewhere); examples must lie in the pixel box [0, 1]."""
     result = torch.full((clean.shape[0],), math.inf, dtype=torch.float64, device=clean.device)
@@ -56,32 +60,57 @@ def verify_exact(checker: Checker, clean: torch.Tensor, outcome: AttackOutcome, 
     if idx.numel() == 0:
         return result
     adv = outcome.adversarial[idx].double()
-    enclosure = exact_enclosure(checker.model64, checker.constants, adv)
-    certain = enclosure.finite & (enclosure.low > 0) & (enclosure.top != reference[idx])
-    ok = _inside_box(adv) & certain
-    result[idx[ok]] = l2_norm(adv[ok] - clean[idx[ok]].double())
+    answers = float64_pass(checker.model64, checker.constants, adv, torch.full_like(idx, -1))
+    certain = answers.finite & (answers.low > 0) & (answers.top != reference[idx])
+    ok = _inside_box(adv, box) & certain
+    result[idx[ok]] = distance(adv[ok], clean[idx[ok]])
     return result
 
 
 @torch.no_grad()
-def verify_float32(model: nn.Module, clean: torch.Tensor, outcome: AttackOutcome, reference: torch.Tensor) -> torch.Tensor:
-    """float64 distances of the examples on which the float32 network does not predict ``reference``
+def verify_float32(
+    checker: Checker, clean: torch.Tensor, outcome: AttackOutcome, reference: torch.Tensor, box: tuple[float, float] = (0.0, 1.0)
+) -> torch.Tensor:
+    """float64 distances of the examples on which cpl-cert's float32 network does not predict ``reference``
     strictly (another class, a tie or non-finite logits); ``inf`` elsewhere."""
     result = torch.full((clean.shape[0],), math.inf, dtype=torch.float64, device=clean.device)
     idx = outcome.found.nonzero().flatten()
     if idx.numel() == 0:
         return result
     adv = outcome.adversarial[idx].float()
-    prediction = float32_prediction(model(adv))  # -1 (a tie) also breaks "the class stays the reference"
+    prediction = float32_prediction(accumulated_logits(checker.model, checker.model64, adv))  # -1 (a tie) breaks it too
     changed = prediction != reference[idx]
-    ok = _inside_box(adv) & changed
-    result[idx[ok]] = l2_norm(adv[ok].double() - clean[idx[ok]].double())
+    ok = _inside_box(adv, box) & changed
+    result[idx[ok]] = distance(adv[ok].double(), clean[idx[ok]])
     return result
 
 
-def _inside_box(x: torch.Tensor) -> torch.Tensor:
+def distance(points: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """Per-sample float64 l2 distance (scale-safe: ``l2_norm``)."""
+    return l2_norm(points.double() - clean.double())
+
+
+@torch.no_grad()
+def verify_any(
+    model: nn.Module, clean: torch.Tensor, outcome: AttackOutcome, reference: torch.Tensor, box: tuple[float, float] = (0.0, 1.0)
+) -> torch.Tensor:
+    """float64 distances of the examples on which PyTorch's own float32 forward (``model(x)``, one of the
+    correctly rounded float32 runtimes ``radii_any`` covers) does not predict ``reference`` strictly."""
+    result = torch.full((clean.shape[0],), math.inf, dtype=torch.float64, device=clean.device)
+    idx = outcome.found.nonzero().flatten()
+    if idx.numel() == 0:
+        return result
+    adv = outcome.adversarial[idx].float()
+    changed = float32_prediction(model(adv)) != reference[idx]
+    ok = _inside_box(adv, box) & changed
+    result[idx[ok]] = distance(adv[ok].double(), clean[idx[ok]])
+    return result
+
+
+def _inside_box(x: torch.Tensor, box: tuple[float, float]) -> torch.Tensor:
+    """Examples must be valid inputs: every value within ``box`` (the pixel range, [0, 1] by default)."""
     flat = x.flatten(1)
-    return (flat.min(dim=1).values >= 0) & (flat.max(dim=1).values <= 1)
+    return (flat.min(dim=1).values >= box[0]) & (flat.max(dim=1).values <= box[1])
 
 
 @dataclass
@@ -104,7 +133,7 @@ class Violation:
 
 def beats(distance: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     """Where a verified distance is provably below the radius."""
-    return distance * (1.0 + DISTANCE_SLACK) + DISTANCE_SLACK < radius.double().to(distance.device)
+    return distance * (1.0 + DISTANCE_SLACK) < radius.double().to(distance.device)
 
 
 def find_violations(suite: Any, cert: Any, indices: list[int] | None = None) -> list[Violation]:

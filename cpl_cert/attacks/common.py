@@ -48,13 +48,18 @@ def batch_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def l2_norm(values: torch.Tensor) -> torch.Tensor:
-    """Per-sample l2 norm of ``(B, ...)``."""
-    return values.flatten(1).norm(dim=1)
+    """Per-sample l2 norm of ``(B, ...)``, scaled by the largest entry so that squares neither underflow
+    (entries below about 1e-19 in float32) nor overflow: attacks work at any input scale."""
+    flat = values.flatten(1)
+    scale = flat.abs().amax(dim=1, keepdim=True)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (flat / safe).norm(dim=1) * scale.squeeze(1)
 
 
 def normalize(values: torch.Tensor) -> torch.Tensor:
-    """Per-sample unit-l2 direction (zero stays zero)."""
-    return values / batch_view(l2_norm(values).clamp_min(1e-12), values)
+    """Per-sample unit-l2 direction (zero stays zero), at any scale."""
+    norm = l2_norm(values)
+    return values / batch_view(torch.where(norm > 0, norm, torch.ones_like(norm)), values)
 
 
 def project(x0: torch.Tensor, x: torch.Tensor, eps: torch.Tensor | float) -> torch.Tensor:

@@ -233,6 +233,6 @@ def _attack_batch(
         for outcome in outcomes:
             with strict_math():
                 exact = verify_exact(checker, clean, outcome, targets[0])
-                float32 = verify_float32(model, clean, outcome, targets[1])
+                float32 = verify_float32(checker, clean, outcome, targets[1])
             rejected[part] |= outcome.found & torch.isinf(exact) & torch.isinf(float32)
             result.record(e, part, outcome, exact, float32)

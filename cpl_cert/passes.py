@@ -1,0 +1,56 @@
+"""The forward passes certification runs: the body stage by stage with the norms its rounding bound needs,
+and cpl-cert's float32 network (float32 activations, float64 accumulation; docs/math.md section 6).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import CPL_LAYER_TYPES, LLNHead
+from .lipschitz import stage_kind
+from .numerics import norm_upper
+from .rounding import MEASURED_KINDS, BodyTrace
+
+
+def trace_body(model: nn.Module, x: torch.Tensor, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, BodyTrace]:
+    """Run body stages ``start:stop`` of ``model`` on ``x`` exactly as ``model.features`` does, measuring the
+    norm of every measured stage's input and of every CPL layer's hidden units (upper bounds, float64)."""
+    stages = model.body()
+    trace = BodyTrace({}, {}, torch.empty(0))
+    for index in range(start, len(stages) if stop is None else stop):
+        name, stage = stages[index]
+        if stage_kind(name, stage) in MEASURED_KINDS:
+            trace.inputs[index] = norm_upper(x)
+        if isinstance(stage, CPL_LAYER_TYPES):
+            hidden = stage.hidden(x)
+            trace.hidden[index] = norm_upper(hidden)
+            x = stage.update(x, hidden, stage.current_step())
+        else:
+            x = stage(x)
+    trace.features = norm_upper(x)
+    return x, trace
+
+
+@torch.no_grad()
+def accumulated_logits(model: nn.Module, model64: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """cpl-cert's float32 network: the logits of ``model`` at the float32 images ``x`` with every dot product
+    (convolutions, matrix products, their biases) computed in float64 from the float32 operands and rounded
+    once to float32; every other operation is the float32 model's own. ``model64`` is ``float64_copy(model)``."""
+    x = x.float()
+    for (_, stage), (_, stage64) in zip(model.body(), model64.body(), strict=True):
+        x = _accumulated_layer(stage64, x) if isinstance(stage, CPL_LAYER_TYPES) else stage(x)
+    if isinstance(model.head, LLNHead):
+        weight = model.head.normalized_weight().double()
+        return F.linear(x.double(), weight, model.head.bias.double()).float()
+    return model.head(x)
+
+
+def _accumulated_layer(layer64: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One CPL layer of cpl-cert's float32 network: ``q = fl32(W x + b)``, ``z = fl32(x - h W^T relu(q))``
+    with both right-hand sides in float64 (``layer64`` holds the float32 weights and step as float64)."""
+    wide = x.double()
+    hidden = F.relu((layer64._apply_w(wide, layer64.weight) + layer64._bias_view()).float())
+    step = layer64.current_step()
+    return (wide - step * layer64._apply_wt(hidden.double(), layer64.weight)).float()
