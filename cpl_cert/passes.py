@@ -38,13 +38,20 @@ def accumulated_logits(model: nn.Module, model64: nn.Module, x: torch.Tensor) ->
     """cpl-cert's float32 network: the logits of ``model`` at the float32 images ``x`` with every dot product
     (convolutions, matrix products, their biases) computed in float64 from the float32 operands and rounded
     once to float32; every other operation is the float32 model's own. ``model64`` is ``float64_copy(model)``."""
-    x = x.float()
-    for (_, stage), (_, stage64) in zip(model.body(), model64.body(), strict=True):
-        x = _accumulated_layer(stage64, x) if isinstance(stage, CPL_LAYER_TYPES) else stage(x)
+    x = accumulated_features(model, model64, x)
     if isinstance(model.head, LLNHead):
         weight = model.head.normalized_weight().double()
         return F.linear(x.double(), weight, model.head.bias.double()).float()
     return model.head(x)
+
+
+@torch.no_grad()
+def accumulated_features(model: nn.Module, model64: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The body of cpl-cert's float32 network (``accumulated_logits`` without the head)."""
+    x = x.float()
+    for (_, stage), (_, stage64) in zip(model.body(), model64.body(), strict=True):
+        x = _accumulated_layer(stage64, x) if isinstance(stage, CPL_LAYER_TYPES) else stage(x)
+    return x
 
 
 def _accumulated_layer(layer64: nn.Module, x: torch.Tensor) -> torch.Tensor:

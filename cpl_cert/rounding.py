@@ -217,39 +217,39 @@ def stage_error(c: StageConstants, a: torch.Tensor, hidden: torch.Tensor | None,
         return gamma(2, storage) * (a + c.bias_norm) * c.inv_std + underflow
     if c.kind == "block-sum-pool":
         return gamma(c.terms_w + 2, storage) * a + underflow
-    layer = _cpl_error_accumulated if arithmetic.exact_products else _cpl_error
-    return layer(c, a, hidden, storage) + underflow
+    e_q = hidden_error(c, a, arithmetic)
+    r_computed = hidden if hidden is not None else c.sigma * a + c.bias_norm + e_q
+    r_exact = torch.minimum(c.sigma * a + c.bias_norm, r_computed + e_q)  # ||relu(W x + b)|| <= ||W x + b||
+    carried = (1.0 + unit_roundoff(storage)) ** 2 * abs(c.step) * c.sigma * e_q  # the hidden units' error through h W^T
+    return carried + update_error(c, a, r_computed, r_exact, arithmetic) + underflow
 
 
-def _cpl_error(c: StageConstants, a: torch.Tensor, hidden: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The CPL layer's bound (docs/math.md 6.2): ``z = x - h W^T relu(W x + b)`` with every product and sum
-    rounded in ``dtype``, dot products in any order."""
-    u = unit_roundoff(dtype)
-    h, s, sa, beta = c.step, c.sigma, c.abs_sigma, c.bias_norm
-    e_p = gamma(c.terms_w, dtype) * sa * a  # W x
-    e_q = e_p + u * (s * a + e_p + beta)  # + b
-    r_exact = s * a + beta  # ||relu(W x + b)|| <= ||W x + b||
-    r_computed = hidden if hidden is not None else r_exact + e_q
-    r_exact = torch.minimum(r_exact, r_computed + e_q)
-    e_s = s * e_q + gamma(c.terms_wt, dtype) * sa * r_computed  # W^T r
-    sigma_norm = s * r_exact
-    e_t = abs(h) * e_s + u * abs(h) * (sigma_norm + e_s)  # h * (W^T r)
-    return e_t + u * (a + abs(h) * sigma_norm + e_t)  # x - t
+def hidden_error(c: StageConstants, a: torch.Tensor, arithmetic: Arithmetic) -> torch.Tensor:
+    """Bound of ``||q~ - (W x + b)||`` for a CPL layer's computed pre-activations ``q~`` (docs/math.md 6.2).
+
+    Any order: ``n + 1`` terms (the bias inside the sum or added after it), ``gamma_{n+1} (|W| |x| + |b|)``.
+    float64 accumulation: the same sum in float64, then one rounding to float32, ``u ||q64||``.
+    """
+    if not arithmetic.exact_products:
+        return gamma(c.terms_w + 1, arithmetic.storage) * (c.abs_sigma * a + c.bias_norm)
+    sum64 = gamma(c.terms_w + 1, torch.float64) * (c.abs_sigma * a + c.bias_norm)
+    return unit_roundoff(arithmetic.storage) * (c.sigma * a + c.bias_norm + sum64) + sum64
 
 
-def _cpl_error_accumulated(c: StageConstants, a: torch.Tensor, hidden: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The CPL layer's bound in cpl-cert's float32 network (docs/math.md 6.2): ``q = fl32(W x + b)`` and
-    ``z = fl32(x - h W^T relu(q))``, each right-hand side computed in float64 from float32 operands (exact
-    products, float64 sums in any order) and rounded once to float32."""
-    u, u64 = unit_roundoff(dtype), unit_roundoff(torch.float64)
-    h, s, sa, beta = abs(c.step), c.sigma, c.abs_sigma, c.bias_norm
-    sum_w = gamma(c.terms_w + 1, torch.float64) * (sa * a + beta)  # the float64 sum of W x and b
-    e_q = u * (s * a + beta + sum_w) + sum_w  # then one rounding to float32
-    r_computed = hidden if hidden is not None else s * a + beta + e_q
-    t_norm = h * s * r_computed  # ||h W^T r~||
-    inner = h * gamma(c.terms_wt, torch.float64) * sa * r_computed + 3.0 * u64 * (a + t_norm)  # W^T r~, times h, x - (.)
-    e_z = u * (a + t_norm + inner) + inner  # then one rounding to float32
-    return h * s * e_q + e_z  # the hidden units' error, carried by h W^T (norm h s), plus the update's own
+def update_error(c: StageConstants, a: torch.Tensor, r_computed: torch.Tensor, r_exact: torch.Tensor, arithmetic: Arithmetic) -> torch.Tensor:
+    """Bound of ``||z~ - (x - h W^T r~)||`` for the computed update ``z~`` from the computed hidden units ``r~``
+    (norm ``r_computed``; the exact hidden units' norm is at most ``r_exact``), docs/math.md 6.2.
+
+    Any order: ``W^T r~`` (``gamma_m |W|^T |r~|``), times ``h`` (or ``h`` folded into the weights), ``x`` minus
+    that, each rounded. float64 accumulation: the whole right-hand side in float64, one rounding to float32.
+    """
+    u, h, s, sa = unit_roundoff(arithmetic.storage), abs(c.step), c.sigma, c.abs_sigma
+    if arithmetic.exact_products:
+        inner = h * gamma(c.terms_wt, torch.float64) * sa * r_computed + 3.0 * unit_roundoff(torch.float64) * (a + h * s * r_computed)
+        return u * (a + h * s * r_computed + inner) + inner
+    e_s = gamma(c.terms_wt, arithmetic.storage) * sa * r_computed  # W^T r~
+    e_t = (1.0 + u) * h * e_s + u * h * sa * r_computed  # h * (W^T r~), or (h W)^T r~ with h W rounded
+    return (1.0 + u) * e_t + u * (a + h * s * r_exact)  # x - t
 
 
 def stage_peak(c: StageConstants, a: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,8 @@ from .plots import plot_certified_accuracy, require_matplotlib
 from .progress import Activity
 
 CERTIFY_STAGES = {
-    "float32": "certifying (float32 pass)",
-    "float64": "re-evaluating undecided points (float64)",
+    "float32": "certifying (float32 convolutions, float64 dense layers)",
+    "float64": "re-evaluating points near a radius (float64)",
 }
 """What each stage of ``cpl_cert.certify`` is called on the progress line."""
 
@@ -67,7 +67,10 @@ def certify_command(
     json_path: JsonPath = None,
     radii_path: Annotated[
         Path | None,
-        typer.Option("--save-radii", metavar="FILE", help="Write per-sample index,label,prediction,margin,radius to this CSV."),
+        typer.Option(
+            "--save-radii", metavar="FILE",
+            help="Write per-sample predictions, margin and radii in each sense to this CSV (every correct point evaluated in float64).",
+        ),
     ] = None,
     plot_path: Annotated[
         Path | None, typer.Option("--plot", metavar="FILE", help="Write a PNG of certified accuracy against radius (needs matplotlib).")
@@ -97,7 +100,7 @@ def certify_command(
         activity.stage(f"loading {model_path.name} and the {split} split")
         model, _, data = load_model_and_data(model_path, dataset, data_dir, split, limit, dev)
         eps_values = eps_values or parse_eps(",".join(data.default_eps))
-        result = _certify(activity, model, data, eps_values, dev, batch_size, lower_samples)
+        result = _certify(activity, model, data, eps_values, dev, batch_size, lower_samples, tight_radii=radii_path is not None)
         report = certify_report(result, model=str(model_path), sha256=file_sha256(model_path), dataset=data.name, split=split)
         if plot_path is not None:
             activity.stage(f"drawing {plot_path}")
@@ -112,13 +115,15 @@ def certify_command(
 
 
 def _certify(
-    activity: Activity, model: CPLNet, data: ImageDataset, eps: list[EpsValue], device: torch.device, batch_size: int, lower_samples: int
+    activity: Activity, model: CPLNet, data: ImageDataset, eps: list[EpsValue], device: torch.device, batch_size: int, lower_samples: int,
+    tight_radii: bool,
 ) -> CertifyResult:
     """Bounds, certification and the empirical lower bound, each shown on the progress line."""
     activity.stage("computing the certified Lipschitz bound (per-layer spectral norms)")
     bounds = lipschitz_bounds(model)
     result = certify(
-        model, data, eps=eps, device=device, batch_size=batch_size, bounds=bounds, on_progress=activity.reporter(CERTIFY_STAGES)
+        model, data, eps=eps, device=device, batch_size=batch_size, bounds=bounds, on_progress=activity.reporter(CERTIFY_STAGES),
+        tight_radii=tight_radii,
     )
     if lower_samples:
         activity.stage(f"empirical Lipschitz lower bound on {lower_samples} images (20 power iterations each)")

@@ -13,31 +13,41 @@ from ..certify import CertifyResult
 from ..io import atomic_write
 from .table import Table
 
-CSV_HEADER = ("index", "label", "prediction", "prediction_float32", "margin", "radius", "radius_exact", "radius_float32")
+CSV_HEADER = (
+    "index", "label", "prediction", "prediction_float32", "prediction_any", "margin", "radius", "radius_exact", "radius_float32",
+    "radius_any",
+)
+SENSES = {
+    "exact": "the exact function of the stored weights",
+    "float32": "cpl-cert's float32 network: float32 activations, every dot product accumulated in float64 (cpl-cert predict)",
+    "any": "every float32 runtime that rounds each operation correctly and sums in any order (PyTorch, ONNX Runtime)",
+}
+"""What each column of the reports is about (docs/certify.md)."""
 
 
 def certify_table(result: CertifyResult, title: str) -> Table:
-    """Clean and certified accuracies in both senses, the network's Lipschitz bound and the throughput."""
+    """Clean and certified accuracies in the three senses, the network's Lipschitz bound and the throughput."""
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("exact weights", justify="right")
-    table.add_column("float32 as run", justify="right")
-    table.add_row("points", f"{result.n}", "")
-    table.add_row("clean accuracy", f"{result.clean_accuracy:.2%}", f"{result.clean_accuracy_float32:.2%}")
+    table.add_column("float32 (cpl-cert)", justify="right")
+    table.add_column("float32 (any runtime)", justify="right")
+    table.add_row("points", f"{result.n}", "", "")
+    table.add_row("clean accuracy", *(f"{v:.2%}" for v in (result.clean_accuracy, result.clean_accuracy_float32, result.clean_accuracy_any)))
     for entry in result.certified:
         value = f"{entry['eps']:.4g}"
         shown = f"{entry['label']} ({value})" if "/" in entry["label"] else entry["label"]
-        table.add_row(f"certified accuracy at eps = {shown}", f"{entry['accuracy']:.2%}", f"{entry['accuracy_float32']:.2%}")
-    table.add_row("Lipschitz bound (certified upper)", f"{result.bounds.upper:.8g}", "")
+        table.add_row(f"certified accuracy at eps = {shown}", *(f"{entry[k]:.2%}" for k in ("accuracy", "accuracy_float32", "accuracy_any")))
+    table.add_row("Lipschitz bound (certified upper)", f"{result.bounds.upper:.8g}", "", "")
     if result.bounds.lower is not None:
-        table.add_row("Lipschitz lower bound (max ||J(x)||)", f"{result.bounds.lower:.6g}", "")
+        table.add_row("Lipschitz lower bound (max ||J(x)||)", f"{result.bounds.lower:.6g}", "", "")
     table.add_row("median radius of correct points", _median_radius(result.radii_exact[result.correct]),
-                  _median_radius(result.radii_float32[result.correct_float32]))
-    table.add_row("re-evaluated in float64", f"{result.rechecked}", "")
+                  _median_radius(result.radii_float32[result.correct_float32]), _median_radius(result.radii_any[result.correct_any]))
+    table.add_row("re-evaluated in float64", f"{result.rechecked}", "", "")
     if result.undecided or result.nonfinite:
-        table.add_row("undecided / non-finite", f"{result.undecided} / {result.nonfinite}", "")
-    table.add_row("device", result.device, "")
-    table.add_row("images / s", f"{result.images_per_second:,.0f}", "")
+        table.add_row("undecided / non-finite", f"{result.undecided} / {result.nonfinite}", "", "")
+    table.add_row("device", result.device, "", "")
+    table.add_row("images / s", f"{result.images_per_second:,.0f}", "", "")
     return table
 
 
@@ -53,7 +63,9 @@ def certify_report(result: CertifyResult, **fields: Any) -> dict[str, Any]:
         "lipschitz": {**result.bounds.to_dict(), "one_lipschitz": result.bounds.upper <= 1.0},
         "clean_accuracy": result.clean_accuracy,
         "clean_accuracy_float32": result.clean_accuracy_float32,
+        "clean_accuracy_any": result.clean_accuracy_any,
         "certified": result.certified,
+        "senses": {"accuracy": SENSES["exact"], "accuracy_float32": SENSES["float32"], "accuracy_any": SENSES["any"]},
         "device": result.device,
         "seconds": result.seconds,
         "images_per_second": result.images_per_second,
@@ -67,18 +79,19 @@ def certify_report(result: CertifyResult, **fields: Any) -> dict[str, Any]:
 def write_radii_csv(path: str | os.PathLike[str], result: CertifyResult, indices: torch.Tensor | None = None) -> Path:
     """One row per point (``CSV_HEADER``; float64 printed with repr precision), written atomically.
 
-    ``radius`` holds for both the exact function and the float32 network; ``radius_exact`` and
-    ``radius_float32`` for each alone. A prediction of -1 means no class is certain (a tie).
+    ``radius`` holds for both the exact function and cpl-cert's float32 network; ``radius_exact``,
+    ``radius_float32`` and ``radius_any`` for each sense alone. A prediction of -1 means no class is
+    certain (a tie) or, for ``prediction_any``, not proven for every runtime.
     """
     index = indices if indices is not None else torch.arange(result.n)
-    columns = (result.labels, result.predictions, result.predictions_float32, result.margins, result.radii,
-               result.radii_exact, result.radii_float32)
-    rows = zip(index.tolist(), *(c.tolist() for c in columns), strict=True)
+    classes = (result.labels, result.predictions, result.predictions_float32, result.predictions_any)
+    reals = (result.margins, result.radii, result.radii_exact, result.radii_float32, result.radii_any)
+    rows = zip(index.tolist(), *(c.tolist() for c in classes), *(c.tolist() for c in reals), strict=True)
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(CSV_HEADER)
-            writer.writerows((i, y, p, p32, repr(m), repr(r), repr(ra), repr(rb)) for i, y, p, p32, m, r, ra, rb in rows)
+            writer.writerows((*row[:5], *(repr(v) for v in row[5:])) for row in rows)
 
     return atomic_write(path, write)

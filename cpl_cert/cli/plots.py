@@ -64,8 +64,8 @@ def _mark(ax: Any, value: float, label: str, accuracy: float, r_max: float) -> N
 
 
 def plot_certified_accuracy(path: str | os.PathLike[str], result: CertifyResult, title: str) -> Path:
-    """Certified accuracy against radius: the exact function of the weights (solid), the float32 network
-    as run (dashed), clean accuracy at radius 0 and each eps marked; PNG, written atomically."""
+    """Certified accuracy against radius: the exact function of the weights (solid), cpl-cert's float32 network
+    (dashed), every float32 runtime (dotted), clean accuracy at radius 0 and each eps marked; PNG, written atomically."""
     plt = _pyplot()
     from matplotlib.ticker import PercentFormatter
 
@@ -75,7 +75,9 @@ def plot_certified_accuracy(path: str | os.PathLike[str], result: CertifyResult,
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     ax.step(*_curve_points(result.correct, result.radii_exact, r_max), where="post", color="C0", label="exact function of the weights")
     ax.step(*_curve_points(result.correct_float32, result.radii_float32, r_max), where="post", color="C1", linestyle="--",
-            label="float32 network as run")
+            label="float32, cpl-cert (float64 accumulation)")
+    ax.step(*_curve_points(result.correct_any, result.radii_any, r_max), where="post", color="C2", linestyle=":",
+            label="float32, any runtime")
     ax.plot([0], [100 * result.clean_accuracy], "s", color="black", markersize=5, clip_on=False,
             label=f"clean accuracy {result.clean_accuracy:.2%} (radius 0)")
     for value, label, accuracy in eps:
