@@ -203,6 +203,8 @@ def _write(module: nn.Module, example: torch.Tensor, tmp: str, metadata: dict[st
     proto = onnx.load(tmp)
     if isinstance(getattr(module, "head", None), _FixedLinear):
         rows = graph_head_rows(proto)
+        if "cpl_cert.body_lipschitz" not in metadata:
+            raise CplCertError("the ONNX metadata lacks cpl_cert.body_lipschitz; build it with cpl_cert.onnx_metadata")
         metadata = {**metadata, PAIR_KEY: json.dumps(exported_pair_lipschitz(rows, float(metadata["cpl_cert.body_lipschitz"])).tolist())}
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
@@ -229,6 +231,8 @@ def export_onnx(
 
     When onnxruntime is installed, the file is run on ``check_samples`` random inputs before it
     replaces ``path``; logits off by more than float32 rounding (``CHECK_TOLERANCE``) abort the export.
+    For an LLN head, ``cpl_cert.pair_lipschitz`` is computed from the head rows read back from the
+    written graph (``graph_head_rows``), so it bounds the weights the file holds.
     """
     require_onnx()
     module = deployable(model)

@@ -101,9 +101,11 @@ def _decode(path: Path) -> Decoded:
         raise CplCertError(f"{path} cannot be read ({exc.strerror or type(exc).__name__})") from None
     if data.startswith(b"\x89PNG"):
         return _from_png(data, str(path))
+    from PIL import Image
+
     try:
         return _from_pillow(path)
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CplCertError(f"{path} is not a readable image ({reason})") from None
 
