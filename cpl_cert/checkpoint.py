@@ -14,6 +14,7 @@ from safetensors.torch import save
 
 from .errors import CplCertError
 from .io import atomic_write
+from .metadata import check_metadata
 from .models import CPLNet, ModelConfig
 from .spectral import freeze, is_frozen
 from .validate import validate_against_metadata, validate_model
@@ -79,7 +80,7 @@ def _parse_json_field(metadata: dict[str, str], key: str, path: Path) -> Any:
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The checkpoint's metadata with JSON fields decoded, validated; raises ``CplCertError``."""
+    """The checkpoint's metadata with JSON fields decoded and every field type-checked; raises ``CplCertError``."""
     file = Path(path)
     _check_container(file)
     try:
@@ -100,6 +101,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     meta: dict[str, Any] = {"format": raw["format"]}
     for key in ("config", "dataset", "training"):
         meta[key] = _parse_json_field(raw, key, file)
+    check_metadata(meta, str(file))
     for key, value in raw.items():
         meta.setdefault(key, value)
     return meta

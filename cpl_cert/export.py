@@ -27,6 +27,7 @@ from .io import atomic_write
 from .layers import LLNHead
 from .lipschitz import LipschitzBounds, lipschitz_bounds
 from .models import CPLNet
+from .numerics import FP64_SLACK, gamma
 
 INSTALL_HINT = (
     "ONNX export needs the onnx package, which is not installed; install it with pip install onnx onnxruntime "
@@ -38,6 +39,7 @@ INPUT_NAME, OUTPUT_NAME = "images", "logits"
 CHECK_TOLERANCE = 1e-4
 """Largest |logit difference| (relative to the largest logit, at least 1) accepted between ONNX
 Runtime and PyTorch; float32 rounding gives about 1e-6 (docs/deploy.md)."""
+PAIR_KEY = "cpl_cert.pair_lipschitz"
 RADIUS_RULE = "radius = min over j != top of (logits[top] - logits[j]) / pair_lipschitz[top][j], an l2 distance on the [0, 1] input"
 
 
@@ -78,11 +80,44 @@ class _FixedLinear(nn.Module):
 
     def __init__(self, head: LLNHead) -> None:
         super().__init__()
-        self.register_buffer("weight", head.normalized_weight().detach().clone())
+        self.register_buffer("weight", exported_rows(head))
         self.register_buffer("bias", head.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+def exported_rows(head: LLNHead) -> torch.Tensor:
+    """The LLN head's rows as the graph holds them: normalised in float32 (as the model's own forward pass does)."""
+    return head.normalized_weight().detach().float().cpu().clone()
+
+
+def row_distance_upper(rows: torch.Tensor) -> torch.Tensor:
+    """``D[i, j] >= ||r_i - r_j||_2`` in exact arithmetic for float32 rows ``r`` (float64, diagonal 0).
+
+    Why rigorous: in float64 each difference of two float32 numbers is off by at most u = 2^-53
+    relative and cannot underflow (float32 values are multiples of 2^-149, so a non-zero difference
+    squares to at least 2^-298), each square adds one rounding and any summation order n - 1, so the
+    computed sum S is within gamma_{n+2} of the true one; the square root adds one more. Then
+    ``true <= fl(sqrt S) / ((1 - u) (1 - gamma_{n+2})) <= fl(sqrt S) (1 + gamma_{2n+5})`` (Higham,
+    lemma 3.3), and ``FP64_SLACK`` covers the two float64 products of the bound itself.
+    """
+    if rows.dtype != torch.float32:
+        raise CplCertError(f"the exported head rows must be float32, got {rows.dtype}")
+    r = rows.detach().cpu().double()  # exact
+    k, n = r.shape
+    differences = [r[i] - r for i in range(k)]
+    sums = torch.stack([(d * d).sum(dim=1) for d in differences])
+    return sums.sqrt() * (1.0 + gamma(2 * n + 5, torch.float64)) * (1.0 + FP64_SLACK)
+
+
+def exported_pair_lipschitz(rows: torch.Tensor, body_upper: float) -> torch.Tensor:
+    """``L[i, j]``: a certified Lipschitz constant of ``f_i - f_j`` for an LLN head exported as ``rows`` (float32)."""
+    pairs = row_distance_upper(rows) * body_upper * (1.0 + FP64_SLACK)
+    off_diagonal = ~torch.eye(pairs.shape[0], dtype=torch.bool)
+    if not bool(torch.isfinite(pairs).all() and (pairs[off_diagonal] > 0).all()):
+        raise CplCertError("two rows of the exported LLN head are equal (or the bound is not finite); no radius can be certified from them")
+    return pairs
 
 
 def deployable(model: CPLNet) -> nn.Module:
@@ -104,6 +139,8 @@ def onnx_metadata(model: CPLNet, meta: dict[str, Any], sha256: str, bounds: Lips
     dataset = meta.get("dataset") or {}
     classes = dataset.get("classes") if isinstance(dataset.get("classes"), list) else [str(i) for i in range(config.num_classes)]
     std = list(config.std) if config.std else [1.0] * len(config.mean)
+    head = model.head
+    pairs = exported_pair_lipschitz(exported_rows(head), bounds.body_upper) if isinstance(head, LLNHead) else bounds.pair_lipschitz()
     return {
         "cpl_cert.format": FORMAT,
         "cpl_cert.version": __version__,
@@ -116,12 +153,44 @@ def onnx_metadata(model: CPLNet, meta: dict[str, Any], sha256: str, bounds: Lips
         "cpl_cert.head": config.head,
         "cpl_cert.body_lipschitz": repr(float(bounds.body_upper)),
         "cpl_cert.lipschitz_upper": repr(float(bounds.upper)),
-        "cpl_cert.pair_lipschitz": json.dumps(bounds.pair_lipschitz().tolist()),
+        PAIR_KEY: json.dumps(pairs.tolist()),
         "cpl_cert.radius": RADIUS_RULE,
     }
 
 
+def _graph_tensor(proto: Any, name: str) -> torch.Tensor | None:
+    """The value of an initializer or ``Constant`` output called ``name`` in ``proto``'s graph, as stored."""
+    from onnx import numpy_helper
+
+    for init in proto.graph.initializer:
+        if init.name == name:
+            return torch.from_numpy(numpy_helper.to_array(init).copy())
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and list(node.output) == [name]:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            return None if value is None else torch.from_numpy(numpy_helper.to_array(value).copy())
+    return None
+
+
+def graph_head_rows(proto: Any) -> torch.Tensor:
+    """The head's weight rows (K, width) read back from the exported graph: the matrix of the
+    ``Gemm`` (or ``MatMul`` + ``Add``) that produces the logits, oriented as ``logits = rows @ x + b``."""
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    node = producers.get(OUTPUT_NAME)
+    if node is not None and node.op_type == "Add":
+        node = next((producers[i] for i in node.input if i in producers and producers[i].op_type == "MatMul"), None)
+    attributes = {a.name: a for a in node.attribute} if node is not None else {}
+    plain = "transA" not in attributes or attributes["transA"].i == 0
+    plain = plain and ("alpha" not in attributes or attributes["alpha"].f == 1.0)
+    weight = _graph_tensor(proto, node.input[1]) if node is not None and node.op_type in ("Gemm", "MatMul") and plain else None
+    if weight is None or weight.dim() != 2 or weight.dtype != torch.float32:
+        raise CplCertError("the exported graph's LLN head has no float32 weight matrix cpl-cert can read back; nothing was written")
+    trans_b = "transB" in attributes and attributes["transB"].i == 1
+    return weight if trans_b else weight.T.contiguous()
+
+
 def _write(module: nn.Module, example: torch.Tensor, tmp: str, metadata: dict[str, str], opset: int) -> None:
+    """Export ``module`` to ``tmp``; an LLN head's pair constants come from the rows the written graph holds."""
     import onnx
 
     with warnings.catch_warnings():  # the TorchScript exporter's notices are not the caller's concern
@@ -132,6 +201,11 @@ def _write(module: nn.Module, example: torch.Tensor, tmp: str, metadata: dict[st
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
     proto = onnx.load(tmp)
+    if isinstance(getattr(module, "head", None), _FixedLinear):
+        rows = graph_head_rows(proto)
+        if "cpl_cert.body_lipschitz" not in metadata:
+            raise CplCertError("the ONNX metadata lacks cpl_cert.body_lipschitz; build it with cpl_cert.onnx_metadata")
+        metadata = {**metadata, PAIR_KEY: json.dumps(exported_pair_lipschitz(rows, float(metadata["cpl_cert.body_lipschitz"])).tolist())}
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -157,6 +231,8 @@ def export_onnx(
 
     When onnxruntime is installed, the file is run on ``check_samples`` random inputs before it
     replaces ``path``; logits off by more than float32 rounding (``CHECK_TOLERANCE``) abort the export.
+    For an LLN head, ``cpl_cert.pair_lipschitz`` is computed from the head rows read back from the
+    written graph (``graph_head_rows``), so it bounds the weights the file holds.
     """
     require_onnx()
     module = deployable(model)

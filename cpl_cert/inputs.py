@@ -1,9 +1,11 @@
 """New inputs for a model: PNG/JPEG files, folders of them and ``.npy`` arrays, checked against its input.
 
-Images are kept as they are stored: 8-bit pixels stay uint8 (the model divides by 255, as for its
-training data), 16-bit pixels and float arrays become float64 in [0, 1]. Nothing is converted
-silently: a grey image for an RGB model (or the reverse), a wrong size or a transparent pixel is
-refused with one sentence; sizes change only when the caller asks (``resize=True``).
+Images are read by ``cpl_cert.images`` (the reader ``folder:PATH`` datasets use too) at their true
+values: uint8 for depths up to 8 bits (the model divides by 255, as for its training data), float64
+in [0, 1] for 16-bit PNGs; float arrays become float64. Nothing is converted silently: an alpha
+channel, a grey image for an RGB model (or the reverse) or a wrong size is refused with one sentence;
+channels change only when the caller asks (``convert=True``, lossless conversions only), sizes only
+with ``resize=True``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import CplCertError
+from .images import describe_channels, match_channels, read_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIXES = (".npy",)
@@ -54,44 +57,6 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _drop_opaque_alpha(pixels: np.ndarray, path: Path) -> np.ndarray:
-    """An (H, W, C + 1) array without its alpha channel, refused if any pixel is not fully opaque."""
-    alpha = pixels[..., -1]
-    if (alpha != np.iinfo(pixels.dtype).max).any():
-        raise CplCertError(f"{path} has transparent pixels; flatten it onto a background first")
-    return pixels[..., :-1]
-
-
-def read_image(path: Path) -> torch.Tensor:
-    """One image file as (C, H, W): uint8 for 8-bit files, float64 in [0, 1] for 16-bit grey ones."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mode = image.mode
-            if mode == "1":
-                image = image.convert("L")
-            elif mode in ("P", "PA"):
-                image = image.convert("RGBA" if "transparency" in image.info or mode == "PA" else "RGB")
-            elif mode in ("CMYK", "YCbCr"):
-                image = image.convert("RGB")
-            elif mode not in ("L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L"):
-                raise CplCertError(f"{path} is an image of mode {mode}, which cpl-cert does not read; save it as 8-bit grey or RGB")
-            pixels = np.array(image)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise CplCertError(f"{path} is not a readable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    if pixels.ndim == 2:
-        pixels = pixels[..., None]
-    if pixels.shape[-1] in (2, 4):
-        pixels = _drop_opaque_alpha(pixels, path)
-    if pixels.dtype == np.uint8:
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-    if pixels.min() < 0 or pixels.max() > 65535:
-        raise CplCertError(f"{path} has pixel values outside 0..65535")
-    return torch.from_numpy(pixels.astype(np.float64).transpose(2, 0, 1) / 65535.0)
-
-
 def read_array(path: Path) -> torch.Tensor:
     """A ``.npy`` file as (N, C, H, W): (H, W), (C, H, W) or (N, C, H, W); uint8 0-255 or float in [0, 1]."""
     try:
@@ -121,16 +86,12 @@ def read_array(path: Path) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
-def _describe(channels: int) -> str:
-    return {1: "grey (1 channel)", 3: "RGB (3 channels)"}.get(channels, f"{channels}-channel")
-
-
 def fit(images: torch.Tensor, name: str, input_shape: tuple[int, int, int], resize: bool) -> torch.Tensor:
     """``images`` (N, C, H, W) checked against ``input_shape``; resized to it when ``resize`` is set."""
     c, h, w = input_shape
     if images.shape[1] != c:
         hint = "; the array looks channels-last: save it as (N, C, H, W)" if tuple(images.shape[-3:]) == (h, w, c) else ""
-        raise CplCertError(f"{name} is {_describe(images.shape[1])} but the model takes {_describe(c)} images{hint}")
+        raise CplCertError(f"{name} is {describe_channels(images.shape[1])} but the model takes {describe_channels(c)} images{hint}")
     if tuple(images.shape[2:]) == (h, w):
         return images
     if not resize:
@@ -147,11 +108,14 @@ def load_inputs(
     input_shape: tuple[int, int, int],
     resize: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    convert: bool = False,
+    how: str = "convert=True",
 ) -> Inputs:
     """Read every file (folders expanded), check each against ``input_shape``, stack them in order.
 
     The result is uint8 when every input is 8-bit, else float64 in [0, 1] (uint8 divided by 255).
-    ``progress(done, total)`` is called after each file.
+    ``convert`` allows the lossless conversions of ``cpl_cert.images`` (``how`` names that switch in
+    messages). ``progress(done, total)`` is called after each file.
     """
     files = expand_paths(paths)
     names: list[str] = []
@@ -161,7 +125,8 @@ def load_inputs(
             batch = read_array(path)
             labels = [str(path)] if batch.shape[0] == 1 else [f"{path}[{i}]" for i in range(batch.shape[0])]
         else:
-            batch, labels = read_image(path)[None], [str(path)]
+            image = match_channels(read_image(path, convert, how), input_shape[0], str(path), convert, how)
+            batch, labels = image[None], [str(path)]
         parts.append(fit(batch, str(path), input_shape, resize))
         names.extend(labels)
         if progress is not None:

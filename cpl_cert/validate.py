@@ -57,3 +57,7 @@ def validate_against_metadata(model: nn.Module, meta: dict[str, Any], source: st
     names = dataset.get("classes")
     if names is not None and len(names) != config.num_classes:
         raise CplCertError(f"{source}: the dataset metadata names {len(names)} classes, the config has {config.num_classes}")
+    for name in ("mean", "std"):
+        values = dataset.get(name)
+        if values is not None and len(values) != config.input_shape[0]:
+            raise CplCertError(f"{source}: the dataset metadata's {name} has {len(values)} values, the images have {config.input_shape[0]} channels")

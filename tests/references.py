@@ -6,6 +6,8 @@ the closed forms of networks without CPL layers.
 
 from __future__ import annotations
 
+from decimal import Decimal, localcontext
+
 import torch
 import torch.nn.functional as F
 
@@ -43,3 +45,13 @@ def all_active_jacobian_norm(layer: CPLConv2d | CPLLinear) -> float:
 def pixel_batch(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Random uint8 images."""
     return torch.randint(0, 256, (n, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def normalized_row_distances(weight: torch.Tensor, digits: int = 60) -> list[list[Decimal]]:
+    """``||w_i / ||w_i|| - w_j / ||w_j||||`` for the stored rows, to ``digits`` significant digits (Decimal
+    arithmetic on the exact values of the floats): the true pair constants of an LLN head."""
+    with localcontext() as context:
+        context.prec = digits
+        rows = [[Decimal(float(v)) for v in row] for row in weight.detach().double().tolist()]
+        unit = [[v / sum(x * x for x in row).sqrt() for v in row] for row in rows]
+        return [[sum((a - b) ** 2 for a, b in zip(u, v, strict=True)).sqrt() for v in unit] for u in unit]

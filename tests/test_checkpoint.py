@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -157,3 +159,93 @@ def test_valid_checkpoint_whose_header_length_looks_like_pickle_magic_loads(tmp_
     assert _header_len(path) & mask == low_bits
     loaded, meta = cpl_cert.load_checkpoint(path)
     assert torch.equal(loaded(torch.zeros(1, 1, 28, 28)), tiny_model(torch.zeros(1, 1, 28, 28)))
+
+
+def _edit(entry: str, change: dict | list | None = None, drop: str | None = None):
+    """A metadata edit: ``entry``'s JSON updated with ``change`` (or replaced by a non-object), or ``drop`` removed."""
+
+    def apply(meta: dict[str, str]) -> dict[str, str]:
+        value = json.loads(meta[entry])
+        value = {**value, **change} if isinstance(change, dict) else change
+        return {**meta, entry: json.dumps(value)}
+
+    return apply
+
+
+NAN = float("nan")
+BAD_METADATA = [
+    # (entry, change, what the one sentence must say)
+    ("dataset", {"input_shape": 5}, "dataset.input_shape must be a list of 3 whole numbers"),
+    ("dataset", {"input_shape": [1, 28]}, "dataset.input_shape must be a list of 3 whole numbers"),
+    ("dataset", {"input_shape": [1.0, 28, 28]}, "dataset.input_shape must be a list of 3 whole numbers"),
+    ("dataset", {"num_classes": 10.0}, "dataset.num_classes must be a whole number >= 2, got 10.0"),
+    ("dataset", {"num_classes": "10"}, "dataset.num_classes must be a whole number >= 2"),
+    ("dataset", {"num_classes": True}, "dataset.num_classes must be a whole number >= 2, got true"),
+    ("dataset", {"classes": "abcdefghij"}, "dataset.classes must be a non-empty list of strings"),
+    ("dataset", {"classes": list(range(10))}, "dataset.classes must be a non-empty list of strings"),
+    ("dataset", {"name": 7}, "dataset.name must be a non-empty string"),
+    ("dataset", {"mean": "0.5"}, "dataset.mean must be a non-empty list of finite numbers"),
+    ("dataset", {"mean": [NAN]}, "dataset.mean must be a non-empty list of finite numbers, got [NaN]"),
+    ("dataset", {"std": [0.0]}, "dataset.std must be a non-empty list of finite numbers above 0"),
+    ("dataset", {"std": [0.3, 0.3]}, "the dataset metadata's std has 2 values, the images have 1 channels"),
+    ("dataset", {"colour": "blue"}, "dataset has an unknown key 'colour'"),
+    ("dataset", [1, 28, 28], "the metadata field dataset must be a JSON object"),
+    ("config", {"num_classes": 10.0}, "config.num_classes must be a whole number >= 2"),
+    ("config", {"input_shape": 5}, "config.input_shape must be a list of 3 whole numbers"),
+    ("config", {"input_shape": ["1", 28, 28]}, "config.input_shape must be a list of 3 whole numbers"),
+    ("config", {"input_shape": [1.5, 28, 28]}, "config.input_shape must be a list of 3 whole numbers"),
+    ("config", {"mean": ["0.5"]}, "config.mean must be a non-empty list of finite numbers"),
+    ("config", {"std": "x"}, "config.std must be null or a non-empty list of finite numbers above 0"),
+    ("config", {"head": 3}, "config.head must be a non-empty string"),
+    ("config", {"preset": 5}, "config.preset must be null or a non-empty string"),
+    ("config", {"channels": True}, "config.channels must be a whole number >= 1"),
+    ("config", {"pool": 4.0}, "config.pool must be a whole number >= 1"),
+    ("training", {"epochs": "3"}, "training.epochs must be a whole number >= 0"),
+    ("training", {"seed": 0.5}, "training.seed must be a whole number"),
+    ("training", {"clean_accuracy": "high"}, "training.clean_accuracy must be a finite number in [0, 1]"),
+    ("training", {"clean_accuracy": 1.5}, "training.clean_accuracy must be a finite number in [0, 1]"),
+    ("training", {"certified": [0.5]}, "training.certified must be an object whose values are finite numbers in [0, 1]"),
+    ("training", {"certified": {"0.1": "x"}}, "training.certified must be an object whose values are finite numbers in [0, 1]"),
+    ("training", {"versions": {"torch": 2}}, "training.versions must be an object whose values are strings"),
+    ("training", {"loss": "hinge"}, "the metadata field training.loss must be a JSON object"),
+    ("training", {"loss": {"name": 3}}, "training.loss.name must be a non-empty string"),
+    ("training", {"optimizer": {"lr": "fast"}}, "training.optimizer.lr must be a finite number >= 0, got \"fast\""),
+    ("training", {"wall_seconds": -1}, "training.wall_seconds must be a finite number >= 0, got -1"),
+    ("training", {"args": "--epochs 3"}, "training.args must be a JSON object"),
+    ("training", "trained", "the metadata field training must be a JSON object"),
+]
+
+
+def _commands(path: Path, tmp: Path) -> list[list[str]]:
+    """Every command that reads a checkpoint, with the arguments it needs to get that far."""
+    commands = [["info", str(path)], ["lipschitz", str(path)], ["certify", str(path)], ["attack", str(path)]]
+    commands.append(["predict", str(path), str(tmp / "x.png")])
+    if importlib.util.find_spec("onnx") is not None:
+        commands.append(["export", str(path), "--onnx", str(tmp / "m.onnx")])
+    return commands
+
+
+def test_every_metadata_field_is_type_checked_by_every_command(tmp_path, tiny_checkpoint):
+    """A table of edited metadata: each gives one sentence naming the field (exit 1, no traceback) from every
+    command and ``CplCertError`` from the library; none is taken loosely (``"abcd"`` as class names, 10.0 as a count)."""
+    for index, (entry, change, phrase) in enumerate(BAD_METADATA):
+        path = _rewrite(tiny_checkpoint, tmp_path / f"bad{index}.safetensors", metadata=_edit(entry, change))
+        for command in _commands(path, tmp_path):
+            result = runner.invoke(app, command)
+            lines = [line for line in result.stderr.splitlines() if line.strip()]
+            assert result.exit_code == 1 and len(lines) == 1, (entry, change, command, result.output)
+            assert lines[0].startswith("Error:") and phrase in lines[0] and "Traceback" not in result.output, (phrase, lines[0])
+        with pytest.raises(cpl_cert.CplCertError, match=re.escape(phrase)):
+            cpl_cert.load_checkpoint(path)
+
+
+def test_well_typed_metadata_of_every_kind_loads(tmp_path, tiny_checkpoint):
+    """Whole numbers where numbers are asked, extra training keys and partial entries are all fine."""
+    extra = {"clean_accuracy": 1, "certified": {"0.25": 0}, "provenance": {"source": "x"}, "note": [1, "two"], "loss": {"name": "hinge", "margin": 1}}
+    path = _rewrite(tiny_checkpoint, tmp_path / "ok.safetensors", metadata=_edit("training", extra))
+    path = _rewrite(path, tmp_path / "ok2.safetensors", metadata=_edit("dataset", {"classes": [str(i) for i in range(10)], "mean": [0], "std": [1]}))
+    result = runner.invoke(app, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "clean_accuracy (per-epoch evaluation): 100.00%" in result.stdout
+    _, meta = cpl_cert.load_checkpoint(path)
+    assert meta["training"]["note"] == [1, "two"] and meta["dataset"]["classes"][9] == "9"

@@ -8,15 +8,16 @@ Tolerance: on the 10,000 shipped test images ONNX Runtime's logits differed from
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import make_frozen
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import cpl_cert
@@ -104,6 +105,29 @@ def test_shipped_model_runs_in_onnxruntime_with_its_certificate(onnx_packages, t
     assert bool((reference.radii_exact <= exact_radii * (1 + 1e-9)).all())
 
 
+def graph_rows(path: Path) -> list[list[Fraction]]:
+    """The LLN head's rows as the exported graph stores them (the Gemm that writes the logits), as exact fractions."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    (gemm,) = [node for node in proto.graph.node if list(node.output) == ["logits"]]
+    assert gemm.op_type == "Gemm" and {a.name: a.i for a in gemm.attribute}.get("transB") == 1
+    (weight,) = [numpy_helper.to_array(init) for init in proto.graph.initializer if init.name == gemm.input[1]]
+    assert weight.dtype == np.float32
+    return [[Fraction(float(v)) for v in row] for row in weight]
+
+
+def assert_pairs_bound_rows(pair: list[list[float]], body: float, rows: list[list[Fraction]]) -> None:
+    """One-sided and exact: L[i][j] >= body * ||r_i - r_j|| in rational arithmetic (squares compared), and
+    L[i][j] within 1e-9 relative of it (a bound, and a tight one)."""
+    squared = [[sum((a - b) ** 2 for a, b in zip(row_i, row_j, strict=True)) for row_j in rows] for row_i in rows]
+    for i, j in itertools.product(range(len(rows)), repeat=2):
+        assert Fraction(pair[i][j]) ** 2 >= Fraction(body) ** 2 * squared[i][j], (i, j, pair[i][j], body * math.sqrt(squared[i][j]))
+    for i, j in itertools.product(range(len(rows)), repeat=2):
+        assert pair[i][j] <= body * math.sqrt(squared[i][j]) * (1 + 1e-9), (i, j)
+
+
 def test_lln_head_exports_with_its_pair_bounds(onnx_packages, tmp_path):
     # Dividing by std 0.25 makes the body 4-Lipschitz, so the pair bounds must carry the body bound.
     model = make_frozen(
@@ -120,13 +144,36 @@ def test_lln_head_exports_with_its_pair_bounds(onnx_packages, tmp_path):
     with torch.no_grad():
         assert (run_onnx(out, x) - model(x)).abs().max() <= ATOL
     props = metadata(out)
-    # Independent pair bounds: ||w_i / |w_i| - w_j / |w_j||| from the stored head weight, times the body bound 1 / 0.25.
+    # The body bound is 1 / 0.25 = 4; the pair bounds hold for the rows the graph holds (read back from it).
     assert float(props["cpl_cert.body_lipschitz"]) == pytest.approx(4.0, rel=1e-9)
     assert json.loads(props["cpl_cert.normalization"]) == {"mean": [0.5, 0.4, 0.3], "std": [0.25, 0.5, 0.5], "in_graph": True}
-    w = F.normalize(load_file(str(checkpoint))["head.weight"].double(), dim=1)
-    independent = torch.cdist(w, w) * 4.0
-    torch.testing.assert_close(torch.tensor(json.loads(props["cpl_cert.pair_lipschitz"]), dtype=torch.float64), independent, rtol=1e-9, atol=1e-12)
+    assert_pairs_bound_rows(json.loads(props["cpl_cert.pair_lipschitz"]), float(props["cpl_cert.body_lipschitz"]), graph_rows(out))
     assert json.loads(props["cpl_cert.classes"]) == classes and props["cpl_cert.head"] == "lln"
+
+
+def test_pair_bounds_hold_for_the_float32_rows_in_the_graph(onnx_packages, tmp_path):
+    """Row 2 is exactly 3 x row 1 (integers / 8, so 3x is exact in float32): normalised in float64 the two
+    rows are equal to 1e-16, but the graph holds them normalised in float32, where they differ by
+    5.7e-8. A pair constant taken from the float64 rows (5.75e-14) would certify radii a million times
+    too large for the exported model."""
+    model = make_frozen(
+        "cpl-tiny", input_shape=(1, 8, 8), num_classes=4, head="lln", channels=4, conv_depth=1, dense_depth=1, conv_inner=4, dense_inner=8
+    )
+    row = torch.tensor([((2 * k) % 17 - 8) / 8 for k in range(16)])
+    with torch.no_grad():
+        model.head.weight[1] = row
+        model.head.weight[2] = 3 * row
+    checkpoint = tmp_path / "lln3.safetensors"
+    cpl_cert.save_checkpoint(model, checkpoint, dataset={"name": "x"})
+    out = tmp_path / "lln3.onnx"
+    result = runner.invoke(app, ["export", str(checkpoint), "--onnx", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = graph_rows(out)
+    assert rows[1] != rows[2], "the construction needs rows that float32 normalisation leaves apart"
+    props = metadata(out)
+    body = float(props["cpl_cert.body_lipschitz"])
+    assert body == 1.0
+    assert_pairs_bound_rows(json.loads(props["cpl_cert.pair_lipschitz"]), body, rows)
 
 
 def test_a_wrong_graph_is_caught_before_it_is_written(onnx_packages, tmp_path, monkeypatch):

@@ -117,18 +117,22 @@ def test_resize_is_explicit(png_folder, tmp_path):
     assert json.loads(resized.stdout)["name"] == "Ankle boot"  # the first test image, 2x upsampled and back
 
 
-def test_alpha_channel(rgb_checkpoint, tmp_path):
+def test_alpha_channel_is_refused_unless_converted(rgb_checkpoint, tmp_path):
+    """An RGBA file is refused; with --convert an alpha channel opaque everywhere is dropped (the RGB file's
+    answer), a transparent pixel is refused even then."""
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 4), dtype=np.uint8)
     pixels[..., 3] = 255
     Image.fromarray(pixels, mode="RGBA").save(tmp_path / "opaque.png")
     Image.fromarray(pixels[..., :3], mode="RGB").save(tmp_path / "rgb.png")
-    ok = runner.invoke(app, ["predict", str(rgb_checkpoint), str(tmp_path / "opaque.png"), str(tmp_path / "rgb.png"), "--json", "-"])
+    refused = runner.invoke(app, ["predict", str(rgb_checkpoint), str(tmp_path / "opaque.png")])
+    assert refused.exit_code == 1 and "opaque.png has an alpha channel (8-bit RGBA PNG)" in refused.stderr and "--convert" in refused.stderr
+    ok = runner.invoke(app, ["predict", str(rgb_checkpoint), str(tmp_path / "opaque.png"), str(tmp_path / "rgb.png"), "--json", "-", "--convert"])
     assert ok.exit_code == 0, ok.output
     first, second = (json.loads(line) for line in ok.stdout.splitlines())
     assert first["radius"] == second["radius"] and first["class"] == second["class"] and first["name"] == f"c{first['class']}"
     pixels[0, 0, 3] = 10
     Image.fromarray(pixels, mode="RGBA").save(tmp_path / "clear.png")
-    refused = runner.invoke(app, ["predict", str(rgb_checkpoint), str(tmp_path / "clear.png")])
+    refused = runner.invoke(app, ["predict", str(rgb_checkpoint), str(tmp_path / "clear.png"), "--convert"])
     assert refused.exit_code == 1 and "transparent pixels" in refused.stderr
 
 
@@ -158,7 +162,7 @@ def bad_inputs(tmp_path: Path, png_folder: Path, rgb_checkpoint: Path) -> dict[s
         "grey image, RGB model": (rgb_checkpoint, [str(grey32)], "is grey (1 channel) but the model takes RGB (3 channels) images"),
         "wrong size": (SHIPPED, [str(grey32)], "is 32x32 but the model takes 28x28 images; pass --resize"),
         "unreadable image": (SHIPPED, [str(tmp_path / "broken.png")], "is not a readable image"),
-        "truncated image": (SHIPPED, [str(tmp_path / "cut.png")], "is not a readable image"),
+        "truncated image": (SHIPPED, [str(tmp_path / "cut.png")], "cut.png is a truncated PNG file"),
         "empty folder": (SHIPPED, [str(tmp_path / "empty")], "holds no .png, .jpg, .jpeg or .npy files"),
         "folder without images": (SHIPPED, [str(tmp_path / "only-text")], "holds no .png"),
         "other format": (SHIPPED, [str(tmp_path / "anim.gif")], "is not a .png, .jpg, .jpeg or .npy file"),

@@ -89,7 +89,7 @@ def training_rows(training: dict[str, Any]) -> list[str]:
     lines = []
     for key, value in training.items():
         if key in EVAL_KEYS:
-            shown = f"{value:.2%}" if isinstance(value, float) else ", ".join(f"{k}: {v:.2%}" for k, v in value.items())
+            shown = f"{value:.2%}" if isinstance(value, (int, float)) else ", ".join(f"{k}: {v:.2%}" for k, v in value.items())
             lines.append(f"{key} ({where}): {shown}")
         else:
             lines.append(f"{key}: {json.dumps(value) if isinstance(value, (list, dict)) else value}")

@@ -89,15 +89,24 @@ def predict_command(
     resize: Annotated[
         bool, typer.Option("--resize", help="Resize inputs of another size to the model's (antialiased); otherwise they are refused.")
     ] = False,
+    convert: Annotated[
+        bool,
+        typer.Option(
+            "--convert",
+            help="Allow lossless conversions only: drop an alpha channel that is opaque everywhere, copy grey into R, G and B, "
+            "make RGB with equal channels grey; otherwise such images are refused.",
+        ),
+    ] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Images per forward pass.")] = 1024,
     device: DeviceName = "auto",
     threads: Threads = None,
 ) -> None:
     """Predicted class (index and name) and certified l2 radius for each input image.
 
-    Pixels are scaled as for training (8-bit values / 255); the radius is an l2 distance in that [0, 1]
-    scale within which the prediction provably cannot change. Inputs must match the model's channels
-    and size (--resize resizes explicitly).
+    Pixels are read at their true values (value / (2^depth - 1): 8-bit / 255, 16-bit PNG / 65535); the
+    radius is an l2 distance in that [0, 1] scale within which the prediction provably cannot change.
+    Inputs must match the model's channels and size and have no alpha channel (--convert and --resize
+    convert explicitly).
     """
     set_threads(threads)
     if batch_size < 1:
@@ -114,7 +123,8 @@ def predict_command(
         model, meta = load_checkpoint(model_path, device=dev)
         activity.stage("reading the inputs")
         data = load_inputs(
-            inputs, model.config.input_shape, resize=resize, progress=lambda done, total: activity.update(done, total)
+            inputs, model.config.input_shape, resize=resize, progress=lambda done, total: activity.update(done, total),
+            convert=convert, how="--convert",
         )
         activity.stage("certifying", len(data))
         result = predict(

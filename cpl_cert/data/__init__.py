@@ -1,4 +1,4 @@
-"""Datasets by name, found offline first, held in memory as one uint8 tensor.
+"""Datasets by name, found offline first, held in memory as one tensor (uint8; float64 for 16-bit image folders).
 
 ``registry`` knows the names and shapes, ``idx`` and ``cifar`` read the file formats, ``folder``
 reads ImageFolder trees and ``resolve`` decides where to look. The Fashion-MNIST test split ships in

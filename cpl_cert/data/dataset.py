@@ -1,4 +1,4 @@
-"""The in-memory dataset: uint8 images ``(N, C, H, W)`` and int64 labels, with what a checkpoint records."""
+"""The in-memory dataset: images ``(N, C, H, W)`` (uint8, or float64 in [0, 1]) and int64 labels, with what a checkpoint records."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from .registry import MNIST_EPS
 
 @dataclass
 class ImageDataset:
-    """A split held in memory: ``images`` uint8 ``(N, C, H, W)``, ``labels`` int64 ``(N,)``."""
+    """A split held in memory: ``images`` ``(N, C, H, W)``, uint8 (value / 255) or, for a folder of 16-bit PNGs,
+    float64 in [0, 1]; ``labels`` int64 ``(N,)``."""
 
     name: str
     split: str

@@ -160,12 +160,16 @@ def load_dataset(
     split: str = "test",
     data_dir: str | os.PathLike[str] | None = None,
     download: bool = True,
+    convert: bool = False,
 ) -> ImageDataset:
-    """Load ``split`` ("train" or "test") of a dataset by name (see the module docstring for the search order)."""
+    """Load ``split`` ("train" or "test") of a dataset by name (see the module docstring for the search order).
+
+    ``convert`` applies to ``folder:PATH`` only: it allows the lossless image conversions of ``cpl_cert.images``.
+    """
     if split not in SPLITS:
         raise CplCertError(f"unknown split {split!r}; use train or test")
     if name.startswith("folder:"):
-        return load_folder(Path(name[len("folder:") :]), split)
+        return load_folder(Path(name[len("folder:") :]), split, convert)
     spec = check_name(name)
     assert spec is not None
     return _load_named(spec, split, data_dir, download)

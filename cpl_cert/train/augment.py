@@ -32,12 +32,13 @@ class Augment:
         return " + ".join(p for p in (crop, "horizontal flip" if self.flip else "") if p)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augment a uint8 ``(B, C, H, W)`` batch on its device; randomness comes from ``generator`` only."""
+        """Augment a ``(B, C, H, W)`` batch (uint8, or float64 from 16-bit images) on its device; randomness from ``generator`` only."""
         b, c, h, w = images.shape
         out = images
         if self.pad:
             p = self.pad
-            padded = F.pad(out.float() if self.mode == "reflect" else out, (p, p, p, p), mode=self.mode)
+            widened = self.mode == "reflect" and not out.is_floating_point()  # reflect padding needs floats; float64 stays float64
+            padded = F.pad(out.float() if widened else out, (p, p, p, p), mode=self.mode)
             padded = padded.to(images.dtype)
             offsets = torch.randint(0, 2 * p + 1, (2, b), generator=generator, device=images.device)
             rows = offsets[0][:, None] + torch.arange(h, device=images.device)  # (B, H)
