@@ -148,7 +148,7 @@ def extreme_configurations() -> list[tuple[str, Callable[[], cpl_cert.CPLNet]]]:
 
 def paper_configurations() -> list[tuple[str, Callable[[], cpl_cert.CPLNet]]]:
     """The paper's network sizes at CIFAR's input shape (slow: minutes each)."""
-    return [(f"{p} (3, 32, 32) {h}", lambda p=p, h=h: _frozen(p, (3, 32, 32), 30 + i, head=h, num_classes=10))
+    return [(f"{p} (3, 32, 32) {h}", lambda p=p, h=h, i=i: _frozen(p, (3, 32, 32), 30 + i, head=h, num_classes=10))
             for i, (p, h) in enumerate((("cpl-s", "truncation"), ("cpl-s", "lln"), ("cpl-m", "truncation")))]
 
 

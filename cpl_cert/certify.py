@@ -25,8 +25,8 @@ from .errors import CplCertError
 from .lipschitz import LipschitzBounds, lipschitz_bounds
 from .models import CPLNet, float64_copy, weights_key
 from .numerics import strict_math
-from .progress import OnProgress, no_progress
 from .passes import accumulated_logits
+from .progress import OnProgress, no_progress
 from .radii import UNKNOWN, Answers, as_points, fast_pass, float32_prediction, float64_pass
 from .rounding import ErrorModel, error_model
 from .validate import validate_model

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -26,8 +27,10 @@ from .errors import CplCertError
 from .io import atomic_write
 from .layers import LLNHead
 from .lipschitz import LipschitzBounds, lipschitz_bounds
-from .models import CPLNet
+from .models import CPLNet, float64_copy
 from .numerics import FP64_SLACK, gamma
+from .passes import trace_body
+from .rounding import runtime_allowance
 
 INSTALL_HINT = (
     "ONNX export needs the onnx package, which is not installed; install it with pip install onnx onnxruntime "
@@ -40,7 +43,13 @@ CHECK_TOLERANCE = 1e-4
 """Largest |logit difference| (relative to the largest logit, at least 1) accepted between ONNX
 Runtime and PyTorch; float32 rounding gives about 1e-6 (docs/deploy.md)."""
 PAIR_KEY = "cpl_cert.pair_lipschitz"
-RADIUS_RULE = "radius = min over j != top of (logits[top] - logits[j]) / pair_lipschitz[top][j], an l2 distance on the [0, 1] input"
+ALLOWANCE_KEY = "cpl_cert.runtime_allowance"
+RADIUS_RULE = (
+    "radius = min over j != top of (logits[top] - logits[j] - 2 * (A[top][j] * ||x|| + B[top][j])) / (pair_lipschitz[top][j] + A[top][j]), "
+    "computed in float64 and multiplied by (1 - 1e-9); A, B and norm_limit in cpl_cert.runtime_allowance; x is the [0, 1] float32 "
+    "input and ||x|| its l2 norm; top must be the strict largest logit and the logits finite; valid while ||x|| + radius <= norm_limit; "
+    "no certificate when radius <= 0. It holds for any runtime that rounds each operation correctly and sums in any order (docs/deploy.md)"
+)
 
 
 @dataclass
@@ -141,6 +150,7 @@ def onnx_metadata(model: CPLNet, meta: dict[str, Any], sha256: str, bounds: Lips
     std = list(config.std) if config.std else [1.0] * len(config.mean)
     head = model.head
     pairs = exported_pair_lipschitz(exported_rows(head), bounds.body_upper) if isinstance(head, LLNHead) else bounds.pair_lipschitz()
+    allowance = runtime_allowance_metadata(model, bounds)
     return {
         "cpl_cert.format": FORMAT,
         "cpl_cert.version": __version__,
@@ -154,8 +164,32 @@ def onnx_metadata(model: CPLNet, meta: dict[str, Any], sha256: str, bounds: Lips
         "cpl_cert.body_lipschitz": repr(float(bounds.body_upper)),
         "cpl_cert.lipschitz_upper": repr(float(bounds.upper)),
         PAIR_KEY: json.dumps(pairs.tolist()),
+        ALLOWANCE_KEY: json.dumps(allowance),
         "cpl_cert.radius": RADIUS_RULE,
     }
+
+
+def runtime_allowance_metadata(model: CPLNet, bounds: LipschitzBounds) -> dict[str, Any]:
+    """``A``, ``B`` and ``norm_limit`` of the deployed radius rule: the exported graph's logit differences,
+    computed by any correctly rounded float32 runtime, are within ``A ||x|| + B`` of exact (``runtime_allowance``)."""
+    from .certify import certificate_constants
+
+    _, model_err = certificate_constants(model, bounds)
+    head = model.head
+    if isinstance(head, LLNHead):
+        rows = exported_rows(head)
+        pairs = row_distance_upper(rows)
+        row_norm = rows.double().norm(dim=1) * (1.0 + gamma(rows.shape[1] + 2, torch.float64) + FP64_SLACK)
+        bias = head.bias.detach().double().cpu()
+    else:
+        pairs = model_err.head_pairs.cpu()
+        row_norm = bias = torch.zeros(pairs.shape[0], dtype=torch.float64)
+    limit = 2.0 * math.sqrt(math.prod(model.config.input_shape))  # inputs in the pixel box and balls of their size
+    model64 = float64_copy(model).cpu()
+    with torch.no_grad():
+        _, origin = trace_body(model64, torch.zeros((1, *model.config.input_shape), dtype=torch.float64))
+    slope, offset = runtime_allowance(model_err, origin, pairs, row_norm.cpu(), bias.cpu(), limit)
+    return {"A": slope.tolist(), "B": offset.tolist(), "norm_limit": limit}
 
 
 def _graph_tensor(proto: Any, name: str) -> torch.Tensor | None:

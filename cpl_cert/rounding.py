@@ -24,7 +24,7 @@ from torch import nn
 from .errors import CplCertError
 from .layers import BlockSumPool, CPLConv2d, CPLLinear, InputNormalization, LLNHead, TruncationHead
 from .lipschitz import LayerBound, LipschitzBounds
-from .numerics import FP64_SLACK, Arithmetic, gamma, round_up, smallest_normal, unit_roundoff
+from .numerics import FLOAT32, FLOAT64, FP64_SLACK, Arithmetic, gamma, round_up, smallest_normal, unit_roundoff
 
 MEASURED_KINDS = ("normalize", "cpl-conv", "cpl-dense", "block-sum-pool")
 """Stages whose rounding bound needs the norm of their input (the others are exact)."""
@@ -271,6 +271,16 @@ def overflows(peak: torch.Tensor, arithmetic: Arithmetic) -> torch.Tensor:
     return ~(peak * 2.0 < torch.finfo(arithmetic.storage).max)
 
 
+def stage_offset(c: StageConstants) -> float:
+    """Bound of the norm of the stage's exact output at input zero: its output norm is at most
+    ``lipschitz * ||x|| + stage_offset`` (the mean for the normalisation, ``h W^T relu(b)`` for a CPL layer)."""
+    if c.kind == "normalize":
+        return c.bias_norm * c.inv_std
+    if c.is_cpl:
+        return abs(c.step) * c.sigma * c.bias_norm
+    return 0.0
+
+
 # --- whole body -----------------------------------------------------------------------------------------
 def body_error(model_err: ErrorModel, trace: BodyTrace, arithmetic: Sequence[Arithmetic]) -> torch.Tensor:
     """Per-sample bound of ``||computed features - exact features(computed input)||``; stage k ran in
@@ -346,3 +356,33 @@ def head_error(model_err: ErrorModel, features_norm: torch.Tensor, arithmetic: A
         rounding = gamma(head.features + 1, torch.float32)
     error = (row_error * phi + rounding * (row_norm * phi + bias.abs())) * (1.0 + FP64_SLACK)
     return torch.where(overflows(row_norm * phi + bias.abs(), arithmetic), math.inf, error)
+
+
+# --- a runtime's allowance from the input norm alone ------------------------------------------------------------
+def runtime_allowance(
+    model_err: ErrorModel, origin: BodyTrace, pairs: torch.Tensor, row_norm: torch.Tensor, bias: torch.Tensor, limit: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)``: for any float32 runtime that rounds every operation correctly and sums in any order, the
+    computed ``f_t - f_j`` lies within ``A[t, j] ||x|| + B[t, j]`` of the exact function's at every input with
+    ``||x|| <= limit`` (docs/deploy.md). ``origin`` is a float64 trace of the body at the zero input: an input
+    of norm ``||x||`` lies within that distance of it, so the ball bound around it applies. ``pairs[t, j]``
+    bounds ``||w_t - w_j||`` for the head's rows (sqrt 2 for a truncation head), ``row_norm`` and ``bias``
+    those rows' norms and the biases (zero for a truncation head).
+
+    Every bound on the way is affine in the distance, so two evaluations give it exactly; the slope is
+    taken over ``[0, limit]`` and ``[0, 1]`` (the larger), and both constants are rounded up by 1e-9.
+    """
+    g = gamma(model_err.head.features + 1, torch.float32)
+    here, there = model_err.plan(FLOAT64), model_err.plan(FLOAT32)
+
+    def pair_error(norm: float) -> torch.Tensor:
+        error, features = ball_body_error(model_err, origin, here, there, torch.tensor([norm], dtype=torch.float64))
+        logits = row_norm * features + bias.abs()
+        head = torch.where(overflows(logits, FLOAT32), math.inf, g * logits)
+        return (pairs * error + head[:, None] + head[None, :]).fill_diagonal_(0.0)
+
+    base, at_one, at_limit = pair_error(0.0), pair_error(1.0), pair_error(limit)
+    if not bool(torch.isfinite(at_limit).all()):
+        raise CplCertError(f"float32 values of this network may overflow at inputs of norm {limit:.4g}; no runtime allowance exists")
+    slope = torch.maximum(at_one - base, (at_limit - base) / limit)
+    return slope * (1.0 + 1e-9), base * (1.0 + 1e-9)

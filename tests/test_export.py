@@ -211,3 +211,46 @@ def test_bad_export_options(onnx_packages, tmp_path, args, phrase):
     result = runner.invoke(app, ["export", str(SHIPPED), *(a.format(tmp=tmp_path) for a in args)])
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and phrase in lines[0], result.output
+
+
+def deflated_radii(logits: torch.Tensor, x: torch.Tensor, props: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deployed rule of ``cpl_cert.radius`` (docs/deploy.md), from the metadata and a runtime's own float32
+    logits: ``min_j (m_j - 2 (A ||x|| + B)) / (L + A)``, 0 where that is not positive or the top is not strict."""
+    pair = torch.tensor(json.loads(props["cpl_cert.pair_lipschitz"]), dtype=torch.float64)
+    allowance = json.loads(props["cpl_cert.runtime_allowance"])
+    slope, offset = (torch.tensor(allowance[k], dtype=torch.float64) for k in ("A", "B"))
+    logits = logits.double()
+    top = logits.argmax(dim=1)
+    norm = x.double().flatten(1).norm(dim=1)[:, None]
+    margins = logits.gather(1, top[:, None]) - logits
+    radii = (margins - 2 * (slope[top] * norm + offset[top])) / (pair[top] + slope[top])
+    radii[torch.arange(len(top)), top] = math.inf
+    radius = radii.min(dim=1).values * (1 - 1e-9)
+    strict = (margins > 0).sum(dim=1) == logits.shape[1] - 1
+    assert bool(((norm[:, 0] + radius.clamp_min(0)) <= allowance["norm_limit"]).all())
+    return top, torch.where(strict & (radius > 0), radius, torch.zeros_like(radius))
+
+
+@pytest.mark.parametrize("name", ["fmnist-cpl-xs", "fmnist-cpl-best"])
+def test_the_deployed_radius_never_exceeds_the_exact_one(onnx_packages, tmp_path, name):
+    """On the shipped split under ONNX Runtime: the radius a deployment computes from the metadata lies below
+    an upper bound of the exact function's radius at every point (a float64 evaluation with its rounding
+    bound), and stays useful. The undeflated rule margin / L exceeds it at about half the points."""
+    from cpl_cert.certify import certificate_constants
+    from cpl_cert.radii import float64_pass
+
+    path = SHIPPED.parent / f"{name}.safetensors"
+    out = tmp_path / "model.onnx"
+    assert runner.invoke(app, ["export", str(path), "--onnx", str(out)]).exit_code == 0
+    data = cpl_cert.load_dataset("fashion-mnist").subset(2000)
+    x = data.images.float() / 255
+    top, radius = deflated_radii(run_onnx(out, x), x, metadata(out))
+    model, _ = cpl_cert.load_checkpoint(path)
+    _, model_err = certificate_constants(model)
+    with torch.inference_mode():
+        exact = float64_pass(float64_copy(model), model_err, data.images, data.labels)
+    same = exact.finite & (exact.low > 0) & (exact.top == top)
+    assert bool((radius[~same] == 0).all())
+    assert bool((radius[same] <= exact.high[same]).all())
+    certified = radius[same & (exact.top == data.labels)]
+    assert float((certified > 0).double().mean()) > 0.9 and float(certified.median()) > 0.5 * float(exact.low[same].median())

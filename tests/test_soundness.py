@@ -25,10 +25,8 @@ from cpl_cert.cli import app
 from cpl_cert.errors import CplCertError
 from cpl_cert.layers import CPLLinear
 from cpl_cert.models import float64_copy
-from cpl_cert.numerics import norm_upper, strict_math
-from cpl_cert.passes import accumulated_logits
-from cpl_cert.numerics import FLOAT32
-from cpl_cert.passes import trace_body
+from cpl_cert.numerics import FLOAT32, norm_upper, strict_math
+from cpl_cert.passes import accumulated_logits, trace_body
 from cpl_cert.radii import as_points, fast_pass, float64_pass
 from cpl_cert.rounding import body_error
 
