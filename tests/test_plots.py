@@ -54,14 +54,14 @@ def test_certify_plot(tmp_path: Path, figures):
     (ax,) = fig.axes
     assert "tiny.safetensors on fashion-mnist" in ax.get_title()
     assert ax.get_ylim() == (0, 100) and ax.yaxis.get_major_formatter()(50, 0) == "50%"
-    exact, float32, clean = ax.get_lines()[:3]
-    assert (exact.get_linestyle(), float32.get_linestyle()) == ("-", "--")
-    assert "exact" in exact.get_label() and "float32" in float32.get_label()
+    exact, float32, any_runtime, clean = ax.get_lines()[:4]
+    assert (exact.get_linestyle(), float32.get_linestyle(), any_runtime.get_linestyle()) == ("-", "--", ":")
+    assert "exact" in exact.get_label() and "cpl-cert" in float32.get_label() and "any runtime" in any_runtime.get_label()
     report = json.loads((tmp_path / "r.json").read_text())
     assert list(clean.get_xdata()) == [0] and clean.get_ydata()[0] == pytest.approx(100 * report["clean_accuracy"])
     assert [t.get_text().split(":")[0] for t in ax.texts] == ["0.05", "0.1", "0.5"]
     assert all(inside(t, ax) for t in ax.texts)
-    assert len(ax.get_legend().get_texts()) == 3
+    assert len(ax.get_legend().get_texts()) == 4
 
 
 def test_attack_plot(tmp_path: Path, figures):
