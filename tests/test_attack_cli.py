@@ -90,6 +90,12 @@ def test_minnorm_report_fields_and_plot(dense_checkpoint: Path, tmp_path: Path):
         (["--eps", ""], "eps"),
         (["--attack", "fgsm"], "unknown attack"),
         (["--engine", "foolbox"], "unknown engine"),
+        (["--engine", "torchattacks"], "unknown engine"),
+        (["--attack", "square"], "--engine autoattack"),
+        (["--attack", "fab"], "--engine autoattack"),
+        (["--engine", "autoattack", "--attack", "minnorm"], "--engine native for minnorm"),
+        (["--engine", "autoattack", "--attack", "pgd"], "--engine native for pgd"),
+        (["--engine", "autoattack", "--steps", "10"], "--steps"),
         (["--steps", "0"], "--steps"),
         (["--batch-size", "0"], "--batch-size"),
         (["--assume-lipschitz", "0"], "--assume-lipschitz"),
@@ -103,32 +109,3 @@ def test_misuse_exits_1_with_one_sentence(dense_checkpoint: Path, extra, phrase)
     assert phrase in result.output
     assert "Traceback" not in result.output
     assert result.output.strip().startswith("Error:")
-
-
-def test_torchattacks_engine_without_the_package_says_how_to_install(dense_checkpoint: Path):
-    try:
-        import torchattacks  # noqa: F401
-    except ImportError:
-        result = runner.invoke(app, ["attack", str(dense_checkpoint), "--engine", "torchattacks"])
-        assert result.exit_code == 1
-        assert "pip install" in result.output
-    else:
-        pytest.skip("torchattacks is installed")
-
-
-def test_native_apgdt_matches_torchattacks(dense_checkpoint: Path):
-    """With the optional extra: native APGD-T robust accuracy within 1 point of torchattacks' APGDT."""
-    torchattacks = pytest.importorskip("torchattacks")
-    from cpl_cert.attacks import apgd_targeted_l2
-
-    model, _ = cpl_cert.load_checkpoint(dense_checkpoint)
-    data = cpl_cert.load_dataset("fashion-mnist").subset(200)
-    x = data.images.float() / 255
-    with torch.no_grad():
-        pred = model(x).argmax(1)
-    native = apgd_targeted_l2(model, x, pred, 0.25).found.float().mean()
-    attack = torchattacks.APGDT(model, norm="L2", eps=0.25, steps=100, n_restarts=1, n_classes=10)
-    adv = attack(x, pred)
-    with torch.no_grad():
-        theirs = (model(adv).argmax(1) != pred).float().mean()
-    assert abs(float(native) - float(theirs)) <= 0.01

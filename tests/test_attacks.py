@@ -86,6 +86,30 @@ def test_minnorm_finds_the_exact_distance(case):
     assert float(relative.min()) > -1e-5  # nothing can beat the true minimum (float32 rounding aside)
 
 
+def test_minnorm_finds_points_next_to_the_boundary():
+    """Points 1e-5 to 1e-4 from the boundary, whose clean margins (as many logits) straddle FMN's clearance (1e-5).
+
+    Before the fix FMN hovered on the boundary and found none of them (2 of 200 Fashion-MNIST points on
+    a dense CPL model, which FAB-T broke at 8e-5 and 2e-4).
+    """
+    model, x, pred, exact = linear_case()
+    w = model.layer.weight.detach()
+    with torch.no_grad():
+        logits = model(x)
+    gaps = (logits.gather(1, pred[:, None]) - logits) / (w[pred][:, None, :] - w[None]).norm(dim=2)
+    nearest = gaps.scatter(1, pred[:, None], math.inf).argmin(dim=1)
+    direction = torch.nn.functional.normalize(w[nearest] - w[pred], dim=1)
+    target = torch.linspace(1e-5, 1e-4, x.shape[0])
+    moved = x + direction * (exact.float() - target)[:, None]
+    with torch.no_grad():
+        logits = model(moved)
+    assert bool((logits.argmax(1) == pred).all())
+    assert float((logits.topk(2, dim=1).values @ torch.tensor([1.0, -1.0])).max()) < 2e-4  # margins near the clearance
+    out = fmn_l2(model, moved, pred)
+    assert bool(out.found.all())
+    assert float((out.distance / target.double() - 1).abs().max()) < 0.05
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_apgd_breaks_every_point_just_beyond_its_exact_distance(case):
     model, x, pred, exact = CASES[case]()

@@ -108,36 +108,39 @@ def test_resume_with_another_architecture_is_refused_before_loading_data(tmp_pat
     assert message == f"cannot resume {out}: it holds a different architecture than the options ask for"
 
 
-def fake_torchattacks(folder: Path, body: str) -> None:
-    (folder / "torchattacks").mkdir()
-    (folder / "torchattacks" / "__init__.py").write_text(body)
+def fake_package(folder: Path, name: str, body: str) -> None:
+    (folder / name).mkdir()
+    (folder / name / "__init__.py").write_text(body)
 
 
-def test_torchattacks_names_the_module_that_is_really_missing(tmp_path, monkeypatch, checkpoint):
-    """torchattacks imports scipy; without it the message names scipy, not torchattacks."""
-    from cpl_cert.attacks.external import require_torchattacks
+def test_autoattack_engine_names_the_extra_or_the_module_that_is_really_missing(tmp_path, monkeypatch, checkpoint):
+    """Without pyautoattack one sentence names the extra; if a module it imports is missing, that module."""
+    from cpl_cert.attacks.authors import require_autoattack
 
-    fake_torchattacks(tmp_path, "import cpl_cert_missing_dependency\n")
+    fake_package(tmp_path, "pyautoattack", "import cpl_cert_missing_dependency\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "torchattacks", raising=False)
+    monkeypatch.delitem(sys.modules, "pyautoattack", raising=False)
     with pytest.raises(CplCertError) as info:
-        require_torchattacks()
+        require_autoattack()
     assert str(info.value) == (
-        "torchattacks is installed but cannot be imported: it needs the module 'cpl_cert_missing_dependency', "
+        "pyautoattack is installed but cannot be imported: it needs the module 'cpl_cert_missing_dependency', "
         "which is missing (pip install cpl_cert_missing_dependency), or use --engine native"
     )
-    monkeypatch.setitem(sys.modules, "torchattacks", None)  # not installed at all
-    message = one_sentence(runner.invoke(app, ["attack", str(checkpoint), "--engine", "torchattacks"]))
-    assert message.startswith("the torchattacks engine needs the optional package torchattacks, which is not installed")
+    monkeypatch.setitem(sys.modules, "pyautoattack", None)  # not installed at all
+    message = one_sentence(runner.invoke(app, ["attack", str(checkpoint), "--engine", "autoattack"]))
+    assert message == (
+        "the autoattack engine needs the optional package pyautoattack (Croce & Hein's AutoAttack code), which is not installed; "
+        "install it with pip install pyautoattack (or pip install '.[autoattack]' in the cpl-cert folder), or use --engine native"
+    )
 
 
 def test_install_hints_give_commands_that_work_from_a_clone():
     """cpl-cert is installed from its repository, not an index: 'pip install cpl-cert[...]' would fail."""
-    from cpl_cert.attacks.external import INSTALL_HINT as TORCHATTACKS
+    from cpl_cert.attacks.authors import INSTALL_HINT as AUTOATTACK
     from cpl_cert.cli.plots import INSTALL_HINT as PLOT
     from cpl_cert.export import INSTALL_HINT as ONNX
 
-    for hint, package in ((PLOT, "matplotlib"), (TORCHATTACKS, "torchattacks"), (ONNX, "onnx")):
+    for hint, package in ((PLOT, "matplotlib"), (AUTOATTACK, "pyautoattack"), (ONNX, "onnx")):
         assert f"pip install {package}" in hint and "cpl-cert[" not in hint
 
 

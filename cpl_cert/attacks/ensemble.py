@@ -1,9 +1,11 @@
 """Running a named attack over a data set at several radii, the AutoAttack-style ensemble, and the check.
 
-``--attack`` names: ``pgd`` (PGD-L2), ``apgd`` (APGD-CE then APGD-T on the points still unbroken),
-``autoattack`` (worst case per point over APGD-CE, APGD-T, PGD-L2 and the FMN minimum-norm attack,
-which plays the role of AutoAttack's FAB-T), ``minnorm`` (FMN-L2: each point's smallest adversarial
-distance; a point is broken at ``eps`` when that distance is at most ``eps``).
+``--attack`` names with the native engine: ``pgd`` (PGD-L2), ``apgd`` (APGD-CE then APGD-T on the
+points still unbroken), ``autoattack`` (worst case per point over APGD-CE, APGD-T, PGD-L2 and the FMN
+minimum-norm attack, which plays the role of AutoAttack's FAB-T), ``minnorm`` (FMN-L2: each point's
+smallest adversarial distance; a point is broken at ``eps`` when that distance is at most ``eps``).
+With ``engine="autoattack"`` Croce & Hein's own code runs instead (``cpl_cert.attacks.authors``):
+``autoattack`` (their standard version: APGD-CE, APGD-T, FAB-T, Square), ``apgd``, ``fab`` or ``square``.
 
 Every point is attacked with respect to its clean *prediction*, so a success is exactly the event a
 certificate rules out. Every adversarial example is verified before it counts, for the exact function
@@ -27,7 +29,7 @@ from .apgd import apgd_l2, apgd_targeted_l2
 from .check import Checker, make_checker, verify_exact, verify_float32
 from .common import AttackOutcome
 from .minnorm import fmn_l2
-from .options import check_attack_options
+from .options import ENGINE_ATTACKS, check_attack_options, default_attack
 from .pgd import pgd_l2
 
 
@@ -73,6 +75,11 @@ class SuiteResult:
             distance[e, part] = torch.where(closer, new, distance[e, part])
             source[e, part] = torch.where(closer, torch.full_like(source[e, part], code), source[e, part])
 
+    def note(self, messages: list[str]) -> None:
+        """Keep, once each, warnings an engine's own checks raised (``extra["engine_warnings"]``)."""
+        kept = self.extra.setdefault("engine_warnings", [])
+        kept.extend(m for m in messages if m not in kept)
+
     def to_cpu(self) -> SuiteResult:
         for name in ("distance", "source", "distance_float32", "source_float32"):
             setattr(self, name, getattr(self, name).cpu())
@@ -103,7 +110,12 @@ class _BatchProgress:
     def __init__(self, on_progress: OnProgress, part: slice, n: int, attack: str, engine: str, radii: int) -> None:
         self.on_progress, self.part, self.n, self.done = on_progress, part, n, 0.0
         fmn = 2.0 if attack in ("minnorm", "autoattack") and engine == "native" else 0.0
-        per_radius = len(PHASES[attack]) if engine == "native" else 1
+        if engine == "native":
+            per_radius = float(len(PHASES[attack]))
+        else:
+            from .authors import COST
+
+            per_radius = sum(COST[name] for name in ENGINE_ATTACKS[attack])
         self.total = fmn + radii * per_radius or 1.0
 
     def phase(self, stage: str, weight: float = 1.0) -> Callable[[float], None]:
@@ -165,7 +177,7 @@ def run_suite(
     images: torch.Tensor,
     reference: torch.Tensor,
     eps: Sequence[float],
-    attack: str = "apgd",
+    attack: str | None = None,
     engine: str = "native",
     batch_size: int = 500,
     seed: int = 0,
@@ -177,14 +189,18 @@ def run_suite(
 ) -> SuiteResult:
     """Attack every point of ``images`` (floats in [0, 1], on the model's device) at every radius.
 
+    ``attack`` defaults to ``apgd`` natively and to the standard AutoAttack with ``engine="autoattack"``.
     ``reference`` is the class the attacks try to change (cpl-cert passes the exact function's clean
     predictions) and ``reference_float32`` the float32 network's (default: the same). ``clean`` holds
     the exact clean points in float64 that distances are measured from (default: ``images``).
     ``steps`` is the iteration budget of PGD and APGD (reference: 100); FMN gets twice as many.
+    ``engine="autoattack"`` runs the authors' code (optional package ``pyautoattack``) with its standard
+    budget; warnings of its own checks land in ``extra["engine_warnings"]``.
     Every example is verified in both senses (``cpl_cert.attacks.check``) before it counts.
     ``progress(done, total)`` is called after each batch; ``on_progress(stage, done, total)`` after
     every attack iteration, in points (fractional inside a batch), with the attack and radius as stage.
     """
+    attack = attack or default_attack(engine)
     check_attack_options(attack, engine, steps, batch_size)
     model.eval()
     with strict_math():
@@ -219,16 +235,16 @@ def _attack_batch(
     if attack in ("minnorm", "autoattack") and engine == "native":
         minnorm = fmn_l2(model, x0, y, steps=2 * steps, check_model=checker.model64, on_step=tracker.phase("fmn", 2.0))
     for e, radius in enumerate(result.eps):
-        if engine == "torchattacks":
-            from .external import torchattacks_attack
+        # A fresh seed per (batch, radius): the same points get the same random starts whatever else
+        # runs, so the ensemble's APGD part reproduces --attack apgd exactly.
+        stream = seed * 1_000_003 + part.start * 101 + e
+        if engine == "autoattack":
+            from .authors import autoattack_attack
 
-            done = tracker.phase(f"torchattacks {attack} at eps {radius:.4g}")
-            outcomes = torchattacks_attack(model, x0, y, radius, attack, seed)
-            done(1.0)
+            outcomes, notes = autoattack_attack(model, x0, y, radius, attack, stream, tracker.phase)
+            result.note(notes)
         else:
-            # A fresh stream per (batch, radius): the same points get the same random starts whatever
-            # else runs, so the ensemble's APGD part reproduces --attack apgd exactly.
-            generator = torch.Generator(device=x0.device).manual_seed(seed * 1_000_003 + part.start * 101 + e)
+            generator = torch.Generator(device=x0.device).manual_seed(stream)
             outcomes = _native(model, x0, y, radius, attack, generator, minnorm, steps, tracker.phase)
         for outcome in outcomes:
             with strict_math():

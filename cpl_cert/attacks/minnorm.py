@@ -112,10 +112,13 @@ def fmn_l2(
         alpha = _cosine(k, steps, alpha_init, alpha_final)
         grad_norm = l2_norm(grad).clamp_min(1e-12)
         none_yet = torch.isinf(best_norm)
-        # Before the first success: the linearised distance to the boundary, overshot by gamma so that a
-        # point landing exactly on the boundary (a tie) still crosses it.
-        grow = torch.where(none_yet, radius + margin.clamp_min(0) / grad_norm, radius) * (1 + gamma)
-        radius = torch.where(adversarial, torch.minimum(radius * (1 - gamma), best_norm), grow)
+        # Before the first success: the linearised distance to a margin of -2 CLEAR_MARGIN, overshot by gamma
+        # so that a point landing exactly on the boundary (a tie) still crosses it. The radius shrinks only
+        # from clearly adversarial iterates (those that can become the best): a point whose clean margin is
+        # below the clearance would otherwise hover on the boundary and never be found.
+        grow = torch.where(none_yet, radius + (margin + 2 * CLEAR_MARGIN).clamp_min(0) / grad_norm, radius) * (1 + gamma)
+        clear = adversarial & (margin < -CLEAR_MARGIN)
+        radius = torch.where(clear, torch.minimum(radius * (1 - gamma), best_norm), grow)
         delta = project(x0, x0 + delta - alpha * normalize(grad), radius) - x0
     found = torch.isfinite(best_norm)
     bisect_step = None if on_step is None else (lambda fraction: on_step(share + (1 - share) * fraction))

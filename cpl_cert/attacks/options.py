@@ -4,16 +4,33 @@ from __future__ import annotations
 
 from ..errors import CplCertError
 
-ATTACKS = ("pgd", "apgd", "autoattack", "minnorm")
-ENGINES = ("native", "torchattacks")
-ENGINE_ATTACKS = {"pgd": ("PGDL2",), "apgd": ("APGD", "APGDT"), "autoattack": ("APGD", "APGDT", "FAB", "Square")}
-"""What ``--engine torchattacks`` runs for each attack it supports."""
+NATIVE_ATTACKS = ("pgd", "apgd", "autoattack", "minnorm")
+"""What ``--engine native`` runs: cpl-cert's own attacks."""
+ENGINE_ATTACKS = {
+    "autoattack": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "apgd": ("apgd-ce", "apgd-t"),
+    "fab": ("fab-t",),
+    "square": ("square",),
+}
+"""What ``--engine autoattack`` runs for each attack it supports: components of Croce & Hein's standard version, in order."""
+ATTACKS = (*NATIVE_ATTACKS, "fab", "square")
+ENGINES = ("native", "autoattack")
+DEFAULT_ATTACK = {"native": "apgd", "autoattack": "autoattack"}
+"""The attack each engine runs when none is named: APGD natively, the standard AutoAttack with the authors' code."""
+STANDARD_STEPS = 100
+"""The iteration budget of AutoAttack's standard version (the only one ``--engine autoattack`` runs)."""
+
+
+def default_attack(engine: str) -> str:
+    """The attack ``engine`` runs when none is named (``apgd`` for an unknown engine, which the check refuses)."""
+    return DEFAULT_ATTACK.get(engine, "apgd")
 
 
 def check_attack_options(attack: str, engine: str = "native", steps: int = 100, batch_size: int = 500) -> None:
     """Refuse, with one sentence, an attack run that cannot start (before any work is done).
 
-    The torchattacks engine also needs its optional package installed and supports fewer attacks.
+    The autoattack engine also needs its optional package installed, supports other attacks and
+    runs the standard version's fixed budget.
     """
     if attack not in ATTACKS:
         raise CplCertError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
@@ -23,9 +40,15 @@ def check_attack_options(attack: str, engine: str = "native", steps: int = 100, 
         raise CplCertError(f"--steps must be a positive number of iterations, got {steps}")
     if batch_size < 1:
         raise CplCertError(f"--batch-size must be positive, got {batch_size}")
-    if engine == "torchattacks":
-        from .external import require_torchattacks
-
-        require_torchattacks()
+    if engine == "native" and attack not in NATIVE_ATTACKS:
+        raise CplCertError(f"--attack {attack} runs the authors' code only: add --engine autoattack (optional extra autoattack)")
+    if engine == "autoattack":
         if attack not in ENGINE_ATTACKS:
-            raise CplCertError(f"--engine torchattacks runs {', '.join(ENGINE_ATTACKS)}, not {attack}; use --engine native for {attack}")
+            raise CplCertError(f"--engine autoattack runs {', '.join(ENGINE_ATTACKS)}, not {attack}; use --engine native for {attack}")
+        if steps != STANDARD_STEPS:
+            raise CplCertError(
+                f"--engine autoattack runs the standard version's fixed budget of {STANDARD_STEPS} iterations; --steps is for --engine native"
+            )
+        from .authors import require_autoattack
+
+        require_autoattack()

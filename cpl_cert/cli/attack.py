@@ -11,7 +11,7 @@ import typer
 
 from ..attacks.check import Violation, find_violations
 from ..attacks.ensemble import SuiteResult, run_suite
-from ..attacks.options import ATTACKS, ENGINES, check_attack_options
+from ..attacks.options import ATTACKS, ENGINES, check_attack_options, default_attack
 from ..certify import CertifyResult, EpsValue, certify, parse_eps
 from ..data import ImageDataset, to_float_images
 from ..device import resolve_device
@@ -43,7 +43,12 @@ from .progress import Activity
 
 DEFAULT_LIMIT = 1000
 MEASURES_DISTANCE = ("minnorm", "autoattack")
-"""The attacks that measure each point's smallest adversarial distance (tightness table, gap plot)."""
+"""The native attacks that measure each point's smallest adversarial distance (tightness table, gap plot)."""
+
+
+def measures_distance(attack: str, engine: str) -> bool:
+    """Whether the run finds each point's smallest adversarial distance (the authors' attacks stop at each eps)."""
+    return engine == "native" and attack in MEASURES_DISTANCE
 
 
 def assume_body_bound(bounds: LipschitzBounds, value: float) -> LipschitzBounds:
@@ -61,8 +66,14 @@ def _check_assumed_bound(value: float | None) -> None:
 def attack_command(
     model_path: ModelPath,
     attack: Annotated[
-        str, typer.Option("--attack", help=f"{', '.join(ATTACKS)}: PGD-L2, APGD-CE + APGD-T, the worst case of all, FMN-L2 minimum norm.")
-    ] = library_default(run_suite, "attack"),
+        str | None,
+        typer.Option(
+            "--attack", metavar="NAME",
+            help=f"{', '.join(ATTACKS)}. Native engine (default apgd): PGD-L2, APGD-CE + APGD-T, the worst case of all, FMN-L2 "
+            "minimum norm. With --engine autoattack (default autoattack): the authors' standard AutoAttack (APGD-CE, APGD-T, "
+            "FAB-T, Square), apgd (APGD-CE + APGD-T), fab (FAB-T) or square.",
+        ),
+    ] = None,
     eps: Annotated[
         str | None, typer.Option("--eps", metavar="RADII", help="Radii, e.g. '0.1,0.25' or '36/255' (default: the dataset's list).")
     ] = None,
@@ -75,7 +86,10 @@ def attack_command(
         ),
     ] = DEFAULT_LIMIT,
     engine: Annotated[
-        str, typer.Option("--engine", help=f"{' or '.join(ENGINES)} (torchattacks is an optional extra).")
+        str,
+        typer.Option(
+            "--engine", help=f"{' or '.join(ENGINES)}: cpl-cert's attacks, or Croce & Hein's own code (optional extra autoattack: pyautoattack)."
+        ),
     ] = library_default(run_suite, "engine"),
     dataset: Annotated[str | None, typer.Option("--dataset", metavar="NAME", help="Dataset name (default: the checkpoint's).")] = None,
     data_dir: DataDir = None,
@@ -109,10 +123,11 @@ def attack_command(
     the command exits with code 3.
     """
     set_threads(threads)
+    attack = attack or default_attack(engine)
     check_attack_options(attack, engine, steps, batch_size)
     _check_assumed_bound(assume_lipschitz)
     eps_values = read_eps(eps) if eps is not None else None
-    _check_outputs(json_path, plot_path, attack)
+    _check_outputs(json_path, plot_path, attack, engine)
     dev = resolve_device(device)
     with Activity(err_console) as activity:
         activity.stage(f"loading {model_path.name} and the test split")
@@ -138,7 +153,9 @@ def attack_command(
     rows = accuracy_rows(cert, suite, eps_values)
     bound_text = f"assumed body bound {assume_lipschitz:g}" if assume_lipschitz is not None else f"certified bound {bounds.upper:.6g}"
     console.print(accuracy_table(rows, f"{model_path.name}: {attack} ({engine}) on {cert.n} {data.name} test points, {bound_text}"))
-    stats = _print_tightness(cert, suite) if attack in MEASURES_DISTANCE else None
+    stats = _print_tightness(cert, suite) if measures_distance(attack, engine) else None
+    for message in suite.extra.get("engine_warnings", []):
+        console.print(f"[yellow]AutoAttack's own check:[/] {message}", highlight=False)
     if suite.rejected:
         console.print(f"{suite.rejected} points had candidate adversarial examples that failed float64 re-verification (discarded)", highlight=False)
     console.print(f"done in {seconds:.1f} s on {cert.device}", highlight=False)
@@ -155,14 +172,16 @@ def attack_command(
     _report_violations(violations)
 
 
-def _check_outputs(json_path: Path | None, plot_path: Path | None, attack: str) -> None:
+def _check_outputs(json_path: Path | None, plot_path: Path | None, attack: str, engine: str) -> None:
     """Fail before any work when an output cannot be written or the plot cannot be drawn."""
     check_writable(json_path)
     check_writable(plot_path)
     if plot_path is not None:
         require_matplotlib()
-        if attack not in MEASURES_DISTANCE:
-            raise CplCertError("--plot needs --attack minnorm or autoattack, which measure each point's smallest adversarial distance")
+        if not measures_distance(attack, engine):
+            raise CplCertError(
+                "--plot needs --attack minnorm or autoattack with --engine native, which measure each point's smallest adversarial distance"
+            )
 
 
 def _bounds(model: CPLNet, assume_lipschitz: float | None) -> LipschitzBounds:

@@ -141,6 +141,7 @@ def json_report(
         "violations": [v.index for v in violations],
         "violation_details": [v.to_dict() for v in violations],
         "rejected_adversarial_examples": suite.rejected,
+        "engine_warnings": suite.extra.get("engine_warnings", []),
         "lipschitz": {"upper": cert.bounds.upper, "body_upper": cert.bounds.body_upper, "assumed": assumed_lipschitz},
         "tightness": stats,
         "device": cert.device,
