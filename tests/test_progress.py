@@ -60,7 +60,7 @@ def test_attacks_report_progress_inside_a_batch_and_results_do_not_change(attack
     reports = []
     watched = suite(small_model, x, y, attack, on_progress=lambda *a: reports.append(a))
     plain = suite(small_model, x, y, attack)
-    assert torch.equal(watched.distance, plain.distance) and torch.equal(watched.source, plain.source)
+    assert all(torch.equal(watched.distances[s], plain.distances[s]) and torch.equal(watched.sources[s], plain.sources[s]) for s in watched.distances)
     done = [d for _, d, total in reports]
     assert all(total == 24 for *_, total in reports) and done == sorted(done)
     assert len({d for d in done if 0 < d < 24}) >= 10 and done[-1] == pytest.approx(24)

@@ -35,7 +35,7 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip() != "{"]
 
 
-def test_campaign_appends_chunks_resumes_and_checks_both_senses(checkpoint: Path, tmp_path: Path, capsys):
+def test_campaign_appends_chunks_resumes_and_checks_every_sense(checkpoint: Path, tmp_path: Path, capsys):
     out = tmp_path / "c.jsonl"
     args = ["--models", str(checkpoint), "--points", "6", "--chunk", "3", "--apgd-points", "0", "--out", str(out), "--threads", "1"]
     assert violation_campaign.main(args) == 0
@@ -43,11 +43,13 @@ def test_campaign_appends_chunks_resumes_and_checks_both_senses(checkpoint: Path
     assert [(r["attack"], r["start"], r["stop"]) for r in first] == [("fmn", 0, 3), ("fmn", 3, 6)]
     ratios = {}
     for point in (p for r in first for p in r["points"]):
-        assert set(point["senses"]) == {"exact", "float32"}
+        assert set(point["senses"]) == {"exact", "float32", "any"}
         for sense, value in point["senses"].items():
-            assert value["checked"] and value["distance"] >= value["radius"] and not value["violation"]
-            if value["radius"] > 0:  # (radius 0: nothing to violate)
+            assert value["checked"] and not value["violation"]
+            if value["radius"] > 0 and value["distance"] is not None:  # (radius 0: nothing to violate)
+                assert value["distance"] >= value["radius"]
                 ratios[sense] = min(ratios.get(sense, math.inf), value["distance"] / value["radius"])
+    assert {"exact", "float32"} <= set(ratios)
     printed = capsys.readouterr().out
     assert f"exact {ratios['exact']:.6f}, float32 {ratios['float32']:.6f}" in printed and "0 violations" in printed
     with out.open("a") as handle:  # a run killed while writing leaves a torn line
@@ -63,7 +65,8 @@ def test_inflated_certificates_are_reported_as_violations(checkpoint: Path, tmp_
 
     def inflated(*args, **kwargs):
         result = honest(*args, **kwargs)
-        return dataclasses.replace(result, radii_exact=result.radii_exact * 50, radii_float32=result.radii_float32 * 50)
+        return dataclasses.replace(result, radii_exact=result.radii_exact * 50, radii_float32=result.radii_float32 * 50,
+                                   radii_any=result.radii_any * 50)
 
     monkeypatch.setattr(cpl_cert, "certify", inflated)
     out = tmp_path / "v.jsonl"
@@ -83,8 +86,9 @@ def test_senses_come_from_the_certify_result_fields():
 
     cert = ThreeSenses(
         labels=torch.tensor([1, 2]), predictions=torch.tensor([1, 2]), predictions_float32=torch.tensor([1, 2]),
-        margins=torch.zeros(2), radii=torch.tensor([0.2, 0.2]), radii_exact=torch.tensor([0.3, 0.3]),
-        radii_float32=torch.tensor([0.2, 0.2]), eps=[], bounds=None, device="cpu", seconds=0.0,  # type: ignore[arg-type]
+        predictions_any=torch.tensor([1, -1]), margins=torch.zeros(2), radii=torch.tensor([0.2, 0.2]),
+        radii_exact=torch.tensor([0.3, 0.3]), radii_float32=torch.tensor([0.2, 0.2]), radii_any=torch.tensor([0.1, 0.0]), eps=[],
+        bounds=None, device="cpu", seconds=0.0,  # type: ignore[arg-type]
     )
 
     class Suite:
@@ -95,7 +99,7 @@ def test_senses_come_from_the_certify_result_fields():
         def source_of(self, e: int, i: int, sense: str = "exact") -> str:
             return "fmn"
 
-    assert set(violation_campaign.certificate_senses(cert)) == {"exact", "float32", "float16"}
+    assert set(violation_campaign.certificate_senses(cert)) == {"exact", "float32", "any", "float16"}
     records = violation_campaign.point_records(cert, Suite(), start=10)
     assert [r["index"] for r in records] == [10, 11]
     assert records[0]["senses"]["exact"]["violation"] is False and records[1]["senses"]["exact"]["distance"] is None

@@ -1,13 +1,15 @@
 """The certificate check: is an adversarial example real, and does it beat a certified radius?
 
 An attack proposes inputs; a certificate is contradicted only by an input that provably changes the
-prediction and lies provably closer than the radius. Both senses of docs/certify.md are checked:
+prediction and lies provably closer than the radius. The three senses of docs/certify.md are checked:
 
 * the exact function of the stored weights: the example's class is established by a float64
   evaluation with a rigorous rounding bound (``certify``'s own enclosure), so float rounding cannot
   manufacture a violation, and it is compared with ``radii_exact``;
 * cpl-cert's float32 network (float32 activations, float64 accumulation; ``cpl_cert.passes``): the
-  example's prediction is what that network outputs, compared with ``radii_float32``.
+  example's prediction is what that network outputs, compared with ``radii_float32``;
+* every correctly rounded float32 runtime: the example's prediction is what PyTorch's own float32
+  forward (one such runtime) outputs, compared with ``radii_any``.
 
 Distances are measured in float64 from the exact clean point (uint8 pixels / 255 in float64), scaled so
 that no square underflows, and a violation needs ``distance * (1 + 1e-12) < radius``: a relative slack,
@@ -122,7 +124,7 @@ class Violation:
     distance: float
     attack: str
     eps: float
-    sense: str = "exact"  # "exact" (the exact function) or "float32" (the float32 network)
+    sense: str = "exact"  # "exact" (the exact function), "float32" (cpl-cert's float32 network) or "any" (plain float32)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -137,7 +139,7 @@ def beats(distance: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
 
 
 def find_violations(suite: Any, cert: Any, indices: list[int] | None = None) -> list[Violation]:
-    """Every point whose closest verified adversarial example beats its radius, in either sense.
+    """Every point whose closest verified adversarial example beats its radius, in any sense.
 
     ``suite`` is a ``SuiteResult`` and ``cert`` the ``CertifyResult`` of the same points; ``indices``
     maps positions to test-set indices (default: the positions themselves).
@@ -145,19 +147,26 @@ def find_violations(suite: Any, cert: Any, indices: list[int] | None = None) -> 
     violations: list[Violation] = []
     if suite.distance.numel() == 0:
         return violations
-    for sense, distance, radii in (("exact", suite.distance, cert.radii_exact), ("float32", suite.distance_float32, cert.radii_float32)):
+    for sense, distance in suite.distances.items():
+        radii = certified_radii(cert, sense)
         best, where = distance.min(dim=0)
         for i in beats(best, radii).nonzero().flatten().tolist():
             e = int(where[i])
             violations.append(
                 Violation(
                     index=int(indices[i]) if indices is not None else i, radius=float(radii[i]), distance=float(best[i]),
-                    attack=suite.source_of(e, i), eps=suite.eps[e], sense=sense,
+                    attack=suite.source_of(e, i, sense), eps=suite.eps[e], sense=sense,
                 )
             )
     return violations
 
 
 def violations_at(suite: Any, e: int, cert: Any) -> torch.Tensor:
-    """Mask of points whose adversarial example found at radius ``eps[e]`` beats their radius, in either sense."""
-    return beats(suite.distance[e], cert.radii_exact) | beats(suite.distance_float32[e], cert.radii_float32)
+    """Mask of points whose adversarial example found at radius ``eps[e]`` beats their radius, in any sense."""
+    masks = [beats(distance[e], certified_radii(cert, sense)) for sense, distance in suite.distances.items()]
+    return torch.stack(masks).any(dim=0)
+
+
+def certified_radii(cert: Any, sense: str) -> torch.Tensor:
+    """The certify result's radii of one sense: ``radii_exact``, ``radii_float32`` or ``radii_any``."""
+    return getattr(cert, f"radii_{sense}")

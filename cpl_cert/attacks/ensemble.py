@@ -26,51 +26,62 @@ from torch import nn
 from ..numerics import strict_math
 from ..progress import OnProgress, no_progress
 from .apgd import apgd_l2, apgd_targeted_l2
-from .check import Checker, make_checker, verify_exact, verify_float32
+from .check import Checker, make_checker, verify_any, verify_exact, verify_float32
 from .common import AttackOutcome
 from .minnorm import fmn_l2
 from .options import ENGINE_ATTACKS, check_attack_options, default_attack
 from .pgd import pgd_l2
 
+SENSES = ("exact", "float32", "any")
+"""The certificates an attack is checked against (docs/certify.md): the exact function of the weights,
+cpl-cert's float32 network, and PyTorch's plain float32 forward as one of the runtimes ``radii_any`` covers."""
+
 
 @dataclass
 class SuiteResult:
-    """Verified results of one attack run: per radius ``e`` and point ``i``.
+    """Verified results of one attack run: per sense, radius ``e`` and point ``i``.
 
-    ``distance[e, i]``: float64 distance of the closest adversarial example found at radius ``eps[e]``
-    whose class under the exact function provably differs (``inf`` if none); ``distance_float32``: the
-    same for examples that change the float32 network's prediction. ``source[e, i]`` and
-    ``source_float32``: index into ``names`` of the attack that found them (-1 if none).
+    ``distances[sense][e, i]``: float64 distance of the closest adversarial example found at radius
+    ``eps[e]`` whose class provably differs in that sense (``inf`` if none); ``sources[sense][e, i]``: index
+    into ``names`` of the attack that found it (-1 if none). ``distance``, ``distance_float32`` and
+    ``distance_any`` (and ``source...``) name the three senses' tables.
     """
 
     eps: list[float]
     names: list[str]
     settings: dict[str, dict[str, Any]]
-    distance: torch.Tensor
-    source: torch.Tensor
-    distance_float32: torch.Tensor
-    source_float32: torch.Tensor
+    distances: dict[str, torch.Tensor]
+    sources: dict[str, torch.Tensor]
     rejected: int = 0
-    """Points with a candidate adversarial example that changes the class in neither sense (discarded)."""
+    """Points with a candidate adversarial example that changes the class in no sense (discarded)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, eps: list[float], n: int, device: torch.device) -> SuiteResult:
-        def inf() -> torch.Tensor:
-            return torch.full((len(eps), n), math.inf, dtype=torch.float64, device=device)
+        shape = (len(eps), n)
+        distances = {s: torch.full(shape, math.inf, dtype=torch.float64, device=device) for s in SENSES}
+        return cls(eps, [], {}, distances, {s: torch.full(shape, -1, dtype=torch.long, device=device) for s in SENSES})
 
-        def none() -> torch.Tensor:
-            return torch.full((len(eps), n), -1, dtype=torch.long, device=device)
+    @property
+    def distance(self) -> torch.Tensor:
+        return self.distances["exact"]
 
-        return cls(eps, [], {}, inf(), none(), inf(), none())
+    @property
+    def distance_float32(self) -> torch.Tensor:
+        return self.distances["float32"]
 
-    def record(self, e: int, part: slice, outcome: AttackOutcome, exact: torch.Tensor, float32: torch.Tensor) -> None:
+    @property
+    def distance_any(self) -> torch.Tensor:
+        return self.distances["any"]
+
+    def record(self, e: int, part: slice, outcome: AttackOutcome, verified: dict[str, torch.Tensor]) -> None:
         """Keep, per point of ``part`` and sense, the closer of the stored and the new verified example."""
         if outcome.name not in self.names:
             self.names.append(outcome.name)
             self.settings[outcome.name] = outcome.settings
         code = self.names.index(outcome.name)
-        for distance, source, new in ((self.distance, self.source, exact), (self.distance_float32, self.source_float32, float32)):
+        for sense, new in verified.items():
+            distance, source = self.distances[sense], self.sources[sense]
             closer = new < distance[e, part]
             distance[e, part] = torch.where(closer, new, distance[e, part])
             source[e, part] = torch.where(closer, torch.full_like(source[e, part], code), source[e, part])
@@ -81,8 +92,8 @@ class SuiteResult:
         kept.extend(m for m in messages if m not in kept)
 
     def to_cpu(self) -> SuiteResult:
-        for name in ("distance", "source", "distance_float32", "source_float32"):
-            setattr(self, name, getattr(self, name).cpu())
+        self.distances = {s: t.cpu() for s, t in self.distances.items()}
+        self.sources = {s: t.cpu() for s, t in self.sources.items()}
         return self
 
     @property
@@ -91,12 +102,11 @@ class SuiteResult:
         return self.distance.min(dim=0).values if self.distance.numel() else self.distance
 
     def broken(self, e: int, sense: str = "exact") -> torch.Tensor:
-        """Points with an adversarial example within ``eps[e]`` verified for the exact function
-        (``sense="exact"``) or for the float32 network (``"float32"``)."""
-        return (self.distance if sense == "exact" else self.distance_float32)[e] <= self.eps[e]
+        """Points with an adversarial example within ``eps[e]`` verified in ``sense`` (one of ``SENSES``)."""
+        return self.distances[sense][e] <= self.eps[e]
 
     def source_of(self, e: int, i: int, sense: str = "exact") -> str:
-        code = int((self.source if sense == "exact" else self.source_float32)[e, i])
+        code = int(self.sources[sense][e, i])
         return self.names[code] if code >= 0 else ""
 
 
@@ -186,17 +196,19 @@ def run_suite(
     reference_float32: torch.Tensor | None = None,
     clean: torch.Tensor | None = None,
     on_progress: OnProgress | None = None,
+    reference_any: torch.Tensor | None = None,
 ) -> SuiteResult:
     """Attack every point of ``images`` (floats in [0, 1], on the model's device) at every radius.
 
     ``attack`` defaults to ``apgd`` natively and to the standard AutoAttack with ``engine="autoattack"``.
     ``reference`` is the class the attacks try to change (cpl-cert passes the exact function's clean
-    predictions) and ``reference_float32`` the float32 network's (default: the same). ``clean`` holds
+    predictions), ``reference_float32`` cpl-cert's float32 network's and ``reference_any`` the class every float32
+    runtime provably computes (``predictions_any``; both default to ``reference``). ``clean`` holds
     the exact clean points in float64 that distances are measured from (default: ``images``).
     ``steps`` is the iteration budget of PGD and APGD (reference: 100); FMN gets twice as many.
     ``engine="autoattack"`` runs the authors' code (optional package ``pyautoattack``) with its standard
     budget; warnings of its own checks land in ``extra["engine_warnings"]``.
-    Every example is verified in both senses (``cpl_cert.attacks.check``) before it counts.
+    Every example is verified in each sense of ``SENSES`` (``cpl_cert.attacks.check``) before it counts.
     ``progress(done, total)`` is called after each batch; ``on_progress(stage, done, total)`` after
     every attack iteration, in points (fractional inside a batch), with the attack and radius as stage.
     """
@@ -208,14 +220,14 @@ def run_suite(
     # Tensors made under torch.inference_mode (certify's predictions) cannot enter autograd: copy them.
     # A point without a certain class (-1: a tie) has radius 0 and nothing to violate: attack class 0.
     images, reference = images.detach().clone(), reference.detach().clone().clamp_min(0)
-    reference32 = reference if reference_float32 is None else reference_float32.detach().clone().clamp_min(0)
+    others = [reference if r is None else r.detach().clone().clamp_min(0) for r in (reference_float32, reference_any)]
     clean = (images if clean is None else clean).detach().double()
     n = images.shape[0]
     result = SuiteResult.empty(list(eps), n, images.device)
     rejected = torch.zeros(n, dtype=torch.bool, device=images.device)
     for begin in range(0, n, batch_size):
         part = slice(begin, min(begin + batch_size, n))
-        targets = (reference[part].to(images.device), reference32[part].to(images.device))
+        targets = tuple(r[part].to(images.device) for r in (reference, *others))
         tracker = _BatchProgress(on_progress or no_progress, part, n, attack, engine, len(result.eps))
         _attack_batch(checker, images[part].float(), clean[part], targets, result, part, rejected, attack, engine, seed, steps, tracker)
         if progress is not None:
@@ -225,7 +237,7 @@ def run_suite(
 
 
 def _attack_batch(
-    checker: Checker, x0: torch.Tensor, clean: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor],
+    checker: Checker, x0: torch.Tensor, clean: torch.Tensor, targets: tuple[torch.Tensor, ...],
     result: SuiteResult, part: slice, rejected: torch.Tensor, attack: str, engine: str, seed: int, steps: int,
     tracker: _BatchProgress,
 ) -> None:
@@ -248,7 +260,10 @@ def _attack_batch(
             outcomes = _native(model, x0, y, radius, attack, generator, minnorm, steps, tracker.phase)
         for outcome in outcomes:
             with strict_math():
-                exact = verify_exact(checker, clean, outcome, targets[0])
-                float32 = verify_float32(checker, clean, outcome, targets[1])
-            rejected[part] |= outcome.found & torch.isinf(exact) & torch.isinf(float32)
-            result.record(e, part, outcome, exact, float32)
+                verified = {
+                    "exact": verify_exact(checker, clean, outcome, targets[0]),
+                    "float32": verify_float32(checker, clean, outcome, targets[1]),
+                    "any": verify_any(checker.model, clean, outcome, targets[2]),
+                }
+            rejected[part] |= outcome.found & torch.stack([torch.isinf(d) for d in verified.values()]).all(dim=0)
+            result.record(e, part, outcome, verified)

@@ -213,6 +213,7 @@ def _run_attacks(
     return run_suite(
         model, images, cert.predictions.to(device), [e.value for e in eps_values], attack, engine, batch_size, seed, steps,
         reference_float32=cert.predictions_float32.to(device), clean=exact_points(pixels), on_progress=on_progress,
+        reference_any=cert.predictions_any.to(device),
     )
 
 

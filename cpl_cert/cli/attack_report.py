@@ -15,16 +15,17 @@ from .table import Table
 
 
 def accuracy_rows(cert: CertifyResult, suite: SuiteResult, eps: Sequence[EpsValue]) -> list[dict[str, Any]]:
-    """Per radius: clean, certified and robust accuracy in both senses and the number of violating points.
+    """Per radius: clean, certified and robust accuracy in each sense and the number of violating points.
 
     Robust = correctly classified and no adversarial example within ``eps`` verified in the same sense
-    (the exact function, or the float32 network). A certified point that an attack breaks in the same
-    sense is a violation, so ``robust >= certified`` in each sense whenever there are none.
+    (the exact function, cpl-cert's float32 network, plain float32). A certified point that an attack breaks
+    in the same sense is a violation, so ``robust >= certified`` in each sense whenever there are none.
     """
     rows = []
     for e, value in enumerate(eps):
         robust = cert.correct & ~suite.broken(e)
         robust32 = cert.correct_float32 & ~suite.broken(e, "float32")
+        robust_any = cert.correct_any & ~suite.broken(e, "any")
         certified = cert.correct & (cert.radii_exact > value.value)
         rows.append(
             {
@@ -35,6 +36,8 @@ def accuracy_rows(cert: CertifyResult, suite: SuiteResult, eps: Sequence[EpsValu
                 "robust_accuracy": _fraction(robust),
                 "certified_accuracy_float32": cert.certified_accuracy_float32(value.value),
                 "robust_accuracy_float32": _fraction(robust32),
+                "certified_accuracy_any": cert.certified_accuracy_any(value.value),
+                "robust_accuracy_any": _fraction(robust_any),
                 "certified_but_broken": int((certified & ~robust).sum()),
                 "violations": int(violations_at(suite, e, cert).sum()),
             }
@@ -66,18 +69,15 @@ def _pct(value: float) -> str:
 
 def accuracy_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
-    for column in ("eps", "clean", "certified", "robust", "certified (float32)", "robust (float32)", "violations"):
+    columns = ("eps", "clean", "certified", "robust", "certified (float32)", "robust (float32)", "certified (any)", "robust (any)", "violations")
+    for column in columns:
         table.add_column(column, justify="right")
     for row in rows:
-        bad = row["violations"] > 0 or row["robust_accuracy"] < row["certified_accuracy"]
-        bad |= row["robust_accuracy_float32"] < row["certified_accuracy_float32"]
+        bad = row["violations"] > 0 or any(row[f"robust_accuracy{s}"] < row[f"certified_accuracy{s}"] for s in ("", "_float32", "_any"))
         table.add_row(
             f"{row['label']} ({row['eps']:.4g})" if "/" in row["label"] else row["label"],
             _pct(row["clean_accuracy"]),
-            _pct(row["certified_accuracy"]),
-            _pct(row["robust_accuracy"]),
-            _pct(row["certified_accuracy_float32"]),
-            _pct(row["robust_accuracy_float32"]),
+            *(_pct(row[f"{kind}_accuracy{s}"]) for s in ("", "_float32", "_any") for kind in ("certified", "robust")),
             str(row["violations"]),
             style="bold red" if bad else None,
         )
@@ -137,6 +137,9 @@ def json_report(
         "clean_accuracy_float32": cert.clean_accuracy_float32,
         "certified_accuracy_float32": [row["certified_accuracy_float32"] for row in rows],
         "robust_accuracy_float32": [row["robust_accuracy_float32"] for row in rows],
+        "clean_accuracy_any": cert.clean_accuracy_any,
+        "certified_accuracy_any": [row["certified_accuracy_any"] for row in rows],
+        "robust_accuracy_any": [row["robust_accuracy_any"] for row in rows],
         "results": rows,
         "violations": [v.index for v in violations],
         "violation_details": [v.to_dict() for v in violations],
