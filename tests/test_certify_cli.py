@@ -58,11 +58,13 @@ def test_certify_end_to_end(tiny_checkpoint, tmp_path):
     assert all({"name", "kind", "step", "sigma_power", "sigma_upper", "bound"} <= set(layer) for layer in report["lipschitz"]["layers"])
     assert len(report["sha256"]) == 64 and report["device"] == "cpu" and report["images_per_second"] > 0
     rows = list(csv.DictReader((out / "r.csv").open()))
-    header = ["index", "label", "prediction", "prediction_float32", "margin", "radius", "radius_exact", "radius_float32"]
+    header = ["index", "label", "prediction", "prediction_float32", "prediction_any", "margin", "radius", "radius_exact",
+              "radius_float32", "radius_any"]
     assert len(rows) == 300 and list(rows[0]) == header
     assert [int(r["index"]) for r in rows] == list(range(300))
-    # The report's numbers are the CSV's numbers, in both senses; "radius" holds for both.
-    for sense, prediction, radius in (("", "prediction", "radius_exact"), ("_float32", "prediction_float32", "radius_float32")):
+    # The report's numbers are the CSV's numbers, in the three senses; "radius" holds for the first two.
+    senses = (("", "prediction", "radius_exact"), ("_float32", "prediction_float32", "radius_float32"), ("_any", "prediction_any", "radius_any"))
+    for sense, prediction, radius in senses:
         correct = [r["label"] == r[prediction] for r in rows]
         assert report["clean_accuracy" + sense] == pytest.approx(sum(correct) / 300)
         for entry in report["certified"]:
@@ -148,3 +150,37 @@ def test_certified_curve_steps():
     assert r.tolist() == [0.0, 0.0, 0.1, 0.3]
     # acc[i] is the certified accuracy just at r[i] (radius > r strictly)
     assert acc.tolist() == [0.5, 0.5, 0.25, 0.0]
+
+
+def test_an_interrupted_lower_bound_keeps_the_certification(tiny_checkpoint, tmp_path, monkeypatch):
+    """Ctrl-C during the empirical lower bound (the last stage): the table is already printed, the reports are
+    written with the lower bound marked as not computed, and the exit code is the interrupt's."""
+    import cpl_cert.cli.certify as certify_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(certify_cli, "lipschitz_lower_bound", interrupted)
+    args = ["certify", str(tiny_checkpoint), "--limit", "40", "--device", "cpu",
+            "--json", str(tmp_path / "r.json"), "--save-radii", str(tmp_path / "r.csv")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert "clean accuracy" in result.stdout and "certified accuracy at eps = 0.25" in result.stdout
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: interrupted during the empirical Lipschitz lower bound")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n"] == 40 and report["lipschitz"]["lower"] is None and report["lipschitz"]["lower_status"] == "interrupted"
+    assert len((tmp_path / "r.csv").read_text().splitlines()) == 41
+
+
+def test_the_lower_bound_comes_after_the_table_and_says_what_it_measured(tiny_checkpoint, tmp_path):
+    result = runner.invoke(app, ["certify", str(tiny_checkpoint), "--limit", "20", "--device", "cpu", "--lower-bound-samples", "3",
+                                 "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    table_end, lower = result.stdout.index("images / s"), result.stdout.index("Lipschitz lower bound")
+    assert table_end < lower
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["lipschitz"]["lower_status"] == "computed" and 0 < report["lipschitz"]["lower"] <= 1
+    skipped = runner.invoke(app, ["certify", str(tiny_checkpoint), "--limit", "20", "--device", "cpu", "--lower-bound-samples", "0",
+                                  "--json", str(tmp_path / "s.json")])
+    assert skipped.exit_code == 0 and "Lipschitz lower bound" not in skipped.stdout
+    assert json.loads((tmp_path / "s.json").read_text())["lipschitz"]["lower_status"] == "skipped"

@@ -54,14 +54,29 @@ def test_certify_plot(tmp_path: Path, figures):
     (ax,) = fig.axes
     assert "tiny.safetensors on fashion-mnist" in ax.get_title()
     assert ax.get_ylim() == (0, 100) and ax.yaxis.get_major_formatter()(50, 0) == "50%"
-    exact, float32, clean = ax.get_lines()[:3]
-    assert (exact.get_linestyle(), float32.get_linestyle()) == ("-", "--")
-    assert "exact" in exact.get_label() and "float32" in float32.get_label()
+    exact, float32, any_runtime, clean = ax.get_lines()[:4]
+    assert (exact.get_linestyle(), float32.get_linestyle(), any_runtime.get_linestyle()) == ("-", "--", ":")
+    assert "exact" in exact.get_label() and "cpl-cert" in float32.get_label() and "any runtime" in any_runtime.get_label()
     report = json.loads((tmp_path / "r.json").read_text())
     assert list(clean.get_xdata()) == [0] and clean.get_ydata()[0] == pytest.approx(100 * report["clean_accuracy"])
     assert [t.get_text().split(":")[0] for t in ax.texts] == ["0.05", "0.1", "0.5"]
     assert all(inside(t, ax) for t in ax.texts)
-    assert len(ax.get_legend().get_texts()) == 3
+    assert len(ax.get_legend().get_texts()) == 4
+
+
+def test_certify_plot_keeps_the_labels_of_close_radii_apart(tmp_path: Path, figures):
+    """Radii a few thousandths apart give points on top of each other: their labels must not overlap."""
+    model = make_frozen("cpl-tiny", channels=4, conv_depth=1, dense_depth=1, conv_inner=4, dense_inner=32)
+    path = tmp_path / "tiny.safetensors"
+    cpl_cert.save_checkpoint(model, path, dataset={"name": "fashion-mnist"})
+    args = ["certify", str(path), "--limit", "100", "--eps", "0.1,0.101,0.102,0.103,0.9", "--plot", str(tmp_path / "p.png"),
+            "--lower-bound-samples", "0"]
+    assert runner.invoke(app, args).exit_code == 0
+    (fig,) = figures
+    (ax,) = fig.axes
+    boxes = [t.get_window_extent() for t in ax.texts]
+    assert len(boxes) == 5 and all(inside(t, ax) for t in ax.texts)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
 def test_attack_plot(tmp_path: Path, figures):

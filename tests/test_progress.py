@@ -107,7 +107,8 @@ def test_certify_command_prints_plain_progress_lines_when_not_a_terminal(small_m
     monkeypatch.setenv("CPL_CERT_PROGRESS_SECONDS", "0.05")
     result = runner.invoke(app, ["certify", str(path), "--limit", "2000", "--batch-size", "100", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "certifying (float32 pass): " in result.stderr and "elapsed" in result.stderr
+    assert "certifying (float32 convolutions, float64 dense layers): " in result.stderr and "elapsed" in result.stderr
+    assert "empirical Lipschitz lower bound" in result.stderr and "left" in result.stderr.split("empirical Lipschitz lower bound")[-1]
     assert "certifying" not in result.stdout  # progress goes to stderr, results to stdout
 
 
