@@ -130,7 +130,14 @@ def load_model_and_data(
         raise CplCertError(f"--limit must be a positive number of points, got {limit}")
     data = load_dataset(name, split=split, data_dir=data_dir)
     check_compatible(data, model.config.input_shape, model.config.num_classes)
+    if limit is not None and limit > len(data):
+        note_limit("--limit", limit, len(data), f"{data.name} {split} split")
     return model, meta, data.subset(limit)
+
+
+def note_limit(option: str, limit: int, available: int, what: str) -> None:
+    """One line on stderr (not an error: the command goes on with every point) for a limit above the data's size."""
+    err_console.print(f"Note: {option} {limit:,} is more than the {available:,} points of the {what}; using all {available:,}", highlight=False)
 
 
 def library_default(func: Callable[..., Any], name: str) -> Any:

@@ -15,6 +15,7 @@ from ..train.events import (
     EpochEnded,
     EpochStarted,
     Evaluating,
+    LimitAboveData,
     Preparing,
     Resumed,
     RunStarted,
@@ -24,6 +25,7 @@ from ..train.events import (
     Stopped,
     TrainEvent,
 )
+from .common import note_limit
 from .interrupt import describe as describe_interrupt
 from .progress import Activity
 
@@ -129,6 +131,9 @@ class TrainDisplay:
             self.activity.stage(f"epoch {event.epoch}/{self.epochs}: writing {event.path}")
         elif isinstance(event, RunStarted):
             self.epochs, self.clock = event.epochs, RunClock(event.epochs, event.steps_per_epoch)
+        elif isinstance(event, LimitAboveData):
+            option = "--train-limit" if event.split == "train" else "--eval-limit"
+            note_limit(option, event.limit, event.available, f"{event.dataset} {event.split} split")
         line = describe(event)
         if line is not None:
             self.activity.print(line, highlight=False, soft_wrap=True)
