@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -102,3 +103,16 @@ def test_help_and_console_entry():
     assert proc.returncode == 0 and proc.stdout == f"cpl-cert {version}\n"
     usage = runner.invoke(app, ["lipschitz"])
     assert usage.exit_code == 2
+
+
+def test_a_closed_pipe_is_not_an_error(tmp_path):
+    """``cpl-cert ... | head -1``: the reader has gone; the command still does its work (here: writes its JSON)
+    and exits 0 with nothing on stderr. The read end is closed before the command writes, so every write fails."""
+    model = ROOT / "models" / "fmnist-cpl-xs.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for args in (["info", str(model), "--json", str(tmp_path / "meta.json")], ["info", str(model), "--json", "-"]):
+        proc = subprocess.Popen([sys.executable, "-m", "cpl_cert", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()
+        stderr = proc.stderr.read().decode()
+        assert (proc.wait(), stderr) == (0, ""), args
+    assert json.loads((tmp_path / "meta.json").read_text())["format"] == "cpl-cert/1"
