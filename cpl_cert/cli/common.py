@@ -20,6 +20,7 @@ from ..certify import EpsValue, parse_eps
 from ..checkpoint import load_checkpoint
 from ..data import ImageDataset, check_compatible, check_fits, load_dataset
 from ..errors import CplCertError
+from ..io import portable_dataset, portable_path
 from ..models import CPLNet
 from . import interrupt
 
@@ -147,13 +148,18 @@ def library_default(func: Callable[..., Any], name: str) -> Any:
 
 def command_line(ctx: typer.Context) -> str:
     """The running command as the user gave it: ``cpl-cert <command>`` and the options set on the
-    command line (the same whether started as ``cpl-cert``, ``python -m cpl_cert`` or under torchrun)."""
+    command line (the same whether started as ``cpl-cert``, ``python -m cpl_cert`` or under torchrun),
+    with paths made portable (``cpl_cert.io.portable_path``: relative to the working folder, or the name)."""
     parts = ["cpl-cert", ctx.info_name or ""]
     for param in ctx.command.params:
         source = ctx.get_parameter_source(param.name) if param.name else None
         if source is None or source.name != "COMMANDLINE":
             continue
         value = ctx.params[param.name]
+        if isinstance(value, Path):
+            value = portable_path(value)
+        elif isinstance(value, str) and value.startswith("folder:"):
+            value = portable_dataset(value)
         if param.param_type_name != "option":
             parts.append(str(value))
         elif getattr(param, "is_flag", False):
