@@ -184,3 +184,15 @@ def test_the_lower_bound_comes_after_the_table_and_says_what_it_measured(tiny_ch
                                   "--json", str(tmp_path / "s.json")])
     assert skipped.exit_code == 0 and "Lipschitz lower bound" not in skipped.stdout
     assert json.loads((tmp_path / "s.json").read_text())["lipschitz"]["lower_status"] == "skipped"
+
+
+def test_the_csv_columns_are_the_ones_the_help_and_the_docs_list():
+    """The --save-radii help and docs/certify.md name every column the file has, in order."""
+    import typer.main
+
+    from cpl_cert.cli.certify_report import CSV_HEADER
+
+    option = next(p for p in typer.main.get_command(app).commands["certify"].params if p.name == "radii_path")
+    assert ", ".join(CSV_HEADER) in option.help and len(CSV_HEADER) == 10
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "certify.md").read_text()
+    assert f"10 columns: `{','.join(CSV_HEADER)}`" in docs

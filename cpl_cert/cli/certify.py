@@ -16,7 +16,7 @@ from ..io import file_sha256, write_json
 from ..lipschitz import LipschitzBounds, lipschitz_bounds, lipschitz_lower_bound
 from ..models import CPLNet
 from . import interrupt
-from .certify_report import certify_report, certify_table, write_radii_csv
+from .certify_report import CSV_HEADER, certify_report, certify_table, write_radii_csv
 from .common import (
     DataDir,
     DeviceName,
@@ -74,7 +74,7 @@ def certify_command(
         Path | None,
         typer.Option(
             "--save-radii", metavar="FILE",
-            help="Write per-sample predictions, margin and radii in each sense to this CSV (every correct point evaluated in float64).",
+            help=f"Write one CSV row per point with the columns {', '.join(CSV_HEADER)} (docs/certify.md; every correct point evaluated in float64).",
         ),
     ] = None,
     plot_path: Annotated[
