@@ -289,3 +289,11 @@ def test_train_records_paths_relative_to_the_working_folder(tmp_path, monkeypatc
     assert (record["out"], record["data_dir"], record["dataset"]) == ("runs/m.safetensors", "fmnist", "folder:pictures")
     assert record["command"] == "cpl-cert train --out runs/m.safetensors --dataset folder:pictures --data-dir fmnist"
     assert str(tmp_path) not in json.dumps(record)
+
+
+def test_a_torch_file_points_to_import(tmp_path):
+    """``info best_model.pt``: the sentence says which command reads such files."""
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "best_model.pt")
+    result = runner.invoke(app, ["info", str(tmp_path / "best_model.pt")])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "cpl-cert import" in result.stderr and "reference code" in result.stderr

@@ -25,6 +25,7 @@ from .common import (
     Threads,
     check_writable,
     console,
+    count,
     err_console,
     fail,
     handle_errors,
@@ -138,7 +139,7 @@ def _lower_bound(model: CPLNet, data: ImageDataset, device: torch.device, sample
     if samples == 0:
         return "skipped", None
     probe = to_float_images(data.images[:samples].to(device))
-    label = f"empirical Lipschitz lower bound: largest ||J(x)||_2 at {len(probe)} test images ({LOWER_ITERS} power iterations)"
+    label = f"empirical Lipschitz lower bound: largest ||J(x)||_2 at {count(len(probe), 'test image')} ({LOWER_ITERS} power iterations)"
     try:
         with Activity(err_console) as activity:
             activity.stage(label, LOWER_ITERS)
@@ -149,7 +150,8 @@ def _lower_bound(model: CPLNet, data: ImageDataset, device: torch.device, sample
         interrupt.ignore_further()
         return "interrupted", exc
     console.print(
-        f"Lipschitz lower bound (largest ||J(x)||_2 found at {len(probe)} test images): {bounds.lower:.6g}; certified upper bound {bounds.upper:.8g}",
+        f"Lipschitz lower bound (largest ||J(x)||_2 found at {count(len(probe), 'test image')}): {bounds.lower:.6g}; "
+        f"certified upper bound {bounds.upper:.8g}",
         highlight=False,
     )
     return "computed", None

@@ -141,6 +141,11 @@ def note_limit(option: str, limit: int, available: int, what: str) -> None:
     err_console.print(f"Note: {option} {limit:,} is more than the {available:,} points of the {what}; using all {available:,}", highlight=False)
 
 
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: ``1 epoch``, ``10,000 points``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def library_default(func: Callable[..., Any], name: str) -> Any:
     """The default of ``func``'s parameter ``name``: a command's defaults are the library's."""
     return inspect.signature(func).parameters[name].default

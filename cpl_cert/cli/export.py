@@ -11,7 +11,7 @@ from ..checkpoint import load_checkpoint
 from ..export import DEFAULT_OPSET, check_opset, export_onnx, onnx_metadata, require_onnx
 from ..io import file_sha256
 from ..lipschitz import lipschitz_bounds
-from .common import ModelPath, Threads, check_writable, console, err_console, handle_errors, set_threads
+from .common import ModelPath, Threads, check_writable, console, count, err_console, handle_errors, set_threads
 from .progress import Activity
 
 
@@ -56,5 +56,6 @@ def export_command(
         console.print("onnxruntime is not installed: the file was not run (pip install onnxruntime to check it)", highlight=False)
     else:
         console.print(
-            f"onnxruntime check: max |logit difference| {result.max_logit_gap:.3g} on {result.checked_samples} random inputs", highlight=False
+            f"onnxruntime check: max |logit difference| {result.max_logit_gap:.3g} on {count(result.checked_samples, 'random input')}",
+            highlight=False,
         )
