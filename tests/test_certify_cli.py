@@ -5,16 +5,21 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_frozen
 from typer.testing import CliRunner
 
 import cpl_cert
 from cpl_cert.cli import app
+from cpl_cert.data import to_float_images
+from cpl_cert.models import float64_copy
 
 runner = CliRunner()
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "fmnist-cpl-xs.safetensors"
 DESIGN_FIELDS = ("model", "sha256", "dataset", "split", "n", "lipschitz", "clean_accuracy", "certified", "device", "seconds", "images_per_second")
 
 
@@ -76,11 +81,31 @@ def test_certify_end_to_end(tiny_checkpoint, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(["r.json", "r.csv"] + (["r.png"] if has_mpl else []))
 
 
-def test_certify_explicit_eps_and_dataset(tiny_checkpoint):
-    args = ["certify", str(tiny_checkpoint), "--dataset", "fashion-mnist", "--eps", "36/255, 0.2", "--limit", "20", "--lower-bound-samples", "0"]
+def test_certify_explicit_eps_and_dataset(tmp_path):
+    """--eps with a fraction and --dataset: the radii are 36/255 exactly and 0.2, the points are the first 100 of
+    the shipped split, and each reported accuracy is what a float64 recomputation gives in closed form: the
+    shipped model's bound is 1 (frozen CPL layers, mean-only normalisation) and its head truncates, so a point is
+    certified at eps when its float64 prediction is right and (f_top - f_second) / sqrt(2) > eps."""
+    args = ["certify", str(SHIPPED), "--dataset", "fashion-mnist", "--eps", "36/255, 0.2", "--limit", "100", "--lower-bound-samples", "0",
+            "--json", str(tmp_path / "r.json")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "eps = 36/255" in result.stdout and "eps = 0.2" in result.stdout
+    assert "eps = 36/255 (0.1412)" in result.stdout and "eps = 0.2 " in result.stdout and "shipped test split" in result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (report["dataset"], report["n"], report["lipschitz"]["upper"]) == ("fashion-mnist", 100, 1.0)
+    assert [(c["label"], c["eps"]) for c in report["certified"]] == [("36/255", 36 / 255), ("0.2", 0.2)]
+    model, _ = cpl_cert.load_checkpoint(SHIPPED)
+    data = cpl_cert.load_dataset("fashion-mnist").subset(100)
+    with torch.no_grad():
+        logits = float64_copy(model)(to_float_images(data.images).double())  # the float32 pixels certify reads
+    top2 = logits.topk(2, dim=1)
+    correct = top2.indices[:, 0] == data.labels
+    radius = (top2.values[:, 0] - top2.values[:, 1]) / math.sqrt(2)
+    assert report["clean_accuracy"] == float(correct.double().mean())
+    for entry in report["certified"]:
+        expected = float((correct & (radius > entry["eps"])).double().mean())
+        assert entry["accuracy"] == expected and 0.5 < expected < 1  # neither vacuous nor trivial
+        assert f"{100 * expected:.2f}%" in result.stdout.split(f"eps = {entry['label']}")[1].splitlines()[0]
 
 
 @pytest.fixture(scope="module")
