@@ -116,7 +116,7 @@ def certify_command(
     title = f"{model_path.name} on {data.name} ({split} split, {result.n:,} points)"
     written = _write_outputs(report, result, json_path, radii_path, plot_path, title)
     if stopped is not None:
-        kept = f"; {', '.join(map(str, written))} hold it (lower bound not computed)" if written else ""
+        kept = f"; {', '.join(map(str, written))} {'holds' if len(written) == 1 else 'hold'} it (lower bound not computed)" if written else ""
         fail(f"{interrupt.describe(stopped)} during the empirical Lipschitz lower bound; the certification above is complete{kept}",
              code=interrupt.exit_code(stopped))
 
