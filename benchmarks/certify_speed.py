@@ -75,6 +75,8 @@ def main() -> None:
         "--n-small", type=int, default=None, help="Fashion-MNIST test images for the small preset (default 2000 on CPU, 10000 on GPU)"
     )
     parser.add_argument("--small-preset", default="cpl-xs")
+    parser.add_argument("--presets", default="cpl-s", help="comma-separated presets to measure at 3x32x32 (random, frozen)")
+    parser.add_argument("--skip-small", action="store_true", help="only the 3x32x32 presets")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -84,14 +86,17 @@ def main() -> None:
     hardware = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, device {device} ({hardware})", flush=True)
 
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    model = cpl_cert.freeze(cpl_cert.build_model("cpl-s", input_shape=(3, 32, 32), num_classes=10))
-    print(f"built and froze cpl-s in {time.perf_counter() - start:.1f} s", flush=True)
     images = torch.randint(0, 256, (n_large, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     labels = torch.randint(0, 10, (n_large,), generator=torch.Generator().manual_seed(2))
-    measure("cpl-s, 3x32x32 synthetic", model, images, labels, args)
-
+    for preset in filter(None, args.presets.split(",")):
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        model = cpl_cert.freeze(cpl_cert.build_model(preset, input_shape=(3, 32, 32), num_classes=10))
+        print(f"built and froze {preset} in {time.perf_counter() - start:.1f} s", flush=True)
+        measure(f"{preset}, 3x32x32 synthetic", model, images, labels, args)
+        del model
+    if args.skip_small:
+        return
     data = load_dataset("fashion-mnist").subset(n_small)
     model = cpl_cert.freeze(cpl_cert.build_model(args.small_preset, input_shape=(1, 28, 28), num_classes=10), max_iters=50)
     measure(f"{args.small_preset} (random), fashion-mnist test", model, data.images, data.labels, args)

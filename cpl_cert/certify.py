@@ -207,8 +207,8 @@ def certify(
     the first pass. Points whose first evaluation cannot decide the exact function's answer at some eps
     (or its class), or could be certified at an eps by a tighter evaluation of cpl-cert's float32 network,
     are evaluated again in float64 before they count (docs/certify.md). ``tight_radii`` evaluates every
-    correctly classified point in float64, so that each reported radius is within about 1e-9 of its exact
-    value (for a per-sample export; the counts do not need it). ``on_progress(stage, done, total)``
+    point in float64, so that each reported exact radius is within about 1e-9 of its exact value (for a
+    per-sample export; the counts do not need it). ``on_progress(stage, done, total)``
     follows every stage in points: ``"float32"`` (all points), then ``"float64"`` (the points re-evaluated).
     """
     with torch.inference_mode(), strict_math():
@@ -308,7 +308,7 @@ def _undecided(run: _Run, answers: Answers, part: slice = slice(None)) -> torch.
     """Points a float64 evaluation could still change an answer of: non-finite values; a class that is not
     certain while the label is one of the candidates (or no label is given: -1); for a correctly classified
     point (or one without a label), an exact radius that may lie on either side of some eps, or cpl-cert's
-    float32 network certified below an eps the exact radius may exceed; every such point with ``tight_radii``.
+    float32 network certified below an eps the exact radius may exceed; every point with ``tight_radii``.
     A point whose candidate classes all differ from its label is an error whatever its exact class, and
     counts at no eps. Points already evaluated in float64 are final."""
     labels, eps = run.labels[part], run.eps
@@ -317,7 +317,7 @@ def _undecided(run: _Run, answers: Answers, part: slice = slice(None)) -> torch.
     straddles = ((low <= eps) & (high > eps)).any(dim=1)
     improvable = ((answers.radius32[:, None] <= eps) & (high > eps)).any(dim=1)
     label_possible = (labels < 0) | (answers.label_gap <= 0)
-    open_ = ~answers.finite | ((answers.low <= 0) & label_possible) | (relevant & (straddles | improvable | run.tight_radii))
+    open_ = ~answers.finite | ((answers.low <= 0) & label_possible) | (relevant & (straddles | improvable)) | run.tight_radii
     return open_ & ~answers.float64
 
 

@@ -63,11 +63,11 @@ def test_certify_end_to_end(tiny_checkpoint, tmp_path):
     assert all({"name", "kind", "step", "sigma_power", "sigma_upper", "bound"} <= set(layer) for layer in report["lipschitz"]["layers"])
     assert len(report["sha256"]) == 64 and report["device"] == "cpu" and report["images_per_second"] > 0
     rows = list(csv.DictReader((out / "r.csv").open()))
-    header = ["index", "label", "prediction", "prediction_float32", "prediction_any", "margin", "radius", "radius_exact",
-              "radius_float32", "radius_any"]
+    header = ["index", "label", "prediction", "prediction_float32", "prediction_any", "margin", "radius", "radius_exact", "radius_float32",
+              "radius_any"]
     assert len(rows) == 300 and list(rows[0]) == header
     assert [int(r["index"]) for r in rows] == list(range(300))
-    # The report's numbers are the CSV's numbers, in the three senses; "radius" holds for the first two.
+    # The report's numbers are the CSV's numbers, in every sense; "radius" holds for the first two.
     senses = (("", "prediction", "radius_exact"), ("_float32", "prediction_float32", "radius_float32"), ("_any", "prediction_any", "radius_any"))
     for sense, prediction, radius in senses:
         correct = [r["label"] == r[prediction] for r in rows]

@@ -64,7 +64,7 @@ def test_pngs_give_the_predictions_and_radii_of_certify(png_folder, test_images,
     assert result.exit_code == 0, result.output
     rows = read_lines(out)
     model, _ = cpl_cert.load_checkpoint(SHIPPED)
-    reference = cpl_cert.certify(model, (images, labels), eps=[0.25], device="cpu")
+    reference = cpl_cert.certify(model, (images, labels), eps=[0.25], device="cpu", tight_radii=True)
     assert [row["input"] for row in rows] == [str(png_folder / f"{i:03d}.png") for i in range(N)]
     assert [row["class"] for row in rows] == reference.predictions.tolist()
     assert [row["radius"] for row in rows] == reference.radii.tolist()
@@ -80,7 +80,7 @@ def test_library_predict_equals_certify(test_images):
     images, labels = test_images
     model, _ = cpl_cert.load_checkpoint(SHIPPED)
     got = cpl_cert.predict(model, images, eps="36/255", device="cpu", batch_size=16)
-    reference = cpl_cert.certify(model, (images, labels), eps=[36 / 255], device="cpu", batch_size=16)
+    reference = cpl_cert.certify(model, (images, labels), eps=[36 / 255], device="cpu", batch_size=16, tight_radii=True)
     assert torch.equal(got.predictions, reference.predictions) and torch.equal(got.radii, reference.radii)
     assert torch.equal(got.certified, reference.radii > 36 / 255) and got.eps.label == "36/255"
     single = cpl_cert.predict(model, images[0])  # one (C, H, W) image
@@ -100,7 +100,7 @@ def test_npy_arrays_in_every_layout(test_images, tmp_path):
         str(tmp_path / "float.npy"),
     ]
     model, _ = cpl_cert.load_checkpoint(SHIPPED)
-    reference = cpl_cert.certify(model, (images[:7], labels[:7]), eps=[1.0], device="cpu")
+    reference = cpl_cert.certify(model, (images[:7], labels[:7]), eps=[1.0], device="cpu", tight_radii=True)
     assert [row["class"] for row in rows] == reference.predictions.tolist()
     # radii are rigorous lower bounds whose float32 rounding allowance depends a little on the batch
     assert [row["radius"] for row in rows] == pytest.approx(reference.radii.tolist(), rel=1e-4, abs=1e-7)
