@@ -66,7 +66,10 @@ def _check_container(path: Path) -> None:
                 return  # a safetensors header; the parser checks the rest
     # Not a safetensors header. Pickle magic is only trusted here: a header length can start with 0x80.
     if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise CplCertError(f"{path} is a pickle / torch.save file; cpl-cert only reads .safetensors checkpoints and never unpickles")
+        raise CplCertError(
+            f"{path} is a pickle / torch.save file; cpl-cert only reads .safetensors checkpoints and never unpickles "
+            "(a checkpoint of the CPL paper's reference code converts with cpl-cert import, docs/deploy.md)"
+        )
     if len(head) < 8:
         raise CplCertError(f"{path} is not a safetensors file (only {size} bytes)")
     raise CplCertError(f"{path} is not a valid safetensors file (truncated, or another format)")

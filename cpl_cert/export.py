@@ -68,6 +68,29 @@ def require_onnx() -> None:
         raise CplCertError(INSTALL_HINT)
 
 
+MIN_OPSET = 9
+"""The oldest opset the export supports (constant folding needs 9)."""
+
+
+def supported_opsets() -> tuple[int, int]:
+    """The opsets ``export_onnx`` can write: from ``MIN_OPSET`` to the newest both torch's TorchScript
+    exporter and the installed ``onnx`` package know (torch refuses a newer one only after tracing)."""
+    import onnx
+
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET as torch_max
+    except ImportError:  # a torch without the private constant: the opset this module was tested with
+        torch_max = DEFAULT_OPSET
+    return MIN_OPSET, min(int(torch_max), int(onnx.defs.onnx_opset_version()))
+
+
+def check_opset(opset: int) -> None:
+    """One sentence for an opset outside ``supported_opsets()``, before any work."""
+    low, high = supported_opsets()
+    if not low <= opset <= high:
+        raise CplCertError(f"--opset must be between {low} and {high} (this torch and onnx), got {opset}")
+
+
 def has_onnxruntime() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
@@ -269,6 +292,7 @@ def export_onnx(
     written graph (``graph_head_rows``), so it bounds the weights the file holds.
     """
     require_onnx()
+    check_opset(opset)
     module = deployable(model)
     generator = torch.Generator().manual_seed(0)
     example = torch.rand((2, *model.config.input_shape), generator=generator)

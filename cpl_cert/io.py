@@ -113,3 +113,22 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
     """Write ``data`` as indented JSON, atomically (no half-written report on failure)."""
     return atomic_write(path, json.dumps(data, indent=2) + "\n")
+
+
+def portable_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a record that leaves this machine may hold it: as given when relative, relative to the
+    working folder when it lies under it, else its name alone (never an absolute path of the machine)."""
+    given = Path(path)
+    if not given.is_absolute():
+        return str(path)
+    for base in (Path.cwd(), Path.cwd().resolve()):
+        try:
+            return str(given.relative_to(base))
+        except ValueError:
+            continue
+    return given.name
+
+
+def portable_dataset(name: str) -> str:
+    """A dataset name with the path of ``folder:PATH`` made portable (``portable_path``)."""
+    return f"folder:{portable_path(name[len('folder:'):])}" if name.startswith("folder:") else name

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_frozen
+from references import exact_norm
 
 import cpl_cert
 from cpl_cert.certify import parse_eps
@@ -190,13 +191,34 @@ def test_parse_eps():
 
 
 def test_certify_unfrozen_model_and_result_fields(fashion):
+    """An unfrozen model (steps from its current power-iteration estimates, so its layers are not 1-Lipschitz) is
+    certified as the function it computes, without being frozen or changed: predictions and clean accuracy are a
+    float64 evaluation's, and no radius exceeds margin / (sqrt(2) L) for L the product of the layers' exact
+    worst cases max(1, h s^2 - 1) (s from an SVD of each layer's explicit matrix); the radii are within 10 %
+    of it on the points far from the boundary. The result's fields are consistent with each other."""
     torch.manual_seed(0)
-    model = cpl_cert.build_model("cpl-tiny", input_shape=(1, 28, 28), num_classes=10, **TINY).eval()
+    model = cpl_cert.build_model("cpl-tiny", input_shape=(1, 28, 28), num_classes=10, **{**TINY, "channels": 1, "conv_inner": 2}).eval()
+    layers = cpl_cert.models.cpl_layers(model)
+    state = copy.deepcopy(model.state_dict())
     calls = []
     result = cpl_cert.certify(model, fashion.subset(50), eps="0.05", device="cpu", batch_size=16, progress=lambda d, t: calls.append((d, t)))
     assert calls == [(16, 50), (32, 50), (48, 50), (50, 50)]
-    assert result.predictions.dtype == torch.long and result.radii.dtype == torch.float64
-    assert result.device == "cpu" and result.seconds > 0
+    assert not any(layer.frozen for _, layer in layers) and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    steps = [float(layer.current_step()) for _, layer in layers]
+    exact = math.prod(max(1.0, abs(1.0 - h * exact_norm(layer) ** 2)) for h, (_, layer) in zip(steps, layers, strict=True))
+    assert exact > 1.5  # the estimates are not converged: the network is far from 1-Lipschitz
+    with torch.no_grad():
+        logits = cpl_cert.models.float64_copy(model)(fashion.images[:50].double() / 255)
+    top2 = logits.topk(2, dim=1)
+    predictions = top2.indices[:, 0]
+    assert torch.equal(result.predictions, predictions) and result.clean_accuracy == float((predictions == fashion.labels[:50]).double().mean())
+    reference = (top2.values[:, 0] - top2.values[:, 1]) / (math.sqrt(2) * exact)
+    assert bool((result.radii_exact <= reference * (1 + 1e-9)).all())
+    far = reference > 0.01
+    assert int(far.sum()) >= 25 and bool((result.radii_exact[far] >= 0.9 * reference[far]).all())
+    assert result.certified_accuracy(0.05) == float((result.correct & (result.radii_exact > 0.05)).double().mean()) == result.certified[0]["accuracy"]
+    assert result.predictions.dtype == torch.long and result.radii.dtype == torch.float64 and result.n == 50
+    assert result.device == "cpu" and result.seconds > 0 and bool((result.radii <= result.radii_exact).all())
     with pytest.raises(CplCertError):
         cpl_cert.certify(model, (fashion.images[:4, :, :10], fashion.labels[:4]), device="cpu")
     with pytest.raises(CplCertError):

@@ -5,16 +5,21 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_frozen
 from typer.testing import CliRunner
 
 import cpl_cert
 from cpl_cert.cli import app
+from cpl_cert.data import to_float_images
+from cpl_cert.models import float64_copy
 
 runner = CliRunner()
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "fmnist-cpl-xs.safetensors"
 DESIGN_FIELDS = ("model", "sha256", "dataset", "split", "n", "lipschitz", "clean_accuracy", "certified", "device", "seconds", "images_per_second")
 
 
@@ -76,11 +81,31 @@ def test_certify_end_to_end(tiny_checkpoint, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(["r.json", "r.csv"] + (["r.png"] if has_mpl else []))
 
 
-def test_certify_explicit_eps_and_dataset(tiny_checkpoint):
-    args = ["certify", str(tiny_checkpoint), "--dataset", "fashion-mnist", "--eps", "36/255, 0.2", "--limit", "20", "--lower-bound-samples", "0"]
+def test_certify_explicit_eps_and_dataset(tmp_path):
+    """--eps with a fraction and --dataset: the radii are 36/255 exactly and 0.2, the points are the first 100 of
+    the shipped split, and each reported accuracy is what a float64 recomputation gives in closed form: the
+    shipped model's bound is 1 (frozen CPL layers, mean-only normalisation) and its head truncates, so a point is
+    certified at eps when its float64 prediction is right and (f_top - f_second) / sqrt(2) > eps."""
+    args = ["certify", str(SHIPPED), "--dataset", "fashion-mnist", "--eps", "36/255, 0.2", "--limit", "100", "--lower-bound-samples", "0",
+            "--json", str(tmp_path / "r.json")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "eps = 36/255" in result.stdout and "eps = 0.2" in result.stdout
+    assert "eps = 36/255 (0.1412)" in result.stdout and "eps = 0.2 " in result.stdout and "shipped test split" in result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (report["dataset"], report["n"], report["lipschitz"]["upper"]) == ("fashion-mnist", 100, 1.0)
+    assert [(c["label"], c["eps"]) for c in report["certified"]] == [("36/255", 36 / 255), ("0.2", 0.2)]
+    model, _ = cpl_cert.load_checkpoint(SHIPPED)
+    data = cpl_cert.load_dataset("fashion-mnist").subset(100)
+    with torch.no_grad():
+        logits = float64_copy(model)(to_float_images(data.images).double())  # the float32 pixels certify reads
+    top2 = logits.topk(2, dim=1)
+    correct = top2.indices[:, 0] == data.labels
+    radius = (top2.values[:, 0] - top2.values[:, 1]) / math.sqrt(2)
+    assert report["clean_accuracy"] == float(correct.double().mean())
+    for entry in report["certified"]:
+        expected = float((correct & (radius > entry["eps"])).double().mean())
+        assert entry["accuracy"] == expected and 0.5 < expected < 1  # neither vacuous nor trivial
+        assert f"{100 * expected:.2f}%" in result.stdout.split(f"eps = {entry['label']}")[1].splitlines()[0]
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +175,49 @@ def test_certified_curve_steps():
     assert r.tolist() == [0.0, 0.0, 0.1, 0.3]
     # acc[i] is the certified accuracy just at r[i] (radius > r strictly)
     assert acc.tolist() == [0.5, 0.5, 0.25, 0.0]
+
+
+def test_an_interrupted_lower_bound_keeps_the_certification(tiny_checkpoint, tmp_path, monkeypatch):
+    """Ctrl-C during the empirical lower bound (the last stage): the table is already printed, the reports are
+    written with the lower bound marked as not computed, and the exit code is the interrupt's."""
+    import cpl_cert.cli.certify as certify_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(certify_cli, "lipschitz_lower_bound", interrupted)
+    args = ["certify", str(tiny_checkpoint), "--limit", "40", "--device", "cpu",
+            "--json", str(tmp_path / "r.json"), "--save-radii", str(tmp_path / "r.csv")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert "clean accuracy" in result.stdout and "certified accuracy at eps = 0.25" in result.stdout
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: interrupted during the empirical Lipschitz lower bound")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n"] == 40 and report["lipschitz"]["lower"] is None and report["lipschitz"]["lower_status"] == "interrupted"
+    assert len((tmp_path / "r.csv").read_text().splitlines()) == 41
+
+
+def test_the_lower_bound_comes_after_the_table_and_says_what_it_measured(tiny_checkpoint, tmp_path):
+    result = runner.invoke(app, ["certify", str(tiny_checkpoint), "--limit", "20", "--device", "cpu", "--lower-bound-samples", "3",
+                                 "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    table_end, lower = result.stdout.index("images / s"), result.stdout.index("Lipschitz lower bound")
+    assert table_end < lower
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["lipschitz"]["lower_status"] == "computed" and 0 < report["lipschitz"]["lower"] <= 1
+    skipped = runner.invoke(app, ["certify", str(tiny_checkpoint), "--limit", "20", "--device", "cpu", "--lower-bound-samples", "0",
+                                  "--json", str(tmp_path / "s.json")])
+    assert skipped.exit_code == 0 and "Lipschitz lower bound" not in skipped.stdout
+    assert json.loads((tmp_path / "s.json").read_text())["lipschitz"]["lower_status"] == "skipped"
+
+
+def test_the_csv_columns_are_the_ones_the_help_and_the_docs_list():
+    """The --save-radii help and docs/certify.md name every column the file has, in order."""
+    import typer.main
+
+    from cpl_cert.cli.certify_report import CSV_HEADER
+
+    option = next(p for p in typer.main.get_command(app).commands["certify"].params if p.name == "radii_path")
+    assert ", ".join(CSV_HEADER) in option.help and len(CSV_HEADER) == 10
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "certify.md").read_text()
+    assert f"10 columns: `{','.join(CSV_HEADER)}`" in docs

@@ -249,3 +249,51 @@ def test_well_typed_metadata_of_every_kind_loads(tmp_path, tiny_checkpoint):
     assert "clean_accuracy (per-epoch evaluation): 100.00%" in result.stdout
     _, meta = cpl_cert.load_checkpoint(path)
     assert meta["training"]["note"] == [1, "two"] and meta["dataset"]["classes"][9] == "9"
+
+
+SHIPPED_MODELS = sorted((Path(__file__).resolve().parents[1] / "models").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_MODELS, ids=lambda p: p.name)
+def test_shipped_models_record_portable_paths_and_todays_option_names(path):
+    """No path of the machine that trained them, and a training record whose options the CLI still has
+    (fmnist-cpl-best recorded /work/runs/...; the two cpl-xs models recorded depth and dense_width)."""
+    from dataclasses import fields
+
+    from safetensors import safe_open
+
+    from cpl_cert.train import TrainOptions
+
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata()
+    assert not re.search(r'(^|[\s"=])/(work|home|tmp|Users|root)\b', json.dumps(meta)), meta["training"]
+    args = json.loads(meta["training"])["args"]
+    assert set(args) == {f.name for f in fields(TrainOptions)} | {"world_size"}
+    assert not Path(args["out"]).is_absolute() and f"--out {args['out']}" in args["command"]
+
+
+def test_train_records_paths_relative_to_the_working_folder(tmp_path, monkeypatch):
+    """An absolute --out under the working folder is recorded relative to it; a path elsewhere by its name alone."""
+    import cpl_cert.cli.train as train_cli
+    from cpl_cert.train import TrainResult
+
+    seen = []
+    monkeypatch.setattr(train_cli, "train", lambda options, on_event: seen.append(options) or TrainResult(options.out))
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere" / "fmnist"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = runner.invoke(app, ["train", "--out", str(work / "runs" / "m.safetensors"), "--data-dir", str(elsewhere),
+                                 "--dataset", f"folder:{tmp_path / 'pictures'}"])
+    assert result.exit_code == 0, result.output
+    record = seen[0].record(1)
+    assert (record["out"], record["data_dir"], record["dataset"]) == ("runs/m.safetensors", "fmnist", "folder:pictures")
+    assert record["command"] == "cpl-cert train --out runs/m.safetensors --dataset folder:pictures --data-dir fmnist"
+    assert str(tmp_path) not in json.dumps(record)
+
+
+def test_a_torch_file_points_to_import(tmp_path):
+    """``info best_model.pt``: the sentence says which command reads such files."""
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "best_model.pt")
+    result = runner.invoke(app, ["info", str(tmp_path / "best_model.pt")])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "cpl-cert import" in result.stderr and "reference code" in result.stderr

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from references import all_active_jacobian_norm
 from typer.testing import CliRunner
 
 import cpl_cert
@@ -33,15 +37,29 @@ def test_lipschitz_table_and_json(tmp_path, tiny_checkpoint):
 
 
 def test_lipschitz_flags_a_broken_model(tmp_path):
+    """Weights scaled by 1.1 after freezing: the layer's exact worst case (all units active, an SVD of W) is
+    h (1.1 s)^2 - 1 > 1. The reported layer bound must be at least that and tight (dense layers are certified
+    to float64 rounding), the network bound at least the product of the exact layer bounds, and stderr must
+    say the network is not 1-Lipschitz; the intact model draws no such warning."""
     torch.manual_seed(0)
     model = cpl_cert.freeze(cpl_cert.build_model("cpl-tiny", input_shape=(1, 12, 12), num_classes=3))
+    cpl_cert.save_checkpoint(model, tmp_path / "intact.safetensors")
     with torch.no_grad():
         model.dense[0].weight.mul_(1.1)
     cpl_cert.save_checkpoint(model, tmp_path / "scaled.safetensors")
+    exact = {name: all_active_jacobian_norm(layer) for name, layer in cpl_cert.models.cpl_layers(model)}
+    assert exact["dense.0"] > 1.3 and all(value <= 1 + 1e-9 for name, value in exact.items() if name != "dense.0")
     out = tmp_path / "b.json"
     result = runner.invoke(app, ["lipschitz", str(tmp_path / "scaled.safetensors"), "--json", str(out), "--samples", "0"])
-    assert result.exit_code == 0
-    assert json.loads(out.read_text())["upper"] > 1.0
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    rows = {row["name"]: row for row in report["layers"]}
+    assert exact["dense.0"] <= rows["dense.0"]["bound"] <= exact["dense.0"] * (1 + 1e-9)
+    assert report["upper"] >= math.prod(exact.values()) and report["body_upper"] == pytest.approx(report["upper"])
+    warning = " ".join(result.stderr.split())
+    assert f"Warning: scaled.safetensors is not 1-Lipschitz (certified bound of the layers before the head {report['body_upper']:.6g})" in warning
+    intact = runner.invoke(app, ["lipschitz", str(tmp_path / "intact.safetensors"), "--samples", "0"])
+    assert intact.exit_code == 0 and "not 1-Lipschitz" not in intact.stderr
 
 
 def test_info_prints_metadata(tiny_checkpoint, tmp_path):
@@ -102,3 +120,16 @@ def test_help_and_console_entry():
     assert proc.returncode == 0 and proc.stdout == f"cpl-cert {version}\n"
     usage = runner.invoke(app, ["lipschitz"])
     assert usage.exit_code == 2
+
+
+def test_a_closed_pipe_is_not_an_error(tmp_path):
+    """``cpl-cert ... | head -1``: the reader has gone; the command still does its work (here: writes its JSON)
+    and exits 0 with nothing on stderr. The read end is closed before the command writes, so every write fails."""
+    model = ROOT / "models" / "fmnist-cpl-xs.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for args in (["info", str(model), "--json", str(tmp_path / "meta.json")], ["info", str(model), "--json", "-"]):
+        proc = subprocess.Popen([sys.executable, "-m", "cpl_cert", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()
+        stderr = proc.stderr.read().decode()
+        assert (proc.wait(), stderr) == (0, ""), args
+    assert json.loads((tmp_path / "meta.json").read_text())["format"] == "cpl-cert/1"

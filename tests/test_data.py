@@ -67,6 +67,49 @@ def test_a_data_dir_without_the_split_is_refused_not_passed_over(isolated, monke
     )
 
 
+def test_a_data_dir_that_is_a_file_is_called_a_file(isolated):
+    (isolated / "notes.txt").write_text("x")
+    with pytest.raises(CplCertError, match=r"^--data-dir .*notes.txt is a file, not a folder$"):
+        load_dataset("fashion-mnist", data_dir=isolated / "notes.txt")
+
+
+@pytest.mark.parametrize("what", ["missing", "empty", "file"])
+def test_a_mistyped_cpl_cert_data_stops_like_data_dir(isolated, monkeypatch, what):
+    """A $CPL_CERT_DATA that names nothing usable stops with one sentence, rather than passing on to the
+    system copy (which holds the split here)."""
+    write_idx(isolated / "system", 5, gz=True)
+    target = isolated / what
+    if what == "empty":
+        target.mkdir()
+    elif what == "file":
+        target.write_text("x")
+    monkeypatch.setenv("CPL_CERT_DATA", str(target))
+    expected = {"missing": "does not exist", "empty": "is an empty folder", "file": "is a file, not a folder"}[what]
+    with pytest.raises(CplCertError) as info:
+        load_dataset("fashion-mnist")
+    assert str(info.value).startswith(f"$CPL_CERT_DATA={target} {expected}"), str(info.value)
+    assert "unset CPL_CERT_DATA" in str(info.value)
+
+
+def test_cpl_cert_data_may_hold_other_datasets(isolated, monkeypatch):
+    """A data root with other datasets in it is not a typo: a split it lacks comes from the next place."""
+    write_idx(isolated / "root" / "MNIST" / "raw", 3, gz=True)
+    write_idx(isolated / "system", 5, gz=True)
+    monkeypatch.setenv("CPL_CERT_DATA", str(isolated / "root"))
+    assert load_dataset("mnist").source.startswith("$CPL_CERT_DATA")
+    assert load_dataset("fashion-mnist").source.startswith("system copy")
+
+
+def test_the_system_copy_can_be_kept_out(isolated, monkeypatch):
+    write_idx(isolated / "system", 5, gz=True)
+    assert load_dataset("fashion-mnist").source.startswith("system copy")
+    monkeypatch.setenv("CPL_CERT_NO_SYSTEM_COPY", "1")
+    assert load_dataset("fashion-mnist").source.startswith("shipped test split")
+    with pytest.raises(CplCertError, match="could not find the fashion-mnist train split") as info:
+        load_dataset("fashion-mnist", split="train")
+    assert str(isolated / "system") not in str(info.value) and "$CPL_CERT_NO_SYSTEM_COPY is set" in str(info.value)
+
+
 def test_train_split_is_not_shipped(isolated):
     with pytest.raises(CplCertError, match="could not find the fashion-mnist train split") as info:
         load_dataset("fashion-mnist", split="train")
@@ -85,6 +128,8 @@ def test_unreadable_files_one_sentence(isolated):
 
 
 def test_missing_data_offline_sentence(isolated, monkeypatch):
+    (isolated / "nothing").mkdir()
+    (isolated / "nothing" / "README").write_text("a data root without CIFAR-10")
     monkeypatch.setenv("CPL_CERT_DATA", str(isolated / "nothing"))
     with pytest.raises(CplCertError) as info:
         load_dataset("cifar10")

@@ -204,13 +204,27 @@ def test_export_without_onnx_says_how_to_install(tmp_path, monkeypatch):
     [
         (["--onnx", "{tmp}/no/m.onnx"], "does not exist"),
         (["--onnx", "{tmp}"], "is a folder"),
-        (["--onnx", "{tmp}/m.onnx", "--opset", "7"], "--opset must be 9 or more"),
+        (["--onnx", "{tmp}/m.onnx", "--opset", "7"], "--opset must be between 9 and "),
+        (["--onnx", "{tmp}/m.onnx", "--opset", "24"], "--opset must be between 9 and "),
+        (["--onnx", "{tmp}/m.onnx", "--opset", "99"], "--opset must be between 9 and "),
     ],
 )
 def test_bad_export_options(onnx_packages, tmp_path, args, phrase):
+    """Refused before any work: one sentence on stderr, nothing on stdout (an unsupported opset printed the
+    exporter's IR on stdout and a RuntimeError)."""
     result = runner.invoke(app, ["export", str(SHIPPED), *(a.format(tmp=tmp_path) for a in args)])
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and phrase in lines[0], result.output
+    assert result.stdout == "" and not (tmp_path / "m.onnx").exists()
+
+
+def test_every_opset_in_the_supported_range_is_accepted_by_the_check():
+    from cpl_cert.export import check_opset, supported_opsets
+
+    low, high = supported_opsets()
+    assert low == 9 and high >= 17
+    for opset in (low, 17, high):
+        check_opset(opset)
 
 
 def deflated_radii(logits: torch.Tensor, x: torch.Tensor, props: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor]:

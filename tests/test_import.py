@@ -300,3 +300,17 @@ def test_reference_sigma_matches_the_reference_estimate():
         u = u / u.norm()
         assert reference_sigma(weight, u) == pytest.approx(float(power_sigma(weight, u)), rel=1e-5)
     assert math.isfinite(reference_sigma(torch.zeros(4, 8), torch.zeros(1, 8)))
+
+
+def test_an_existing_output_is_not_overwritten_unless_asked(tmp_path):
+    """Like train: an existing --out is refused before any work; --overwrite replaces it."""
+    source = save(build_state(Arch(1, 4, 3, 1, 16, lln=False)), tmp_path / "best_model.pt")
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"precious")
+    refused = run_import(source, out, "cifar10", False, False)
+    assert refused.exit_code == 1 and refused.stdout == "", refused.output
+    assert refused.stderr.strip() == f"Error: {out} already exists; pass --overwrite to replace it"
+    assert out.read_bytes() == b"precious"
+    replaced = runner.invoke(app, ["import", str(source), "--dataset", "cifar10", "--out", str(out), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert cpl_cert.load_checkpoint(out)[0].config.num_classes == 10

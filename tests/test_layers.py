@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from references import normalized_row_distances
+from references import conv_matrix, normalized_row_distances
 
 import cpl_cert
 from cpl_cert.layers import BlockSumPool, ChannelPad, CPLConv2d, CPLLinear, LLNHead, TruncationHead
@@ -32,16 +32,36 @@ def _input_shape(kind: str):
     return (3, 6, 5) if kind == "conv" else (12,)
 
 
+def _worst_pair(layer) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A pair on which the layer (with a positive bias, so every unit is active between them) moves exactly as
+    ``I - h W^T W`` along ``W``'s top right singular vector: ``(x, y, |1 - h s^2|)``, from the SVD of ``W``'s explicit
+    float64 matrix (``references.conv_matrix``), not from cpl-cert's bounds."""
+    matrix = conv_matrix(layer) if isinstance(layer, CPLConv2d) else layer.weight.detach().double()
+    _, sigmas, vh = torch.linalg.svd(matrix)
+    shape = (1, *layer.u.shape[1:])
+    x = torch.zeros(shape, dtype=torch.float64)
+    y = (0.5 / float(sigmas[0])) * vh[0].view(shape)  # |W y| <= 0.5 < bias: every unit active on [x, y]
+    return x, y, abs(1.0 - float(layer.step) * float(sigmas[0]) ** 2)
+
+
 @settings(max_examples=25, deadline=None)
 @given(kind=st.sampled_from(["conv", "dense"]), seed=st.integers(0, 10_000), scale=st.floats(0.05, 20.0))
 def test_frozen_layer_is_1_lipschitz_on_random_pairs(kind, seed, scale):
+    """Random pairs, and the pair that attains the layer's worst case (the bias raised to 1, which the bound
+    must survive: the step does not depend on it): ||f(x) - f(y)|| <= ||x - y||. The worst pair moves by
+    exactly |1 - h s^2| (exact SVD), so a step above 2 / s^2 fails here."""
     layer = _frozen_layer(kind, seed, scale)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(64, *_input_shape(kind), generator=g, dtype=torch.float64) * 3
     y = x + torch.randn(x.shape, generator=g, dtype=torch.float64) * torch.rand(64, *[1] * (x.dim() - 1), generator=g, dtype=torch.float64)
     with torch.no_grad():
         out = (layer(x) - layer(y)).flatten(1).norm(dim=1)
-    assert torch.all(out <= (x - y).flatten(1).norm(dim=1) * (1 + TOL))
+        assert torch.all(out <= (x - y).flatten(1).norm(dim=1) * (1 + TOL))
+        layer.bias.fill_(1.0)
+        a, b, attained = _worst_pair(layer)
+        ratio = float((layer(a) - layer(b)).norm() / (a - b).norm())
+    assert ratio == pytest.approx(attained, rel=1e-9, abs=1e-12)  # the construction is the worst case
+    assert ratio <= 1 + TOL
 
 
 @settings(max_examples=8, deadline=None)

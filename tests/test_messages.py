@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import make_frozen
+from formats import write_idx_split
 from typer.testing import CliRunner
 
 import cpl_cert
@@ -166,3 +168,52 @@ def test_output_that_is_not_a_terminal_keeps_identifiers_whole(checkpoint):
     assert cpl_cert.io.file_sha256(checkpoint) in info.stdout and "…" not in info.stdout
     bounds = runner.invoke(app, ["lipschitz", str(checkpoint), "--samples", "0"])
     assert bounds.exit_code == 0 and "…" not in bounds.stdout
+
+
+def small_split(folder: Path, train: int = 10, test: int = 6) -> Path:
+    """A Fashion-MNIST folder with ``train`` training and ``test`` test images (gzipped IDX)."""
+    write_idx_split(folder, "train", train, [i % 10 for i in range(train)])
+    write_idx_split(folder, "t10k", test, [i % 10 for i in range(test)])
+    return folder
+
+
+def test_train_that_fails_before_its_first_step_leaves_no_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "runs" / "new" / "m.safetensors"
+    result = runner.invoke(app, ["train", "--out", str(out), "--device", "cpu", "--data-dir", str(tmp_path / "empty")])
+    assert one_sentence(result).startswith(f"--data-dir {tmp_path / 'empty'} does not hold the fashion-mnist train split")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_train_refuses_an_out_below_a_file_before_loading_data(tmp_path, no_data_loading):
+    (tmp_path / "file").write_text("x")
+    message = one_sentence(runner.invoke(app, ["train", "--out", str(tmp_path / "file" / "m.safetensors"), "--device", "cpu"]))
+    assert message == f"cannot write {tmp_path / 'file' / 'm.safetensors'}: {tmp_path / 'file'} is a file, not a folder"
+
+
+def test_a_limit_above_the_data_says_so_in_one_line(checkpoint, tmp_path):
+    """Decided: a note on stderr (the command goes on with all the points), for certify, attack and train."""
+    data = small_split(tmp_path / "data")
+    result = runner.invoke(app, ["certify", str(checkpoint), "--data-dir", str(data), "--limit", "7", "--lower-bound-samples", "0"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == "Note: --limit 7 is more than the 6 points of the fashion-mnist test split; using all 6"
+    assert re.search(r"points\s+│\s+6\s+│", result.stdout), result.stdout
+    attack = runner.invoke(app, ["attack", str(checkpoint), "--data-dir", str(data), "--limit", "9", "--attack", "pgd", "--steps", "2"])
+    assert attack.exit_code in (0, 3), attack.output
+    assert "Note: --limit 9 is more than the 6 points of the fashion-mnist test split; using all 6" in attack.stderr
+    trained = runner.invoke(app, ["train", "--out", str(tmp_path / "m.safetensors"), "--device", "cpu", "--model", "cpl-tiny",
+                                  "--epochs", "1", "--freeze-iters", "2", "--data-dir", str(data), "--train-limit", "20",
+                                  "--eval-limit", "8"])
+    assert trained.exit_code == 0, trained.output
+    notes = [line for line in trained.stderr.splitlines() if line.startswith("Note:")]
+    assert notes == [
+        "Note: --train-limit 20 is more than the 10 points of the fashion-mnist train split; using all 10",
+        "Note: --eval-limit 8 is more than the 6 points of the fashion-mnist test split; using all 6",
+    ]
+
+
+@pytest.mark.parametrize("command", ["certify", "attack"])
+def test_a_plot_name_that_is_not_png_is_refused(checkpoint, tmp_path, command, no_data_loading):
+    message = one_sentence(runner.invoke(app, [command, str(checkpoint), "--plot", str(tmp_path / "p.txt")]))
+    assert message == f"--plot writes a PNG image: give it a name ending in .png, not {tmp_path / 'p.txt'}"
+    assert list(tmp_path.iterdir()) == []

@@ -64,6 +64,21 @@ def test_certify_plot(tmp_path: Path, figures):
     assert len(ax.get_legend().get_texts()) == 4
 
 
+def test_certify_plot_keeps_the_labels_of_close_radii_apart(tmp_path: Path, figures):
+    """Radii a few thousandths apart give points on top of each other: their labels must not overlap."""
+    model = make_frozen("cpl-tiny", channels=4, conv_depth=1, dense_depth=1, conv_inner=4, dense_inner=32)
+    path = tmp_path / "tiny.safetensors"
+    cpl_cert.save_checkpoint(model, path, dataset={"name": "fashion-mnist"})
+    args = ["certify", str(path), "--limit", "100", "--eps", "0.1,0.101,0.102,0.103,0.9", "--plot", str(tmp_path / "p.png"),
+            "--lower-bound-samples", "0"]
+    assert runner.invoke(app, args).exit_code == 0
+    (fig,) = figures
+    (ax,) = fig.axes
+    boxes = [t.get_window_extent() for t in ax.texts]
+    assert len(boxes) == 5 and all(inside(t, ax) for t in ax.texts)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
 def test_attack_plot(tmp_path: Path, figures):
     torch.manual_seed(0)
     model = cpl_cert.freeze(cpl_cert.build_model("cpl-tiny", input_shape=(1, 28, 28), num_classes=10, conv_depth=0, channels=1,

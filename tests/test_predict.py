@@ -191,3 +191,11 @@ def test_every_bad_input_exits_1_with_one_sentence(tmp_path, png_folder, rgb_che
         assert result.exit_code == 1, (name, result.output)
         assert len(lines) == 1 and lines[0].startswith("Error: ") and phrase in lines[0], (name, result.stderr)
         assert "Traceback" not in result.output and "CPL_CERT_DEBUG" not in result.stderr, name
+
+
+def test_one_input_is_called_one_input(test_images, tmp_path):
+    images, _ = test_images
+    np.save(tmp_path / "one.npy", images[0].numpy())
+    result = runner.invoke(app, ["predict", str(SHIPPED), str(tmp_path / "one.npy")])
+    assert result.exit_code == 0, result.output
+    assert "fmnist-cpl-xs.safetensors: 1 input, Lipschitz bound" in " ".join(result.stdout.split())

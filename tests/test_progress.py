@@ -108,6 +108,7 @@ def test_certify_command_prints_plain_progress_lines_when_not_a_terminal(small_m
     result = runner.invoke(app, ["certify", str(path), "--limit", "2000", "--batch-size", "100", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "certifying (float32 convolutions, float64 dense layers): " in result.stderr and "elapsed" in result.stderr
+    assert "empirical Lipschitz lower bound" in result.stderr and "left" in result.stderr.split("empirical Lipschitz lower bound")[-1]
     assert "certifying" not in result.stdout  # progress goes to stderr, results to stdout
 
 
@@ -134,3 +135,59 @@ def test_threads_option(small_model, tmp_path):
         torch.set_num_threads(1)
     bad = runner.invoke(app, ["lipschitz", str(path), "--threads", "0"])
     assert bad.exit_code == 1 and bad.stderr == "Error: --threads must be a positive number, got 0\n"
+
+
+def _started(epochs: int, steps: int):
+    from cpl_cert.train.events import RunStarted
+
+    return RunStarted(model="cpl-tiny", parameters=1, train_images=1, dataset="fashion-mnist", epochs=epochs, steps_per_epoch=steps,
+                      loss="hinge", optimizer="adam", lr=1e-3, augmentation="none", device="cpu", world_size=1)
+
+
+def test_the_run_line_counts_down_through_the_last_evaluation(monkeypatch):
+    """It froze at 0:00:00 left once the last step was done, through the whole final evaluation."""
+    from cpl_cert.cli.train_display import TrainDisplay
+    from cpl_cert.train.events import EpochStarted, Evaluating, StepDone
+
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    quiet = Console(file=io.StringIO(), width=200)
+    with TrainDisplay(quiet, quiet) as display:
+        display.activity.interval = 3600.0
+        display(_started(1, 10))
+        display(EpochStarted(1, 10))
+        for step in range(1, 11):
+            now[0] += 1.0
+            display(StepDone(1, step, 10))
+        now[0] += 2.0
+        display(Evaluating(1, "freeze", 0, 50))
+        assert display.activity.lines["run"].remaining() is None  # nothing measured yet: unknown, not 0
+        now[0] += 3.0
+        display(Evaluating(1, "float32", 0, 100))
+        display.activity.lines["stage"].started = now[0]
+        now[0] += 5.0
+        display(Evaluating(1, "float32", 50, 100))
+        assert display.activity.lines["run"].remaining() == pytest.approx(5.0)  # the evaluation's own rate
+        now[0] += 4.0
+        display(Evaluating(1, "float32", 90, 100))
+        assert 0 < display.activity.lines["run"].remaining() < 5.0
+
+
+def test_the_two_train_lines_keep_their_order_from_epoch_to_epoch():
+    out = io.StringIO()
+    with Activity(Console(file=out, force_terminal=True, width=120)) as activity:
+        activity.stage("epoch 1/2: training", 10)
+        activity.stage("whole run", 2, key="run")
+        activity.stage("epoch 1/2: certifying", 100)
+        activity.stage("epoch 2/2: training", None)
+        descriptions = [task.description for task in activity._progress.tasks]
+        assert descriptions == ["epoch 2/2: training", "whole run"]
+        assert activity._progress.tasks[0].total is None and activity._progress.tasks[0].completed == 0
+
+
+def test_one_is_singular():
+    from cpl_cert.cli.train_display import describe
+
+    line = describe(_started(1, 1))
+    assert "1 epoch x 1 step," in line and "on 1 fashion-mnist image," in line and "(1 parameter)" in line
+    assert "10 epochs x 2 steps" in describe(_started(10, 2))

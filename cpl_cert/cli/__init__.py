@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import interrupt
+from . import interrupt, pipes
 
 __all__ = ["app", "main"]
 
 
 def main() -> None:
-    """Console-script entry point: SIGTERM handled like Ctrl-C, both answered with one sentence at any moment."""
+    """Console-script entry point: SIGTERM handled like Ctrl-C, both answered with one sentence at any moment;
+    a closed stdout (``| head``) is not an error."""
     interrupt.install_for_start_up()
+    pipes.install()
     from .commands import app
 
     interrupt.install()

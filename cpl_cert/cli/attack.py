@@ -38,7 +38,7 @@ from .common import (
     read_eps,
     set_threads,
 )
-from .plots import plot_gap, require_matplotlib
+from .plots import check_plot_path, plot_gap
 from .progress import Activity
 
 DEFAULT_LIMIT = 1000
@@ -175,9 +175,8 @@ def attack_command(
 def _check_outputs(json_path: Path | None, plot_path: Path | None, attack: str, engine: str) -> None:
     """Fail before any work when an output cannot be written or the plot cannot be drawn."""
     check_writable(json_path)
-    check_writable(plot_path)
+    check_plot_path(plot_path)
     if plot_path is not None:
-        require_matplotlib()
         if not measures_distance(attack, engine):
             raise CplCertError(
                 "--plot needs --attack minnorm or autoattack with --engine native, which measure each point's smallest adversarial distance"

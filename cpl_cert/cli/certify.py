@@ -13,9 +13,10 @@ from ..data import ImageDataset, to_float_images
 from ..device import resolve_device
 from ..errors import CplCertError
 from ..io import file_sha256, write_json
-from ..lipschitz import lipschitz_bounds, lipschitz_lower_bound
+from ..lipschitz import LipschitzBounds, lipschitz_bounds, lipschitz_lower_bound
 from ..models import CPLNet
-from .certify_report import certify_report, certify_table, write_radii_csv
+from . import interrupt
+from .certify_report import CSV_HEADER, certify_report, certify_table, write_radii_csv
 from .common import (
     DataDir,
     DeviceName,
@@ -24,7 +25,9 @@ from .common import (
     Threads,
     check_writable,
     console,
+    count,
     err_console,
+    fail,
     handle_errors,
     library_default,
     load_model_and_data,
@@ -32,7 +35,7 @@ from .common import (
     set_threads,
     warn_if_not_one_lipschitz,
 )
-from .plots import plot_certified_accuracy, require_matplotlib
+from .plots import check_plot_path, plot_certified_accuracy
 from .progress import Activity
 
 CERTIFY_STAGES = {
@@ -40,6 +43,9 @@ CERTIFY_STAGES = {
     "float64": "re-evaluating points near a radius (float64)",
 }
 """What each stage of ``cpl_cert.certify`` is called on the progress line."""
+
+LOWER_ITERS = 20
+"""Power iterations of the empirical lower bound per image (float32 search, float64 value: docs/certify.md)."""
 
 
 @handle_errors
@@ -69,7 +75,7 @@ def certify_command(
         Path | None,
         typer.Option(
             "--save-radii", metavar="FILE",
-            help="Write per-sample predictions, margin and radii in each sense to this CSV (every correct point evaluated in float64).",
+            help=f"Write one CSV row per point with the columns {', '.join(CSV_HEADER)} (docs/certify.md; every correct point evaluated in float64).",
         ),
     ] = None,
     plot_path: Annotated[
@@ -85,56 +91,92 @@ def certify_command(
     A point is certified at eps when it is correctly classified and its radius exceeds eps. Radii:
     margin / (sqrt(2) L) with a truncation head, min_j (f_top - f_j) / (L_body ||w_top - w_j||) with
     an LLN head; radii near an eps are recomputed in float64 before they count (docs/certify.md).
+    The results are printed as soon as they exist; the empirical lower bound comes last, and an
+    interrupt there keeps them (the reports are written with the lower bound marked not computed).
     """
     # --batch-size is checked by the library (certify).
     set_threads(threads)
     if lower_samples < 0:
         raise CplCertError(f"--lower-bound-samples must be 0 or more, got {lower_samples}")
     eps_values = read_eps(eps) if eps is not None else None
-    for path in (json_path, radii_path, plot_path):
-        check_writable(path)
-    if plot_path is not None:
-        require_matplotlib()
+    check_writable(json_path)
+    check_writable(radii_path)
+    check_plot_path(plot_path)
     dev = resolve_device(device)
     with Activity(err_console) as activity:
         activity.stage(f"loading {model_path.name} and the {split} split")
         model, _, data = load_model_and_data(model_path, dataset, data_dir, split, limit, dev)
         eps_values = eps_values or parse_eps(",".join(data.default_eps))
-        result = _certify(activity, model, data, eps_values, dev, batch_size, lower_samples, tight_radii=radii_path is not None)
-        report = certify_report(result, model=str(model_path), sha256=file_sha256(model_path), dataset=data.name, split=split)
-        if plot_path is not None:
-            activity.stage(f"drawing {plot_path}")
-            plot_certified_accuracy(plot_path, result, f"{model_path.name} on {data.name} ({split} split, {result.n:,} points)")
-    _show(result, report, model_path, data, split, batch_size)
-    for path, write in ((json_path, lambda p: write_json(p, report)), (radii_path, lambda p: write_radii_csv(p, result))):
-        if path is not None:
-            write(path)
-            console.print(f"wrote {path}", highlight=False)
-    if plot_path is not None:
-        console.print(f"wrote {plot_path}", highlight=False)
+        result = _certify(activity, model, data, eps_values, dev, batch_size, tight_radii=radii_path is not None)
+    _show(result, model_path, data, split)
+    status, stopped = _lower_bound(model, data, dev, lower_samples, result.bounds)
+    report = certify_report(result, model=str(model_path), sha256=file_sha256(model_path), dataset=data.name, split=split)
+    report["lipschitz"]["lower_status"] = status
+    report["batch_size"] = batch_size
+    title = f"{model_path.name} on {data.name} ({split} split, {result.n:,} points)"
+    written = _write_outputs(report, result, json_path, radii_path, plot_path, title)
+    if stopped is not None:
+        kept = f"; {', '.join(map(str, written))} {'holds' if len(written) == 1 else 'hold'} it (lower bound not computed)" if written else ""
+        fail(f"{interrupt.describe(stopped)} during the empirical Lipschitz lower bound; the certification above is complete{kept}",
+             code=interrupt.exit_code(stopped))
 
 
 def _certify(
-    activity: Activity, model: CPLNet, data: ImageDataset, eps: list[EpsValue], device: torch.device, batch_size: int, lower_samples: int,
-    tight_radii: bool,
+    activity: Activity, model: CPLNet, data: ImageDataset, eps: list[EpsValue], device: torch.device, batch_size: int, tight_radii: bool,
 ) -> CertifyResult:
-    """Bounds, certification and the empirical lower bound, each shown on the progress line."""
+    """Bounds and certification, each shown on the progress line."""
     activity.stage("computing the certified Lipschitz bound (per-layer spectral norms)")
     bounds = lipschitz_bounds(model)
-    result = certify(
+    return certify(
         model, data, eps=eps, device=device, batch_size=batch_size, bounds=bounds, on_progress=activity.reporter(CERTIFY_STAGES),
         tight_radii=tight_radii,
     )
-    if lower_samples:
-        activity.stage(f"empirical Lipschitz lower bound on {lower_samples} images (20 power iterations each)")
-        probe = to_float_images(data.images[:lower_samples].to(device))
-        bounds.lower = lipschitz_lower_bound(model, probe, iters=20, generator=torch.Generator().manual_seed(0))
-    return result
 
 
-def _show(result: CertifyResult, report: dict[str, Any], model_path: Path, data: ImageDataset, split: str, batch_size: int) -> None:
+def _lower_bound(model: CPLNet, data: ImageDataset, device: torch.device, samples: int, bounds: LipschitzBounds) -> tuple[str, BaseException | None]:
+    """The empirical lower bound at the first ``samples`` images (into ``bounds.lower``), on its own progress
+    line with the time left, then printed. Returns its status (computed, skipped, interrupted) and the interrupt."""
+    if samples == 0:
+        return "skipped", None
+    probe = to_float_images(data.images[:samples].to(device))
+    label = f"empirical Lipschitz lower bound: largest ||J(x)||_2 at {count(len(probe), 'test image')} ({LOWER_ITERS} power iterations)"
+    try:
+        with Activity(err_console) as activity:
+            activity.stage(label, LOWER_ITERS)
+            bounds.lower = lipschitz_lower_bound(
+                model, probe, iters=LOWER_ITERS, generator=torch.Generator().manual_seed(0), on_progress=activity.reporter({"lower_bound": label})
+            )
+    except KeyboardInterrupt as exc:
+        interrupt.ignore_further()
+        return "interrupted", exc
+    console.print(
+        f"Lipschitz lower bound (largest ||J(x)||_2 found at {count(len(probe), 'test image')}): {bounds.lower:.6g}; "
+        f"certified upper bound {bounds.upper:.8g}",
+        highlight=False,
+    )
+    return "computed", None
+
+
+def _write_outputs(
+    report: dict[str, Any], result: CertifyResult, json_path: Path | None, radii_path: Path | None, plot_path: Path | None, title: str
+) -> list[Path]:
+    """The plot, the JSON report and the per-sample CSV that were asked for, each announced; the paths written."""
+    written = []
+    if plot_path is not None:
+        with Activity(err_console) as activity:
+            activity.stage(f"drawing {plot_path}")
+            plot_certified_accuracy(plot_path, result, title)
+    for path, write in ((json_path, lambda p: write_json(p, report)), (radii_path, lambda p: write_radii_csv(p, result)), (plot_path, None)):
+        if path is not None:
+            if write is not None:
+                write(path)
+            written.append(path)
+            console.print(f"wrote {path}", highlight=False)
+    return written
+
+
+def _show(result: CertifyResult, model_path: Path, data: ImageDataset, split: str) -> None:
     """The summary table, a warning for a network that is not 1-Lipschitz, and where the data came from."""
-    report["batch_size"] = batch_size
     console.print(certify_table(result, title=f"{model_path.name} on {data.name} ({split} split)"))
     warn_if_not_one_lipschitz(model_path.name, result.bounds.body_upper)
     console.print(f"data: {data.source}; certified in {result.seconds:.2f} s", highlight=False)

@@ -20,6 +20,7 @@ from ..certify import EpsValue, parse_eps
 from ..checkpoint import load_checkpoint
 from ..data import ImageDataset, check_compatible, check_fits, load_dataset
 from ..errors import CplCertError
+from ..io import portable_dataset, portable_path
 from ..models import CPLNet
 from . import interrupt
 
@@ -130,7 +131,19 @@ def load_model_and_data(
         raise CplCertError(f"--limit must be a positive number of points, got {limit}")
     data = load_dataset(name, split=split, data_dir=data_dir)
     check_compatible(data, model.config.input_shape, model.config.num_classes)
+    if limit is not None and limit > len(data):
+        note_limit("--limit", limit, len(data), f"{data.name} {split} split")
     return model, meta, data.subset(limit)
+
+
+def note_limit(option: str, limit: int, available: int, what: str) -> None:
+    """One line on stderr (not an error: the command goes on with every point) for a limit above the data's size."""
+    err_console.print(f"Note: {option} {limit:,} is more than the {available:,} points of the {what}; using all {available:,}", highlight=False)
+
+
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: ``1 epoch``, ``10,000 points``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def library_default(func: Callable[..., Any], name: str) -> Any:
@@ -140,13 +153,18 @@ def library_default(func: Callable[..., Any], name: str) -> Any:
 
 def command_line(ctx: typer.Context) -> str:
     """The running command as the user gave it: ``cpl-cert <command>`` and the options set on the
-    command line (the same whether started as ``cpl-cert``, ``python -m cpl_cert`` or under torchrun)."""
+    command line (the same whether started as ``cpl-cert``, ``python -m cpl_cert`` or under torchrun),
+    with paths made portable (``cpl_cert.io.portable_path``: relative to the working folder, or the name)."""
     parts = ["cpl-cert", ctx.info_name or ""]
     for param in ctx.command.params:
         source = ctx.get_parameter_source(param.name) if param.name else None
         if source is None or source.name != "COMMANDLINE":
             continue
         value = ctx.params[param.name]
+        if isinstance(value, Path):
+            value = portable_path(value)
+        elif isinstance(value, str) and value.startswith("folder:"):
+            value = portable_dataset(value)
         if param.param_type_name != "option":
             parts.append(str(value))
         elif getattr(param, "is_flag", False):

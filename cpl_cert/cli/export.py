@@ -8,11 +8,10 @@ from typing import Annotated
 import typer
 
 from ..checkpoint import load_checkpoint
-from ..errors import CplCertError
-from ..export import DEFAULT_OPSET, export_onnx, onnx_metadata, require_onnx
+from ..export import DEFAULT_OPSET, check_opset, export_onnx, onnx_metadata, require_onnx
 from ..io import file_sha256
 from ..lipschitz import lipschitz_bounds
-from .common import ModelPath, Threads, check_writable, console, err_console, handle_errors, set_threads
+from .common import ModelPath, Threads, check_writable, console, count, err_console, handle_errors, set_threads
 from .progress import Activity
 
 
@@ -20,7 +19,7 @@ from .progress import Activity
 def export_command(
     model_path: ModelPath,
     onnx_path: Annotated[Path, typer.Option("--onnx", metavar="FILE", help="The ONNX file to write.", show_default=False)],
-    opset: Annotated[int, typer.Option("--opset", metavar="N", help="ONNX opset version.")] = DEFAULT_OPSET,
+    opset: Annotated[int, typer.Option("--opset", metavar="N", help="ONNX opset (9 to the newest this torch and onnx know).")] = DEFAULT_OPSET,
     threads: Threads = None,
 ) -> None:
     """Write the frozen network as ONNX, with its certificate constants in the model's metadata.
@@ -33,8 +32,7 @@ def export_command(
     """
     set_threads(threads)
     require_onnx()
-    if opset < 9:
-        raise CplCertError(f"--opset must be 9 or more, got {opset}")
+    check_opset(opset)
     check_writable(onnx_path)
     with Activity(err_console) as activity:
         activity.stage(f"loading {model_path.name}")
@@ -58,5 +56,6 @@ def export_command(
         console.print("onnxruntime is not installed: the file was not run (pip install onnxruntime to check it)", highlight=False)
     else:
         console.print(
-            f"onnxruntime check: max |logit difference| {result.max_logit_gap:.3g} on {result.checked_samples} random inputs", highlight=False
+            f"onnxruntime check: max |logit difference| {result.max_logit_gap:.3g} on {count(result.checked_samples, 'random input')}",
+            highlight=False,
         )

@@ -86,6 +86,7 @@ def import_command(
             "reference: keep the reference's own steps (its exact function; bound reported, usually above 1).",
         ),
     ] = "certified",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists (by default an existing file is refused).")] = False,
     threads: Threads = None,
 ) -> None:
     """Convert a checkpoint of the CPL paper's reference code into a cpl-cert checkpoint.
@@ -99,6 +100,8 @@ def import_command(
     if steps not in STEPS_MODES:
         raise CplCertError(f"--steps must be certified or reference, got {steps!r}")
     check_writable(out)
+    if out.exists() and not overwrite:
+        raise CplCertError(f"{out} already exists; pass --overwrite to replace it")
     with Activity(err_console) as activity:
         activity.stage(f"importing {source.name}: reading, checking every key, computing the certified bounds")
         imported = import_reference(source, dataset, norm_input=norm_input, lln=lln, steps=steps)  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ from .common import (
     Threads,
     check_writable,
     console,
+    count,
     err_console,
     handle_errors,
     set_threads,
@@ -63,15 +64,17 @@ def lipschitz_command(
         bounds = lipschitz_bounds(model)
         upper_seconds = time.perf_counter() - start
         if samples:
-            activity.stage(f"empirical lower bound: largest ||J(x)||_2 on {samples} random inputs ({iters} power iterations each)")
+            label = f"empirical lower bound: largest ||J(x)||_2 on {count(samples, 'random input')} ({count(iters, 'power iteration')} each)"
+            activity.stage(label, iters)
             generator = torch.Generator().manual_seed(seed)
             inputs = torch.rand((samples, *model.config.input_shape), generator=generator).to(dev)
-            bounds.lower = lipschitz_lower_bound(model, inputs, iters=iters, generator=generator)
+            progress = activity.reporter({"lower_bound": label})
+            bounds.lower = lipschitz_lower_bound(model, inputs, iters=iters, generator=generator, on_progress=progress)
     console.print(lipschitz_table(bounds, title=f"Lipschitz bounds of {model_path.name}"))
     warn_if_not_one_lipschitz(model_path.name, bounds.body_upper)
     console.print(f"network upper bound (certified): [bold]{bounds.upper:.8g}[/]  (body {bounds.body_upper:.8g}, computed in {upper_seconds:.2f} s)")
     if bounds.lower is not None:
-        console.print(f"network lower bound (max ||J(x)||_2 over {samples} inputs): [bold]{bounds.lower:.6g}[/]")
+        console.print(f"network lower bound (max ||J(x)||_2 over {count(samples, 'input')}): [bold]{bounds.lower:.6g}[/]")
     if json_path is not None:
         write_json(json_path, {"model": str(model_path), "sha256": file_sha256(model_path), **bounds.to_dict(), "seconds": upper_seconds})
         console.print(f"wrote {json_path}", highlight=False)

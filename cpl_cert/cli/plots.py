@@ -12,6 +12,7 @@ import torch
 from ..certify import CertifyResult
 from ..errors import CplCertError
 from ..io import atomic_write
+from .common import check_writable
 
 INSTALL_HINT = (
     "--plot needs matplotlib, which is not installed; install it with pip install matplotlib (or pip install '.[plot]' in the cpl-cert folder)"
@@ -22,6 +23,16 @@ def require_matplotlib() -> None:
     """Fail with one sentence (before any work) when matplotlib is missing."""
     if importlib.util.find_spec("matplotlib") is None:
         raise CplCertError(INSTALL_HINT)
+
+
+def check_plot_path(path: Path | None) -> None:
+    """Before any work: ``--plot`` names a writable ``.png`` file and matplotlib is there to draw it."""
+    if path is None:
+        return
+    if path.suffix.lower() != ".png":
+        raise CplCertError(f"--plot writes a PNG image: give it a name ending in .png, not {path}")
+    check_writable(path)
+    require_matplotlib()
 
 
 def _pyplot() -> Any:
@@ -53,14 +64,31 @@ def _curve_points(correct: torch.Tensor, radii: torch.Tensor, r_max: float) -> t
     return torch.cat([r, torch.tensor([r_max], dtype=torch.float64)]).numpy(), (100 * torch.cat([acc, acc[-1:]])).numpy()
 
 
-def _mark(ax: Any, value: float, label: str, accuracy: float, r_max: float) -> None:
+def _mark(ax: Any, value: float, label: str, accuracy: float, r_max: float) -> Any:
     """A point on the exact curve at ``value``, labelled inside the axes (left of the point near the right edge)."""
     ax.plot([value], [100 * accuracy], "o", color="C0", markersize=4)
     right_side = value < 0.7 * r_max
-    ax.annotate(
+    return ax.annotate(
         f"{label}: {accuracy:.2%}", (value, 100 * accuracy), textcoords="offset points",
         xytext=(6 if right_side else -6, 6), ha="left" if right_side else "right", fontsize=8,
     )
+
+
+def _separate(fig: Any, ax: Any, labels: list[Any]) -> None:
+    """Move eps labels apart vertically, in eps order, until none overlaps another: close radii give close
+    points on the curve. Each label goes down (the curve falls to the right) or, at the bottom, up."""
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed: list[Any] = []
+    for label in labels:
+        dx, dy = label.xyann
+        step = label.get_window_extent(renderer).height * 72 / fig.dpi + 1
+        for shift in [-k * step for k in range(len(labels) + 1)] + [k * step for k in range(1, len(labels) + 1)]:
+            label.xyann = (dx, dy + shift)
+            box = label.get_window_extent(renderer)
+            if box.y0 >= frame.y0 and box.y1 <= frame.y1 and not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(label.get_window_extent(renderer))
 
 
 def plot_certified_accuracy(path: str | os.PathLike[str], result: CertifyResult, title: str) -> Path:
@@ -80,8 +108,7 @@ def plot_certified_accuracy(path: str | os.PathLike[str], result: CertifyResult,
             label="float32, any runtime")
     ax.plot([0], [100 * result.clean_accuracy], "s", color="black", markersize=5, clip_on=False,
             label=f"clean accuracy {result.clean_accuracy:.2%} (radius 0)")
-    for value, label, accuracy in eps:
-        _mark(ax, value, label, accuracy, r_max)
+    labels = [_mark(ax, value, label, accuracy, r_max) for value, label, accuracy in eps]
     ax.set_xlim(0, r_max)
     ax.set_ylim(0, 100)
     ax.yaxis.set_major_formatter(PercentFormatter(100))
@@ -91,6 +118,7 @@ def plot_certified_accuracy(path: str | os.PathLike[str], result: CertifyResult,
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
+    _separate(fig, ax, labels)
     return _save(plt, fig, path)
 
 

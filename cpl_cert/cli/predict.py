@@ -21,6 +21,7 @@ from .common import (
     Threads,
     check_writable,
     console,
+    count,
     err_console,
     handle_errors,
     read_eps,
@@ -137,7 +138,7 @@ def predict_command(
     if to_stdout:
         return
     eps_label = result.eps.label if result.eps is not None else None
-    console.print(predictions_table(rows, eps_label, f"{model_path.name}: {result.n} inputs, Lipschitz bound {result.bounds.upper:.6g}"))
+    console.print(predictions_table(rows, eps_label, f"{model_path.name}: {count(result.n, 'input')}, Lipschitz bound {result.bounds.upper:.6g}"))
     if result.certified is not None:
         console.print(f"certified at {eps_label}: {int(result.certified.sum())} of {result.n}", highlight=False)
     if json_path is not None:

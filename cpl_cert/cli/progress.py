@@ -8,6 +8,7 @@ thread, so that a log shows life even while one long library call runs.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -49,7 +50,8 @@ class Line:
     started: float = field(default_factory=time.monotonic)
     count: str | None = None
     finish_at: float | None = None
-    """A known finishing time (``time.monotonic``), when the caller estimates better than the average rate."""
+    """A known finishing time (``time.monotonic``), when the caller estimates better than the average rate;
+    ``inf`` when the caller knows that it cannot tell."""
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -57,7 +59,7 @@ class Line:
     def remaining(self) -> float | None:
         """Seconds left: from ``finish_at``, else from the average rate since the line started."""
         if self.finish_at is not None:
-            return max(self.finish_at - time.monotonic(), 0.0)
+            return None if math.isinf(self.finish_at) else max(self.finish_at - time.monotonic(), 0.0)
         if not self.total or self.done <= 0:
             return None
         return self.elapsed() * (self.total - self.done) / self.done
@@ -122,13 +124,17 @@ class Activity:
             self._thread.join(timeout=1.0)
 
     def stage(self, description: str, total: float | None = None, key: str = "stage") -> None:
-        """Start a new stage on line ``key`` (its clock restarts)."""
+        """Start a new stage on line ``key`` (its clock restarts); the line keeps its place among the others."""
         with self._lock:
             self.lines[key] = Line(description, total)
-            if self._progress is not None:
-                if key in self._tasks:
-                    self._progress.remove_task(self._tasks[key])
+            if self._progress is None:
+                return
+            if key not in self._tasks:
                 self._tasks[key] = self._progress.add_task(description, total=total, line=self.lines[key])
+                return
+            task_id = self._tasks[key]
+            self._progress.reset(task_id, description=description, line=self.lines[key])
+            next(task for task in self._progress.tasks if task.id == task_id).total = total  # reset keeps an old total
 
     def update(self, done: float, total: float | None = None, description: str | None = None, key: str = "stage", **extra: Any) -> None:
         """Move line ``key`` to ``done`` (and ``total``, ``description``, ``count`` text or ``finish_at`` when given)."""

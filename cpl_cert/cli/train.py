@@ -28,7 +28,7 @@ LOSS_HELP = (f"{', '.join(LOSSES)}: the paper's multi-class hinge, SLL/AOL's off
 @handle_errors
 def train_command(
     ctx: typer.Context,
-    out: Annotated[Path, Opt("--out", help="Checkpoint to write (.safetensors; its folder is created); the log goes to <out>.log.jsonl.")],
+    out: Annotated[Path, Opt("--out", help="Checkpoint to write (.safetensors; its folder is made when first written); log: <out>.log.jsonl.")],
     model: Annotated[str, Opt("--model", help=f"Preset: {', '.join(PRESETS)}.")] = D["model"],
     dataset: Annotated[str, Opt("--dataset", help="fashion-mnist, mnist, cifar10, cifar100 or folder:PATH.")] = D["dataset"],
     epochs: Annotated[int, Opt("--epochs", help="Number of epochs (the schedule spans all of them).")] = D["epochs"],

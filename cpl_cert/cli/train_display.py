@@ -3,6 +3,7 @@ the epoch and for the whole run, one result line per epoch, and which checkpoint
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from ..train.events import (
     EpochEnded,
     EpochStarted,
     Evaluating,
+    LimitAboveData,
     Preparing,
     Resumed,
     RunStarted,
@@ -24,6 +26,7 @@ from ..train.events import (
     Stopped,
     TrainEvent,
 )
+from .common import count, note_limit
 from .interrupt import describe as describe_interrupt
 from .progress import Activity
 
@@ -32,8 +35,8 @@ def describe(event: TrainEvent) -> str | None:
     """The line a person reads for ``event`` (``None`` for events shown only as progress)."""
     if isinstance(event, RunStarted):
         return (
-            f"training {event.model} ({event.parameters:,} parameters) on {event.train_images:,} {event.dataset} images, "
-            f"{event.epochs} epochs x {event.steps_per_epoch} steps, {event.loss} loss, {event.optimizer} lr {event.lr:g}, "
+            f"training {event.model} ({count(event.parameters, 'parameter')}) on {count(event.train_images, event.dataset + ' image')}, "
+            f"{count(event.epochs, 'epoch')} x {count(event.steps_per_epoch, 'step')}, {event.loss} loss, {event.optimizer} lr {event.lr:g}, "
             f"augmentation: {event.augmentation}, device {event.device}"
             + (f", {event.world_size} processes" if event.world_size > 1 else "")
         )
@@ -48,7 +51,7 @@ def describe(event: TrainEvent) -> str | None:
     if isinstance(event, Resumed):
         return f"resuming {event.path} after epoch {event.epoch} (step {event.step})"
     if isinstance(event, AlreadyFinished):
-        return f"{event.path} already finished all {event.epochs} epochs; nothing to do"
+        return f"{event.path} already finished {'its' if event.epochs == 1 else 'all'} {count(event.epochs, 'epoch')}; nothing to do"
     if isinstance(event, Stopped):
         return f"stopped after epoch {event.epoch} as asked; continue with --resume"
     if isinstance(event, Cleaned):
@@ -87,14 +90,34 @@ class RunClock:
             self.eval_seconds.append(time.monotonic() - self.last_step)
         self.last_step = None
 
+    def _per_step(self) -> float:
+        recent = self.step_seconds[-200:]
+        return sum(recent) / len(recent)
+
+    def _per_eval(self) -> float | None:
+        return sum(self.eval_seconds) / len(self.eval_seconds) if self.eval_seconds else None
+
     def remaining(self, epoch: int, step: int) -> float | None:
         """Seconds left after ``step`` of ``epoch`` (evaluation counted once it has been measured)."""
         if not self.step_seconds:
             return None
-        per_step = sum(self.step_seconds[-200:]) / len(self.step_seconds[-200:])
-        per_eval = sum(self.eval_seconds) / len(self.eval_seconds) if self.eval_seconds else 0.0
         steps_left = (self.steps - step) + (self.epochs - epoch) * self.steps
-        return steps_left * per_step + (self.epochs - epoch + 1) * per_eval
+        return steps_left * self._per_step() + (self.epochs - epoch + 1) * (self._per_eval() or 0.0)
+
+    def remaining_in_evaluation(self, epoch: int, stage_left: float | None) -> float | None:
+        """Seconds left while ``epoch`` is evaluated: the rest of this evaluation (the measured average less the
+        time spent, or the evaluation line's own estimate ``stage_left``, whichever is longer), then the epochs
+        after it. ``None`` when nothing tells (the first evaluation's freezing stage): unknown, never 0."""
+        if not self.step_seconds or self.last_step is None:
+            return None
+        spent = time.monotonic() - self.last_step
+        average = self._per_eval()
+        known = [t for t in (None if average is None else average - spent, stage_left) if t is not None and t > 0]
+        if not known:
+            return None
+        this = max(known)
+        per_eval = average if average is not None else spent + this
+        return this + (self.epochs - epoch) * (self.steps * self._per_step() + per_eval)
 
 
 class TrainDisplay:
@@ -125,10 +148,14 @@ class TrainDisplay:
             if event.done == 0:
                 self.activity.stage(stage_text(event, self.epochs), event.total if event.stage != "freeze" else None)
             self.activity.update(event.done)
+            self._evaluation_left(event.epoch)
         elif isinstance(event, Saving):
             self.activity.stage(f"epoch {event.epoch}/{self.epochs}: writing {event.path}")
         elif isinstance(event, RunStarted):
             self.epochs, self.clock = event.epochs, RunClock(event.epochs, event.steps_per_epoch)
+        elif isinstance(event, LimitAboveData):
+            option = "--train-limit" if event.split == "train" else "--eval-limit"
+            note_limit(option, event.limit, event.available, f"{event.dataset} {event.split} split")
         line = describe(event)
         if line is not None:
             self.activity.print(line, highlight=False, soft_wrap=True)
@@ -153,6 +180,13 @@ class TrainDisplay:
             event.epoch - 1 + step / self.clock.steps, key="run", count=f"epoch {event.epoch}/{self.epochs}",
             finish_at=None if left is None else time.monotonic() + left,
         )
+
+    def _evaluation_left(self, epoch: int) -> None:
+        """The run line during an evaluation: its time left keeps moving (it stood at 0:00:00 through the last one)."""
+        if self.clock is None or "run" not in self.activity.lines:
+            return
+        left = self.clock.remaining_in_evaluation(epoch, self.activity.lines["stage"].remaining())
+        self.activity.update(epoch, key="run", finish_at=math.inf if left is None else time.monotonic() + left)
 
     def interrupted(self, exc: BaseException, out: Path, resume: bool) -> str:
         """The sentence for an interrupt: which epoch the checkpoint holds and how to continue."""

@@ -2,7 +2,9 @@
 
 ``--data-dir`` is the user's own copy: it must hold the split, or loading fails with one sentence
 (numbers must never silently come from another copy). Without it, each other place is tried in that
-order and the first that holds the split's files wins. The download
+order and the first that holds the split's files wins. ``$CPL_CERT_DATA`` is a data root that may hold
+other datasets, but it must be an existing, non-empty folder (a typo stops with one sentence);
+``$CPL_CERT_NO_SYSTEM_COPY`` (any non-empty value) keeps the system copy out. The download
 (torchvision's, into ``$CPL_CERT_CACHE`` or ``~/.cache/cpl-cert``) is skipped when
 ``$CPL_CERT_OFFLINE`` is set. When nothing works, one sentence says where it looked and how to get
 the data.
@@ -69,12 +71,31 @@ def read_split(spec: DatasetSpec, folder: Path, split: str) -> Split | None:
     return reader(folder, spec, split)
 
 
+def _env_data_dir() -> Path | None:
+    """``$CPL_CERT_DATA``, a data root that may hold several datasets; one sentence when it names nothing
+    usable (missing, a file, an empty folder), since a mistyped root must not pass silently to another copy."""
+    value = os.environ.get("CPL_CERT_DATA")
+    if not value:
+        return None
+    folder = Path(value)
+    fix = "set it to the folder that holds your datasets, or unset CPL_CERT_DATA"
+    if not folder.exists():
+        raise CplCertError(f"$CPL_CERT_DATA={folder} does not exist; {fix}")
+    if not folder.is_dir():
+        raise CplCertError(f"$CPL_CERT_DATA={folder} is a file, not a folder; {fix}")
+    if next(folder.iterdir(), None) is None:
+        raise CplCertError(f"$CPL_CERT_DATA={folder} is an empty folder; {fix}")
+    return folder
+
+
 def _candidate_dirs(spec: DatasetSpec, split: str) -> list[tuple[str, Path]]:
     """The places to look without ``--data-dir``, in order, each with the name the data's ``source`` will give it."""
     candidates: list[tuple[str, Path]] = []
-    if os.environ.get("CPL_CERT_DATA"):
-        candidates.append(("$CPL_CERT_DATA", Path(os.environ["CPL_CERT_DATA"])))
-    candidates.extend(("system copy", Path(d)) for d in spec.system_dirs)
+    env = _env_data_dir()
+    if env is not None:
+        candidates.append(("$CPL_CERT_DATA", env))
+    if not os.environ.get("CPL_CERT_NO_SYSTEM_COPY"):
+        candidates.extend(("system copy", Path(d)) for d in spec.system_dirs)
     if spec.name == "fashion-mnist" and split == "test":
         candidates.append(("shipped test split", SHIPPED_FASHION_MNIST))
     return candidates
@@ -118,6 +139,8 @@ def _read(spec: DatasetSpec, folder: Path, split: str) -> Split | None:
 
 def _from_data_dir(spec: DatasetSpec, split: str, folder: Path) -> ImageDataset:
     """The split from ``--data-dir`` or one sentence: a user's own copy is never silently replaced by another."""
+    if folder.exists() and not folder.is_dir():
+        raise CplCertError(f"--data-dir {folder} is a file, not a folder")
     if not folder.is_dir():
         raise CplCertError(f"--data-dir {folder} does not exist")
     found = _read(spec, folder, split)
@@ -147,6 +170,8 @@ def _load_named(spec: DatasetSpec, split: str, data_dir: str | os.PathLike[str] 
     else:
         failure = "downloads are off" + (" ($CPL_CERT_OFFLINE is set)" if download else "")
     where = f"looked in {', '.join(looked)}" if looked else "no local copy is known"
+    if os.environ.get("CPL_CERT_NO_SYSTEM_COPY") and spec.system_dirs:
+        where += " ($CPL_CERT_NO_SYSTEM_COPY is set: no system copy)"
     debian = f"on Debian, apt-get install {spec.system_package} installs it; or " if spec.system_package else ""
     raise CplCertError(
         f"could not find the {spec.name} {split} split: {where} and {failure}; {debian}"

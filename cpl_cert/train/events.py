@@ -64,6 +64,17 @@ class Preparing:
 
 
 @dataclass(frozen=True)
+class LimitAboveData:
+    """``limit_train`` (``split`` train) or ``eval_limit`` (``split`` test) asked for more points than the
+    split holds: the run uses all ``available`` of them."""
+
+    split: str
+    limit: int
+    available: int
+    dataset: str
+
+
+@dataclass(frozen=True)
 class Cleaned:
     """Temporary files that an interrupted checkpoint write left (``kill -9``) were removed."""
 
@@ -137,7 +148,8 @@ class Stopped:
 
 
 TrainEvent = (
-    Preparing | Cleaned | RunStarted | Resumed | AlreadyFinished | EpochStarted | StepDone | Evaluating | Saving | Saved | EpochEnded | Stopped
+    Preparing | LimitAboveData | Cleaned | RunStarted | Resumed | AlreadyFinished | EpochStarted | StepDone | Evaluating | Saving | Saved
+    | EpochEnded | Stopped
 )
 OnEvent = Callable[[TrainEvent], None]
 

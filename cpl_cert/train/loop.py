@@ -9,6 +9,7 @@ only rank 0 evaluates, writes and reports. See docs/train.md.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,23 @@ from ..io import remove_stale_temporaries
 from . import distributed as dist_utils
 from .epoch import run_epoch
 from .evaluate import evaluate
-from .events import AlreadyFinished, Cleaned, EpochEnded, EpochStarted, EpochStats, OnEvent, Preparing, RunStarted, Saved, Saving, Stopped, ignore
+from .events import (
+    AlreadyFinished,
+    Cleaned,
+    EpochEnded,
+    EpochStarted,
+    EpochStats,
+    LimitAboveData,
+    OnEvent,
+    Preparing,
+    RunStarted,
+    Saved,
+    Saving,
+    Stopped,
+    ignore,
+)
 from .options import TrainOptions, check_options
-from .save import append_log, log_path, save_run
+from .save import append_log, log_path, make_folder, save_run
 from .setup import Run, build_run, preflight, prepare_training, resume_if_asked
 
 
@@ -36,8 +51,9 @@ class TrainResult:
 
 
 def _check_out(opts: TrainOptions) -> None:
-    """Create the checkpoint's folder; refuse to overwrite an existing checkpoint unless asked, and to
-    resume one that does not exist (a mistyped ``--out`` must not start a new run silently)."""
+    """Refuse to overwrite an existing checkpoint unless asked, to resume one that does not exist (a mistyped
+    ``--out`` must not start a new run silently), and an ``--out`` no folder could hold. Missing folders are
+    created with the first write (``make_folder``), so a run that fails before it leaves nothing behind."""
     out = Path(opts.out)
     if out.is_dir():
         raise CplCertError(f"cannot write {out}: it is a folder")
@@ -45,10 +61,11 @@ def _check_out(opts: TrainOptions) -> None:
         raise CplCertError(f"{out} already exists; pass --resume to continue that run or --overwrite to start over")
     if opts.resume and not out.exists():
         raise CplCertError(f"there is no run to resume: {out} does not exist; check --out, or leave out --resume to start a new run")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CplCertError(f"cannot create the folder {out.parent} ({exc.strerror or exc})") from None
+    existing = next(folder for folder in (out.parent, *out.parent.parents) if folder.exists())
+    if not existing.is_dir():
+        raise CplCertError(f"cannot write {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CplCertError(f"cannot write {out}: the folder {existing} is not writable")
 
 
 def _remove_leftovers(out: Path) -> tuple[Path, ...]:
@@ -88,8 +105,16 @@ def _started(run: Run) -> RunStarted:
     )
 
 
+def _limits_above_data(run: Run) -> list[LimitAboveData]:
+    """A ``limit_train`` or ``eval_limit`` larger than its split (the run uses the whole split)."""
+    asked = (("train", run.opts.limit_train, run.train_data), ("test", run.opts.eval_limit, run.test_data))
+    return [LimitAboveData(split, limit, len(data), run.opts.dataset) for split, limit, data in asked if limit is not None and limit > len(data)]
+
+
 def _train(run: Run, on_event: OnEvent) -> TrainResult:
     run.started = time.perf_counter()
+    for note in _limits_above_data(run):
+        on_event(note)
     resume_if_asked(run, on_event)
     if run.start_epoch >= run.opts.epochs:
         on_event(AlreadyFinished(run.out, run.opts.epochs))
@@ -121,6 +146,7 @@ def _finish_epoch(run: Run, epoch: int, on_event: OnEvent) -> EpochStats | None:
     if not run.info.is_main:
         return None
     frozen, stats = evaluate(run, epoch, totals, on_event)
+    make_folder(run.out.parent)
     append_log(run.log, stats)
     if save_now:
         on_event(Saving(run.out, epoch))

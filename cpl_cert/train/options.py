@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CplCertError
+from ..io import portable_dataset, portable_path
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -59,9 +60,10 @@ class TrainOptions:
     command: str = ""
 
     def record(self, world_size: int) -> dict[str, Any]:
-        """JSON-friendly copy for the checkpoint's ``training.args``, with the number of processes."""
-        args = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-        return {**args, "world_size": world_size}
+        """JSON-friendly copy for the checkpoint's ``training.args``, with the number of processes. Paths are
+        recorded as ``portable_path`` gives them: no absolute path of the training machine leaves with the file."""
+        args = {k: (portable_path(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        return {**args, "dataset": portable_dataset(self.dataset), "world_size": world_size}
 
 
 def default_options() -> dict[str, Any]:

@@ -13,6 +13,7 @@ import torch
 
 from .. import __version__
 from ..checkpoint import save_checkpoint
+from ..errors import CplCertError
 from ..io import atomic_write
 from ..models import CPLNet
 from .events import EpochStats
@@ -27,6 +28,14 @@ SCHEDULE = "triangular per step (0 -> peak at 40% -> peak/20 at 80% -> 0)"
 def log_path(out: Path) -> Path:
     """The JSON-lines log beside the checkpoint: ``<out>.log.jsonl``."""
     return out.with_name(out.name + ".log.jsonl")
+
+
+def make_folder(folder: Path) -> None:
+    """Create the run's folder (and its parents) just before its first file is written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CplCertError(f"cannot create the folder {folder} ({exc.strerror or exc})") from None
 
 
 def append_log(path: Path, stats: EpochStats) -> None:
