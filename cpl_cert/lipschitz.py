@@ -2,7 +2,8 @@
 
 For a CPL layer with step ``h`` and ``s = ||W||_2`` the Jacobian ``I - h W^T D W`` (``0 <= D <= I``) is
 symmetric with eigenvalues in ``[1 - h s^2, 1]``, so ``Lip = max(1, h s^2 - 1)``, evaluated here with the
-certified upper bound of ``s``. The network bound is the product over all layers.
+certified upper bound of ``s``. An SLL layer is the same with ``h = 2`` and ``s = ||diag(sqrt t) W||``
+(``cpl_cert.sll``). The network bound is the product over all layers.
 """
 
 from __future__ import annotations
@@ -17,15 +18,18 @@ import torch
 from torch import nn
 
 from .errors import CplCertError
-from .layers import CPLConv2d, CPLLinear, LLNHead, TruncationHead
+from .layers import CPLConv2d, CPLLinear, LLNHead, SLLConv2d, SLLLinear, TruncationHead
 from .models import CPLNet, float64_copy
 from .numerics import FP64_SLACK, round_up
+from .sll import scaled_norm_upper, scaled_sigma_power
 from .spectral import sigma_power, sigma_upper
 
 
 @dataclass
 class LayerBound:
-    """One row of the bounds table. ``step`` and the sigmas are ``None`` for non-CPL layers."""
+    """One row of the bounds table. ``step`` and the sigmas are ``None`` for layers other than CPL and SLL ones;
+    an SLL row has no single step (``None``: it applies ``2 t`` per unit) and its sigmas are those of
+    ``diag(sqrt t) W``."""
 
     name: str
     kind: str
@@ -77,12 +81,26 @@ def cpl_layer_bound(step: float, sigma_up: float) -> float:
     return bound
 
 
+def layer_row(name: str, layer: nn.Module) -> LayerBound:
+    """The bounds-table row of one CPL layer (its step, ``||W||``) or SLL layer (step 2, ``||diag(sqrt t) W||``)."""
+    conv = isinstance(layer, (CPLConv2d, SLLConv2d))
+    if isinstance(layer, (SLLConv2d, SLLLinear)):
+        a_up = scaled_norm_upper(layer)[0]
+        kind = "sll-conv" if conv else "sll-dense"
+        return LayerBound(name, kind, cpl_layer_bound(2.0, a_up), None, scaled_sigma_power(layer), a_up)
+    assert isinstance(layer, (CPLConv2d, CPLLinear))
+    step = float(layer.current_step())
+    s_up = sigma_upper(layer)
+    kind = "cpl-conv" if conv else "cpl-dense"
+    return LayerBound(name, kind, cpl_layer_bound(step, s_up), step, sigma_power(layer), s_up)
+
+
 @torch.no_grad()
 def lipschitz_bounds(model: CPLNet) -> LipschitzBounds:
-    """Certified per-layer bounds and their product for a CPL network (frozen or not).
+    """Certified per-layer bounds and their product for a CPL or SLL network (frozen or not).
 
-    Uses the step inference actually applies (``layer.current_step()``), so the result is a bound on
-    the function the model computes in eval mode.
+    Uses the step or rescaling inference actually applies (``layer.current_scale()``), so the result is a
+    bound on the function the model computes in eval mode.
     """
     rows: list[LayerBound] = [
         LayerBound("normalize", "normalize", model.normalize.lipschitz()),
@@ -90,19 +108,7 @@ def lipschitz_bounds(model: CPLNet) -> LipschitzBounds:
     ]
     for prefix, container in (("convs", model.convs), ("dense", model.dense)):
         for index, layer in enumerate(container):
-            assert isinstance(layer, (CPLConv2d, CPLLinear))
-            step = float(layer.current_step())
-            s_up = sigma_upper(layer)
-            rows.append(
-                LayerBound(
-                    name=f"{prefix}.{index}",
-                    kind="cpl-conv" if isinstance(layer, CPLConv2d) else "cpl-dense",
-                    bound=cpl_layer_bound(step, s_up),
-                    step=step,
-                    sigma_power=sigma_power(layer),
-                    sigma_upper=s_up,
-                )
-            )
+            rows.append(layer_row(f"{prefix}.{index}", layer))
         if prefix == "convs":
             rows.append(LayerBound("pool", "block-sum-pool", 1.0))
     body_upper = product_upper(row.bound for row in rows)

@@ -19,14 +19,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import BlockSumPool, ChannelPad, CPLConv2d, CPLLinear, InputNormalization, LLNHead, TruncationHead
+from .layers import (
+    POTENTIAL_LAYER_TYPES,
+    BlockSumPool,
+    ChannelPad,
+    CPLConv2d,
+    CPLLinear,
+    InputNormalization,
+    LLNHead,
+    SLLConv2d,
+    SLLLinear,
+    TruncationHead,
+)
 from .lipschitz import LayerBound, LipschitzBounds
 from .numerics import FP64_SLACK, gamma, norm_upper, round_up, smallest_normal, unit_roundoff
 
 
 @dataclass(frozen=True)
 class StageConstants:
-    """What the rounding bound of one body stage needs; ``kind`` is normalize, pad, cpl, pool or flatten."""
+    """What the rounding bound of one body stage needs; ``kind`` is normalize, pad, cpl, sll, pool or flatten.
+
+    For an SLL layer (``sll_constants``) ``step`` is unused and ``sigma``, ``abs_sigma``, ``bias_norm`` are those
+    of ``B = diag(sqrt(2 t)) W`` and ``sqrt(2 t) b``."""
 
     name: str
     kind: str
@@ -43,7 +57,7 @@ class StageConstants:
     @property
     def measured(self) -> bool:
         """Whether the bound needs this stage's input norm."""
-        return self.kind in ("normalize", "cpl", "pool")
+        return self.kind in ("normalize", "cpl", "sll", "pool")
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,9 @@ def _stage_constants(name: str, stage: nn.Module, row: LayerBound | None, size: 
     if isinstance(stage, (CPLConv2d, CPLLinear)):
         assert row is not None and row.step is not None and row.sigma_upper is not None
         return _cpl_constants(name, stage, row.bound, row.step, row.sigma_upper)
+    if isinstance(stage, (SLLConv2d, SLLLinear)):
+        assert row is not None and row.sigma_upper is not None
+        return sll_constants(name, stage, row.bound, row.sigma_upper)
     if isinstance(stage, BlockSumPool):
         k = int(stage.kernel_size) if isinstance(stage.kernel_size, int) else int(stage.kernel_size[0])
         return StageConstants(name, "pool", 1.0, width=size, terms_w=k * k)
@@ -110,10 +127,10 @@ def _stage_constants(name: str, stage: nn.Module, row: LayerBound | None, size: 
     raise TypeError(f"no rounding model for the stage {name} ({type(stage).__name__})")
 
 
-def _cpl_constants(name: str, layer: CPLConv2d | CPLLinear, lipschitz: float, step: float, sigma: float) -> StageConstants:
+def _cpl_constants(name: str, layer: nn.Module, lipschitz: float, step: float, sigma: float) -> StageConstants:
     """Norm of ``|W|``, bias norm and summand counts of one CPL layer, beside its step and certified sigma."""
     weight = layer.weight.detach().double()
-    if isinstance(layer, CPLConv2d):
+    if isinstance(layer, (CPLConv2d, SLLConv2d)):
         abs_matrix = weight.abs().sum(dim=(2, 3))  # |K| summed over taps dominates every |K_hat(w)|
         positions = layer.input_size[0] * layer.input_size[1]
         taps = weight.shape[2] * weight.shape[3]
@@ -164,7 +181,8 @@ def _head_constants(head: nn.Module) -> HeadConstants:
 @dataclass
 class BodyTrace:
     """Per-sample norms measured while running the body: ``inputs[k]`` of stage k's input (measured
-    stages only), ``hidden[k]`` of a CPL layer's hidden units, ``features`` of the body's output."""
+    stages only), ``hidden[k]`` of a CPL layer's hidden units (of an SLL layer's scaled by ``sqrt(2 t)``),
+    ``features`` of the body's output."""
 
     inputs: dict[int, torch.Tensor]
     hidden: dict[int, torch.Tensor]
@@ -177,12 +195,13 @@ def trace_body(model: nn.Module, x: torch.Tensor, start: int = 0, stop: int | No
     trace = BodyTrace({}, {}, torch.empty(0))
     for index in range(start, len(stages) if stop is None else stop):
         _, stage = stages[index]
-        if isinstance(stage, (InputNormalization, BlockSumPool, CPLConv2d, CPLLinear)):
+        if isinstance(stage, (InputNormalization, BlockSumPool, *POTENTIAL_LAYER_TYPES)):
             trace.inputs[index] = norm_upper(x)
-        if isinstance(stage, (CPLConv2d, CPLLinear)):
-            hidden = stage.hidden(x)
-            trace.hidden[index] = norm_upper(hidden)
-            x = stage.update(x, hidden, stage.current_step())
+        if isinstance(stage, POTENTIAL_LAYER_TYPES):
+            hidden, step = stage.hidden(x), stage.current_step()
+            sll = isinstance(stage, (SLLConv2d, SLLLinear))
+            trace.hidden[index] = sll_hidden_norm(hidden, step) if sll else norm_upper(hidden)
+            x = stage.update(x, hidden, step)
         else:
             x = stage(x)
     trace.features = norm_upper(x)
@@ -201,6 +220,8 @@ def stage_error(c: StageConstants, a: torch.Tensor, hidden: torch.Tensor | None,
         return gamma(2, dtype) * (a + c.bias_norm) * c.inv_std + underflow
     if c.kind == "pool":
         return gamma(c.terms_w + 2, dtype) * a + underflow
+    if c.kind == "sll":
+        return sll_error(c, a, hidden, u, dtype) + underflow * (1.0 + c.sigma)  # the product's underflow, carried by B^T
     if c.kind != "cpl":
         return torch.zeros_like(a)
     return _cpl_error(c, a, hidden, u, dtype) + underflow
@@ -218,6 +239,66 @@ def _cpl_error(c: StageConstants, a: torch.Tensor, hidden: torch.Tensor | None, 
     sigma_norm = s * r_exact
     e_t = abs(h) * e_s + u * abs(h) * (sigma_norm + e_s)  # h * (W^T r)
     return e_t + u * (a + abs(h) * sigma_norm + e_t)  # x - t
+
+
+# --- SLL layers (kept apart: one rounded product per hidden unit more than a CPL layer) -----------------
+# With the per-unit step s = 2 t and B = diag(sqrt s) W, the exact layer is z = x - B^T diag(sqrt s) relu(W x + b):
+# a CPL layer with step 1 and operator B, all of whose norms are measured in the scaled hidden space.
+@torch.no_grad()
+def sll_constants(name: str, layer: SLLConv2d | SLLLinear, lipschitz: float, a_upper: float) -> StageConstants:
+    """An SLL layer's constants, for ``B = diag(sqrt s) W`` (``s = 2 t``): ``sigma >= ||B|| = sqrt(2) ||A||`` from
+    the certified ``||A|| <= a_upper``, ``abs_sigma >= || |B| ||``, ``bias_norm >= ||sqrt(s) b||`` over positions.
+
+    ``B`` is formed in float64 (a square root and a product per entry, ``gamma_2`` relative), so ``|B|`` is at
+    most ``1 + 2 gamma_2`` times the computed one, entrywise; the norms are scaled by that."""
+    root = layer.current_step().detach().double().clamp_min(0.0).sqrt().flatten()
+    scaled = layer.weight.detach().double() * root.view(-1, *[1] * (layer.weight.dim() - 1))
+    inflate = 1.0 + 2.0 * gamma(2, torch.float64) + FP64_SLACK
+    conv = isinstance(layer, SLLConv2d)
+    positions = layer.input_size[0] * layer.input_size[1] if conv else 1
+    abs_sigma = _abs_norm_upper(scaled.abs().sum(dim=(2, 3)) if conv else scaled.abs()) * inflate
+    bias_norm = round_up(float((layer.bias.detach().double() * root).norm()) * math.sqrt(positions) * inflate)
+    base = _cpl_constants(name, layer, lipschitz, 0.0, 0.0)  # summand counts and width
+    return StageConstants(
+        name, "sll", lipschitz, width=base.width, sigma=round_up(math.sqrt(2.0) * a_upper * (1.0 + 2.0 * unit_roundoff(torch.float64))),
+        abs_sigma=round_up(abs_sigma), bias_norm=bias_norm, terms_w=base.terms_w, terms_wt=base.terms_wt,
+    )
+
+
+def sll_hidden_norm(hidden: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Per-sample upper bound of ``||sqrt(s) * r~||`` for the computed hidden units ``r~`` and per-unit step ``s``,
+    computed in ``hidden``'s precision: the square root and the product round twice per unit (at most ``2.0001 u``
+    relative, each way), underflow adds ``eta`` per unit."""
+    u, tiny = unit_roundoff(hidden.dtype), smallest_normal(hidden.dtype)
+    units = hidden[0].numel() if hidden.shape[0] else 0
+    measured = norm_upper(hidden * step.to(hidden.dtype).sqrt())
+    return (measured + tiny * math.sqrt(units)) / (1.0 - 3.0 * u)
+
+
+def sll_product_error(c: StageConstants, scaled_hidden: torch.Tensor, u: float) -> torch.Tensor:
+    """The SLL layer's own term: ``||W^T (fl(s * r~) - s * r~)|| <= u ||B|| ||sqrt(s) r~||``.
+
+    Each product ``s_i r~_i`` is one correctly rounded multiplication, ``s_i r~_i (1 + d_i)`` with ``|d_i| <= u``,
+    so the error vector is ``diag(s) diag(d) r~`` and its image ``W^T diag(s) diag(d) r~ = B^T diag(d) diag(sqrt s) r~``
+    (diagonal matrices commute) has norm at most ``||B|| u ||sqrt(s) r~||``. docs/math.md section 6.2.
+    """
+    return c.sigma * u * scaled_hidden
+
+
+def sll_error(c: StageConstants, a: torch.Tensor, scaled_hidden: torch.Tensor | None, u: float, dtype: torch.dtype) -> torch.Tensor:
+    """The SLL layer's bound (docs/math.md 6.2): ``z = x - W^T (s * relu(W x + b))`` with every product, sum and the
+    product ``s * r`` rounded. Errors of the hidden units are measured after scaling by ``sqrt(s)``, where
+    ``W^T diag(s) = B^T diag(sqrt s)`` carries them with ``||B||``. ``scaled_hidden`` bounds ``||sqrt(s) r~||``
+    (``None``: bounded from ``a``)."""
+    b, b_abs, beta = c.sigma, c.abs_sigma, c.bias_norm
+    e_p = gamma(c.terms_w, dtype) * b_abs * a  # sqrt(s) (fl(W x) - W x)
+    e_q = e_p + u * (b * a + e_p + beta)  # + b (relu is 1-Lipschitz per unit: adds nothing)
+    r_exact = b * a + beta  # ||sqrt(s) relu(W x + b)|| <= ||B x + sqrt(s) b||
+    r_computed = scaled_hidden if scaled_hidden is not None else r_exact + e_q
+    r_exact = torch.minimum(r_exact, r_computed + e_q)
+    e_m = sll_product_error(c, r_computed, u)  # s * r
+    e_s = b * e_q + e_m + gamma(c.terms_wt, dtype) * (1.0 + u) * b_abs * r_computed  # W^T (s * r)
+    return e_s + u * (a + b * r_exact + e_s)  # x - v
 
 
 # --- whole body -----------------------------------------------------------------------------------------
