@@ -39,8 +39,9 @@ from .numerics import FP64_SLACK, gamma, norm_upper, round_up, smallest_normal, 
 class StageConstants:
     """What the rounding bound of one body stage needs; ``kind`` is normalize, pad, cpl, sll, pool or flatten.
 
-    For an SLL layer (``sll_constants``) ``step`` is unused and ``sigma``, ``abs_sigma``, ``bias_norm`` are those
-    of ``B = diag(sqrt(2 t)) W`` and ``sqrt(2 t) b``."""
+    For an SLL layer (``sll_constants``) ``step`` is unused, ``sigma``, ``abs_sigma``, ``bias_norm`` are those
+    of ``B = diag(sqrt(2 t)) W`` and ``sqrt(2 t) b``, ``step_max`` is ``max 2 t_i`` and ``weight_abs`` bounds
+    ``|| |W| ||`` (both for underflow only)."""
 
     name: str
     kind: str
@@ -53,6 +54,8 @@ class StageConstants:
     terms_w: int = 0  # cpl: summands per output of W x; pool: k * k
     terms_wt: int = 0  # cpl: summands per output of W^T r
     inv_std: float = 1.0  # normalize: 1 / min(std)
+    step_max: float = 0.0  # sll: max_i 2 t_i
+    weight_abs: float = 0.0  # sll: upper bound of || |W| ||
 
     @property
     def measured(self) -> bool:
@@ -221,7 +224,7 @@ def stage_error(c: StageConstants, a: torch.Tensor, hidden: torch.Tensor | None,
     if c.kind == "pool":
         return gamma(c.terms_w + 2, dtype) * a + underflow
     if c.kind == "sll":
-        return sll_error(c, a, hidden, u, dtype) + underflow * (1.0 + c.sigma)  # the product's underflow, carried by B^T
+        return sll_error(c, a, hidden, u, dtype) + sll_underflow(c, dtype)
     if c.kind != "cpl":
         return torch.zeros_like(a)
     return _cpl_error(c, a, hidden, u, dtype) + underflow
@@ -258,11 +261,20 @@ def sll_constants(name: str, layer: SLLConv2d | SLLLinear, lipschitz: float, a_u
     positions = layer.input_size[0] * layer.input_size[1] if conv else 1
     abs_sigma = _abs_norm_upper(scaled.abs().sum(dim=(2, 3)) if conv else scaled.abs()) * inflate
     bias_norm = round_up(float((layer.bias.detach().double() * root).norm()) * math.sqrt(positions) * inflate)
-    base = _cpl_constants(name, layer, lipschitz, 0.0, 0.0)  # summand counts and width
+    base = _cpl_constants(name, layer, lipschitz, 0.0, 0.0)  # summand counts, width and || |W| ||
     return StageConstants(
         name, "sll", lipschitz, width=base.width, sigma=round_up(math.sqrt(2.0) * a_upper * (1.0 + 2.0 * unit_roundoff(torch.float64))),
         abs_sigma=round_up(abs_sigma), bias_norm=bias_norm, terms_w=base.terms_w, terms_wt=base.terms_wt,
+        step_max=round_up(float(root.max()) ** 2) if root.numel() else 0.0, weight_abs=base.abs_sigma,
     )
+
+
+def sll_underflow(c: StageConstants, dtype: torch.dtype) -> float:
+    """Absolute errors near underflow (at most ``eta`` per operation, per value): ``W x`` (``n1`` per unit) and
+    ``+ b`` scaled by ``sqrt(s)`` and carried by ``B^T``, the product ``s * r`` carried by ``W^T``, ``W^T``'s own
+    ``n2`` per output and the subtraction; each vector has at most ``width`` values."""
+    carried = (c.terms_w + 1) * math.sqrt(c.step_max) * c.sigma + c.weight_abs + c.terms_wt + 1
+    return round_up(carried * smallest_normal(dtype) * math.sqrt(c.width))
 
 
 def sll_hidden_norm(hidden: torch.Tensor, step: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ def main() -> None:
             with torch.device("meta"):
                 counts.append(cpl_cert.count_parameters(cpl_cert.build_model(name, input_shape=shape, num_classes=10)))
         print(
-            f"| `{name}` | {spec.get('layer', 'cpl').upper()} | {spec['conv_depth']} | {spec['channels']} | {spec['conv_inner']} | {spec['dense_depth']} | "
+            f"| `{name}` | {spec.get('layer', 'cpl').upper()} | {spec['conv_depth']} | {spec['channels']} | {spec['conv_inner']} | "
+            f"{spec['dense_depth']} | "
             f"{spec['dense_inner']} | {counts[0]:,} | {counts[1]:,} |"
         )
 

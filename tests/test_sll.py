@@ -260,8 +260,9 @@ def test_float32_layer_error_stays_under_the_bound_on_many_inputs(kind, bias):
     g = torch.Generator().manual_seed(8)
     shape = input_shape(layer)
     x = torch.randn(400, *shape, generator=g) * torch.logspace(-3, 3, 400).view(-1, *[1] * len(shape))
+    x = torch.cat([x, x[:40] * 1e-37])  # values near and below the smallest normal: the underflow allowance
     error, bound, coarse = float32_error_and_bounds(layer, x)
-    assert bool((error <= bound).all()) and bool((bound <= coarse * (1 + 1e-12)).all())
+    assert bool((error <= bound).all()) and bool((bound <= coarse * (1 + 1e-4)).all())  # measuring costs at most its own allowance
     assert float((error / bound).max()) > 1e-3  # the bound is a worst case, not a blind constant
 
 
