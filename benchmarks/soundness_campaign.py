@@ -2,7 +2,9 @@
 
 For every model configuration (every preset at small input sizes, std != 1, LLN and truncation heads,
 weights scaled after freezing, unfrozen models, near-identity and all-units-active constructions, and
-briefly trained models) it
+briefly trained models; the same for SLL layers, plus SLL rescalings scaled after freezing, tight Hadamard
+layers, and networks imported from SLL-code checkpoints of both layer versions, built by the tests'
+stand-in ``tests/sll_net.py``) it
 
 * compares the certified network bound with the largest Jacobian norm found: exact float64 Jacobians
   (SVD) at random inputs, plus gradient ascent on the secant ratio ``||f(x + d) - f(x)|| / ||d||``;
@@ -27,9 +29,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +43,7 @@ import cpl_cert
 from cpl_cert.attacks.check import make_checker, verify_any, verify_exact, verify_float32
 from cpl_cert.attacks.common import AttackOutcome
 from cpl_cert.attacks.minnorm import fmn_l2
-from cpl_cert.layers import CPLConv2d, CPLLinear
+from cpl_cert.layers import POTENTIAL_LAYER_TYPES, SLL_LAYER_TYPES
 from cpl_cert.models import float64_copy
 from cpl_cert.numerics import strict_math
 from cpl_cert.radii import exact_points
@@ -61,7 +66,7 @@ class Outcome:
 
 # --- configurations --------------------------------------------------------------------------------------
 def _layers(model: cpl_cert.CPLNet) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (CPLConv2d, CPLLinear))]
+    return [m for m in model.modules() if isinstance(m, POTENTIAL_LAYER_TYPES)]
 
 
 def _build(preset: str, shape: tuple[int, int, int], seed: int, **overrides: object) -> cpl_cert.CPLNet:
@@ -129,6 +134,17 @@ def _rescaled(std: float) -> Callable[[cpl_cert.CPLNet], cpl_cert.CPLNet]:
     return apply
 
 
+def _t_scaled(factor: float) -> Callable[[cpl_cert.CPLNet], cpl_cert.CPLNet]:
+    """Every SLL layer's frozen rescaling multiplied by ``factor``."""
+    def apply(model: cpl_cert.CPLNet) -> cpl_cert.CPLNet:
+        for layer in _layers(model):
+            if isinstance(layer, SLL_LAYER_TYPES):
+                layer.set_frozen_t(layer.t * factor)
+        return model
+
+    return apply
+
+
 SCALES: dict[str, float] = {"inputs x1e-25": 1e-25, "inputs x1e25": 1e25, "inputs x1e-25, no cpl pool 2": 1e-25}
 """Configurations whose images are float tensors multiplied by this factor (the others: uint8 pixels)."""
 
@@ -152,11 +168,54 @@ def paper_configurations() -> list[tuple[str, Callable[[], cpl_cert.CPLNet]]]:
             for i, (p, h) in enumerate((("cpl-s", "truncation"), ("cpl-s", "lln"), ("cpl-m", "truncation")))]
 
 
+def _hadamard(model: cpl_cert.CPLNet) -> cpl_cert.CPLNet:
+    """Dense SLL layers with orthogonal rows (a scaled Hadamard matrix): ``||diag(sqrt t) W|| = 1`` exactly."""
+    with torch.no_grad():
+        for layer in model.dense:
+            n = layer.weight.shape[1]
+            rows = torch.ones(1, 1)
+            while rows.shape[0] < n:
+                rows = torch.cat([torch.cat([rows, rows], 1), torch.cat([rows, -rows], 1)], 0)
+            layer.weight.copy_(rows[: layer.weight.shape[0], :n] * 2.0 ** torch.arange(layer.weight.shape[0]).remainder(3)[:, None])
+            layer.bias.fill_(5.0)
+    return cpl_cert.freeze(model)
+
+
+def _imported_sll(version: str, q_scale: float, steps: str, lln: bool = True) -> cpl_cert.CPLNet:
+    """A network imported from an SLL-code checkpoint built by the tests' stand-in (random weights)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from sll_net import SLLArch, training_checkpoint
+
+    arch = SLLArch(version, 1, 2, 4, 3, 24, lln=lln)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.pth"
+        torch.save(training_checkpoint(arch, seed=len(version), q_scale=q_scale), path)
+        return cpl_cert.import_sll(path, "cifar10", steps=steps).model  # type: ignore[arg-type]
+
+
+def _sll_variants() -> list[tuple[str, Callable[[], cpl_cert.CPLNet]]]:
+    """SLL layers: presets, rescaling scaled after freezing, tight and all-active layers, trained, imported."""
+    return [
+        ("sll t x1.3 after freezing", lambda: _t_scaled(1.3)(_frozen("sll-xs", (1, 8, 8), 20, head="lln"))),
+        ("sll weights x1.2 after freezing", lambda: _scaled(1.2)(_frozen("sll-xs", (1, 12, 12), 21))),
+        ("sll unfrozen", lambda: _build("sll-xs", (1, 8, 8), 22).eval()),
+        ("sll all units active", lambda: _all_active(_build("sll-xs", (1, 8, 8), 23))),
+        ("sll hadamard dense (tight t)", lambda: _hadamard(_build("sll-xs", (1, 16, 16), 24, conv_depth=0, channels=1, dense_inner=8))),
+        ("sll hadamard, t x1.1", lambda: _t_scaled(1.1)(_hadamard(_build("sll-xs", (1, 16, 16), 25, conv_depth=0, channels=1,
+                                                                                dense_inner=8)))),
+        ("sll trained xs lln", lambda: _trained(_build("sll-xs", (1, 8, 8), 26, head="lln"))),
+        ("imported sll current", lambda: _imported_sll("current", 1.0, "reference")),
+        ("imported sll earlier", lambda: _imported_sll("earlier", 1.0, "reference", lln=False)),
+        ("imported sll earlier small |q|", lambda: _imported_sll("earlier", 3e-6, "reference")),
+        ("imported sll earlier small |q| certified", lambda: _imported_sll("earlier", 3e-6, "certified")),
+    ]
+
+
 def configurations(quick: bool = False) -> list[tuple[str, Callable[[], cpl_cert.CPLNet]]]:
     """(name, builder) pairs; ``quick`` keeps one of each kind."""
     shapes = [(1, 8, 8), (3, 8, 8), (1, 12, 12)]
-    small = ["cpl-tiny", "cpl-xs", "cpl-sm"]
-    paper = ["cpl-s", "cpl-m", "cpl-l", "cpl-xl"]
+    small = ["cpl-tiny", "cpl-xs", "cpl-sm", "sll-xs"]
+    paper = ["cpl-s", "cpl-m", "cpl-l", "cpl-xl", "sll-s", "sll-m", "sll-l", "sll-xl"]
     configs: list[tuple[str, Callable[[], cpl_cert.CPLNet]]] = []
     for i, preset in enumerate(small + paper):
         for j, shape in enumerate(shapes if preset in small else shapes[:2]):
@@ -185,11 +244,12 @@ def configurations(quick: bool = False) -> list[tuple[str, Callable[[], cpl_cert
         ("dense only", lambda: _frozen("cpl-tiny", (1, 8, 8), 15, channels=1, conv_depth=0, dense_depth=3, dense_inner=64, pool=1)),
         ("conv only lln", lambda: _frozen("cpl-tiny", (1, 8, 8), 16, conv_depth=3, dense_depth=0, head="lln")),
     ]
-    configs += variants + extreme_configurations()
+    configs += variants + extreme_configurations() + _sll_variants()
     if quick:
         keep = {"cpl-tiny (1, 8, 8) truncation", "cpl-xs (3, 8, 8) lln", "std != 1", "scaled x1.3 lln", "unfrozen",
                 "all units active", "trained tiny", "no cpl pool 2", "one layer, all active, x1.2", "inputs x1e-25",
-                "std 1e25, biases / 1e25"}
+                "std 1e25, biases / 1e25", "sll-xs (3, 8, 8) lln", "sll t x1.3 after freezing", "sll hadamard, t x1.1",
+                "imported sll current", "imported sll earlier small |q|"}
         return [c for c in configs if c[0] in keep]
     return configs + paper_configurations()
 

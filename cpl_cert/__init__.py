@@ -20,20 +20,21 @@ _EXPORTS = {
     "data": ("ImageDataset", "load_dataset"),
     "errors": ("CplCertError",),
     "export": ("ExportResult", "export_onnx", "onnx_metadata"),
-    "layers": ("CPLConv2d", "CPLLinear", "LLNHead", "TruncationHead"),
+    "layers": ("CPLConv2d", "CPLLinear", "LLNHead", "SLLConv2d", "SLLLinear", "TruncationHead"),
     "lipschitz": ("LipschitzBounds", "lipschitz_bounds", "lipschitz_lower_bound"),
     "models": ("PRESETS", "CPLNet", "ModelConfig", "build_model", "count_parameters"),
     "predict": ("PredictResult", "predict"),
     "reference": ("ImportedModel", "import_reference"),
+    "sll_reference": ("import_sll",),
     "spectral": ("freeze", "is_frozen"),
 }
 _SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "PRESETS", "CPLConv2d", "CPLLinear", "CPLNet", "CertifyResult", "CplCertError", "ExportResult", "ImageDataset", "ImportedModel",
-    "LLNHead", "LipschitzBounds", "ModelConfig", "PredictResult", "TruncationHead", "build_model", "certify", "count_parameters",
-    "export_onnx", "freeze", "import_reference", "is_frozen", "lipschitz_bounds", "lipschitz_lower_bound", "load_checkpoint",
-    "load_dataset", "onnx_metadata", "parse_eps", "predict", "read_metadata", "save_checkpoint",
+    "LLNHead", "LipschitzBounds", "ModelConfig", "PredictResult", "SLLConv2d", "SLLLinear", "TruncationHead", "build_model", "certify",
+    "count_parameters", "export_onnx", "freeze", "import_reference", "import_sll", "is_frozen", "lipschitz_bounds", "lipschitz_lower_bound",
+    "load_checkpoint", "load_dataset", "onnx_metadata", "parse_eps", "predict", "read_metadata", "save_checkpoint",
 ]
 
 if TYPE_CHECKING:
@@ -42,11 +43,12 @@ if TYPE_CHECKING:
     from .data import ImageDataset, load_dataset
     from .errors import CplCertError
     from .export import ExportResult, export_onnx, onnx_metadata
-    from .layers import CPLConv2d, CPLLinear, LLNHead, TruncationHead
+    from .layers import CPLConv2d, CPLLinear, LLNHead, SLLConv2d, SLLLinear, TruncationHead
     from .lipschitz import LipschitzBounds, lipschitz_bounds, lipschitz_lower_bound
     from .models import PRESETS, CPLNet, ModelConfig, build_model, count_parameters
     from .predict import PredictResult, predict
     from .reference import ImportedModel, import_reference
+    from .sll_reference import import_sll
     from .spectral import freeze, is_frozen
 
 

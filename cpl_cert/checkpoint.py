@@ -146,6 +146,6 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     validate_model(model, source=str(file))
     validate_against_metadata(model, meta, source=str(file))
     if not is_frozen(model):
-        raise CplCertError(f"{file} holds a model that was never frozen (a CPL layer has no fixed step)")
+        raise CplCertError(f"{file} holds a model that was never frozen (a CPL layer has no fixed step, or an SLL layer no fixed rescaling)")
     model.eval()
     return model.to(device), meta

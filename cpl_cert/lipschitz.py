@@ -2,7 +2,8 @@
 
 For a CPL layer with step ``h`` and ``s = ||W||_2`` the Jacobian ``I - h W^T D W`` (``0 <= D <= I``) is
 symmetric with eigenvalues in ``[1 - h s^2, 1]``, so ``Lip = max(1, h s^2 - 1)``, evaluated here with the
-certified upper bound of ``s``. The network bound is the product over all layers.
+certified upper bound of ``s``. An SLL layer is the same with ``h = 2`` and ``s = ||diag(sqrt t) W||``
+(``cpl_cert.sll``). The network bound is the product over all layers.
 """
 
 from __future__ import annotations
@@ -17,15 +18,18 @@ import torch
 from torch import nn
 
 from .errors import CplCertError
-from .layers import BlockSumPool, ChannelPad, CPLConv2d, CPLLinear, InputNormalization, LLNHead, TruncationHead
+from .layers import BlockSumPool, ChannelPad, CPLConv2d, CPLLinear, InputNormalization, LLNHead, SLLConv2d, SLLLinear, TruncationHead
 from .models import CPLNet, float64_copy
 from .numerics import FP64_SLACK, round_up
+from .sll import scaled_norm_upper, scaled_sigma_power
 from .spectral import sigma_power, sigma_upper
 
 
 @dataclass
 class LayerBound:
-    """One row of the bounds table. ``step`` and the sigmas are ``None`` for non-CPL layers."""
+    """One row of the bounds table. ``step`` and the sigmas are ``None`` for layers other than CPL and SLL ones;
+    an SLL row has no single step (``None``: it applies ``2 t`` per unit) and its sigmas are those of
+    ``diag(sqrt t) W``."""
 
     name: str
     kind: str
@@ -77,15 +81,17 @@ def cpl_layer_bound(step: float, sigma_up: float) -> float:
     return bound
 
 
-STAGE_KINDS = ("normalize", "channel-pad", "cpl-conv", "cpl-dense", "block-sum-pool", "flatten")
+STAGE_KINDS = ("normalize", "channel-pad", "cpl-conv", "cpl-dense", "sll-conv", "sll-dense", "block-sum-pool", "flatten")
 """The kinds of body stage, one vocabulary for the bounds table, the rounding model and the reports."""
+POTENTIAL_KINDS = ("cpl-conv", "cpl-dense", "sll-conv", "sll-dense")
+"""The kinds of layer of the form ``x - W^T diag(step) relu(W x + b)``."""
 
 
 def stage_kind(name: str, stage: nn.Module) -> str:
     """The kind of one body stage of ``CPLNet.body()``; a stage cpl-cert has no bound for is an error."""
     for types, kind in (
         (InputNormalization, "normalize"), (ChannelPad, "channel-pad"), (CPLConv2d, "cpl-conv"), (CPLLinear, "cpl-dense"),
-        (BlockSumPool, "block-sum-pool"), (nn.Flatten, "flatten"),
+        (SLLConv2d, "sll-conv"), (SLLLinear, "sll-dense"), (BlockSumPool, "block-sum-pool"), (nn.Flatten, "flatten"),
     ):
         if isinstance(stage, types):
             return kind
@@ -93,11 +99,15 @@ def stage_kind(name: str, stage: nn.Module) -> str:
 
 
 def stage_bound(name: str, stage: nn.Module) -> LayerBound:
-    """The bounds-table row of one body stage: its certified Lipschitz constant (and a CPL layer's step and sigmas)."""
+    """The bounds-table row of one body stage: its certified Lipschitz constant, and for a CPL layer its step
+    and ``||W||``, for an SLL layer (step 2) ``||diag(sqrt t) W||``."""
     kind = stage_kind(name, stage)
     if kind == "normalize":
         assert isinstance(stage, InputNormalization)
         return LayerBound(name, kind, stage.lipschitz())
+    if kind in ("sll-conv", "sll-dense"):
+        a_up = scaled_norm_upper(stage)[0]
+        return LayerBound(name, kind, cpl_layer_bound(2.0, a_up), None, scaled_sigma_power(stage), a_up)
     if kind in ("cpl-conv", "cpl-dense"):
         assert isinstance(stage, (CPLConv2d, CPLLinear))
         step, s_up = float(stage.current_step()), sigma_upper(stage)
@@ -107,11 +117,11 @@ def stage_bound(name: str, stage: nn.Module) -> LayerBound:
 
 @torch.no_grad()
 def lipschitz_bounds(model: CPLNet) -> LipschitzBounds:
-    """Certified per-stage bounds and their product for a CPL network (frozen or not).
+    """Certified per-stage bounds and their product for a CPL or SLL network (frozen or not).
 
     One row per stage of ``model.body()``, in order (the rounding model reads them by position), then the
-    head. Uses the step inference actually applies (``layer.current_step()``), so the result is a bound on
-    the function the model computes in eval mode.
+    head. Uses the step or rescaling inference actually applies (``layer.current_step()``), so the result is a
+    bound on the function the model computes in eval mode.
     """
     rows = [stage_bound(name, stage) for name, stage in model.body()]
     body_upper = product_upper(row.bound for row in rows)

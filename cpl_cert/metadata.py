@@ -95,7 +95,7 @@ CLASSES = list_of(text(non_empty=False), "a non-empty list of strings")
 CONFIG = Record({
     "input_shape": SHAPE, "num_classes": whole(2), "channels": whole(1), "conv_depth": whole(0), "dense_depth": whole(0),
     "conv_inner": whole(1), "dense_inner": whole(1), "pool": whole(1), "head": text(), "mean": MEAN, "std": optional(STD),
-    "preset": optional(text()),
+    "preset": optional(text()), "layer": text(),
 })
 DATASET = Record({"name": text(), "input_shape": SHAPE, "num_classes": whole(2), "classes": CLASSES, "mean": MEAN, "std": STD})
 FRACTION = number(0.0, 1.0)

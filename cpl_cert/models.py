@@ -2,7 +2,8 @@
 
 A CPL network (the paper's design, any input shape): input normalisation -> zero channel padding
 -> ``conv_depth`` convolutional CPL layers at full resolution -> one block-sum pool of size ``pool``
--> flatten -> ``dense_depth`` dense CPL layers of the flattened width -> a head.
+-> flatten -> ``dense_depth`` dense CPL layers of the flattened width -> a head. With ``layer="sll"``
+the same skeleton holds SLL layers instead (Araujo et al., ICLR 2023; CPL's generalisation).
 """
 
 from __future__ import annotations
@@ -19,17 +20,21 @@ from torch import nn
 
 from .errors import CplCertError
 from .layers import (
-    CPL_LAYER_TYPES,
+    POTENTIAL_LAYER_TYPES,
     BlockSumPool,
     ChannelPad,
     CPLConv2d,
     CPLLinear,
     InputNormalization,
     LLNHead,
+    SLLConv2d,
+    SLLLinear,
     TruncationHead,
 )
 
 HEADS = ("truncation", "lln")
+LAYER_KINDS = {"cpl": (CPLConv2d, CPLLinear), "sll": (SLLConv2d, SLLLinear)}
+"""``layer`` of the config: the (conv, dense) classes of each kind."""
 
 
 @dataclass
@@ -45,6 +50,7 @@ class ModelConfig:
     dense_inner: int = 2048
     pool: int = 4
     head: str = "truncation"
+    layer: str = "cpl"
     mean: tuple[float, ...] = field(default_factory=tuple)
     std: tuple[float, ...] | None = None
     preset: str | None = None
@@ -74,6 +80,7 @@ class ModelConfig:
             (self.conv_inner < 1 or self.dense_inner < 1, "conv_inner and dense_inner must be positive"),
             (self.pool < 1 or self.pool > min(h, w), f"pool ({self.pool}) must be between 1 and the image size ({min(h, w)})"),
             (self.head not in HEADS, f"head must be one of {', '.join(HEADS)}, got {self.head!r}"),
+            (self.layer not in LAYER_KINDS, f"layer must be one of {', '.join(LAYER_KINDS)}, got {self.layer!r}"),
             (len(self.mean) != c, f"mean needs one value per input channel ({c}), got {len(self.mean)}"),
             (self.std is not None and (len(self.std) != c or min(self.std) <= 0), "std needs one positive value per input channel"),
         ]
@@ -96,7 +103,13 @@ class ModelConfig:
         return self.channels * ph * pw
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as a dict; ``layer`` only when it is not ``cpl``, so that a CPL config reads exactly as
+        before the field existed (older cpl-cert versions load CPL checkpoints written by this one, and
+        refuse SLL ones with one sentence about the unknown key)."""
+        data = dataclasses.asdict(self)
+        if data["layer"] == "cpl":
+            del data["layer"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -126,26 +139,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpl-tiny": dict(channels=8, conv_depth=2, dense_depth=2, conv_inner=8, dense_inner=128, pool=4),
     "cpl-xs": dict(channels=16, conv_depth=4, dense_depth=3, conv_inner=16, dense_inner=512, pool=4),
     "cpl-sm": dict(channels=24, conv_depth=6, dense_depth=4, conv_inner=24, dense_inner=1024, pool=4),
+    # The SLL code's sizes (Araujo et al. 2023: small to xlarge; conv inner 5 from its reproduce_tables.py),
+    # and a CPU size like cpl-xs.
+    "sll-s": dict(channels=45, conv_depth=20, dense_depth=7, conv_inner=5, dense_inner=2048, pool=4, layer="sll"),
+    "sll-m": dict(channels=60, conv_depth=30, dense_depth=10, conv_inner=5, dense_inner=2048, pool=4, layer="sll"),
+    "sll-l": dict(channels=90, conv_depth=50, dense_depth=10, conv_inner=5, dense_inner=2048, pool=4, layer="sll"),
+    "sll-xl": dict(channels=120, conv_depth=70, dense_depth=15, conv_inner=5, dense_inner=2048, pool=4, layer="sll"),
+    "sll-xs": dict(channels=16, conv_depth=4, dense_depth=3, conv_inner=16, dense_inner=512, pool=4, layer="sll"),
 }
 
 
 class CPLNet(nn.Module):
-    """A CPL network. ``body`` maps an image to features; ``head`` maps features to logits."""
+    """A CPL (or SLL) network. ``body`` maps an image to features; ``head`` maps features to logits."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         c, h, w = config.input_shape
+        conv, dense = LAYER_KINDS[config.layer]
         self.normalize = InputNormalization(list(config.mean), list(config.std) if config.std else None)
         self.pad = ChannelPad(c, config.channels)
-        self.convs = nn.Sequential(
-            *[CPLConv2d(config.channels, config.conv_inner, (h, w)) for _ in range(config.conv_depth)]
-        )
+        self.convs = nn.Sequential(*[conv(config.channels, config.conv_inner, (h, w)) for _ in range(config.conv_depth)])
         self.pool = BlockSumPool(config.pool)
         self.flatten = nn.Flatten(1)
-        self.dense = nn.Sequential(
-            *[CPLLinear(config.dense_width, config.dense_inner) for _ in range(config.dense_depth)]
-        )
+        self.dense = nn.Sequential(*[dense(config.dense_width, config.dense_inner) for _ in range(config.dense_depth)])
         if config.head == "lln":
             self.head: nn.Module = LLNHead(config.dense_width, config.num_classes)
         else:
@@ -173,8 +190,8 @@ class CPLNet(nn.Module):
 
 
 def cpl_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs of every CPL layer, in forward order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, CPL_LAYER_TYPES)]
+    """The (name, module) pairs of every CPL or SLL layer, in forward order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, POTENTIAL_LAYER_TYPES)]
 
 
 def resolve_config(
@@ -223,20 +240,21 @@ def float64_copy(model: nn.Module) -> nn.Module:
     Parameters and buffers are converted straight into the copy (no float32 copy first: half the
     memory traffic of ``deepcopy(model).double()`` on a 41M-parameter model).
     """
-    # An unfrozen layer's step is whatever its float32 estimate gives now: take it from the original.
+    # An unfrozen layer's step (CPL) or rescaling (SLL) is whatever its float32 estimate gives now: take it
+    # from the original.
     with torch.no_grad():
-        steps = {name: float(layer.current_step()) for name, layer in cpl_layers(model) if not layer.frozen}
+        scales = {name: layer.current_scale().detach().clone() for name, layer in cpl_layers(model) if not layer.frozen}
     memo = {id(t): t.detach().double() if t.is_floating_point() else t.detach().clone() for t in [*model.parameters(), *model.buffers()]}
     exact = copy.deepcopy(model, memo)
     for name, layer in cpl_layers(exact):
-        if name in steps:
-            layer.set_frozen_step(steps[name])
+        if name in scales:
+            layer.set_frozen_scale(scales[name])
     return exact.eval()
 
 
 def weights_key(model: nn.Module) -> tuple[object, ...]:
-    """Changes whenever a parameter or buffer of ``model`` is replaced or modified in place, or a CPL
-    layer is frozen or unfrozen: the key of caches of anything computed from the weights."""
+    """Changes whenever a parameter or buffer of ``model`` is replaced or modified in place, or a CPL or
+    SLL layer is frozen or unfrozen: the key of caches of anything computed from the weights."""
     tensors = [*model.parameters(), *model.buffers()]
     flags = tuple(layer.frozen for _, layer in cpl_layers(model))
     return (tuple((t.data_ptr(), t._version, t.dtype, str(t.device)) for t in tensors), flags)

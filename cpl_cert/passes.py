@@ -8,25 +8,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import CPL_LAYER_TYPES, LLNHead
+from .layers import POTENTIAL_LAYER_TYPES, SLL_LAYER_TYPES, LLNHead
 from .lipschitz import stage_kind
 from .numerics import norm_upper
-from .rounding import MEASURED_KINDS, BodyTrace
+from .rounding import MEASURED_KINDS, BodyTrace, sll_hidden_norm
 
 
 def trace_body(model: nn.Module, x: torch.Tensor, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, BodyTrace]:
     """Run body stages ``start:stop`` of ``model`` on ``x`` exactly as ``model.features`` does, measuring the
-    norm of every measured stage's input and of every CPL layer's hidden units (upper bounds, float64)."""
+    norm of every measured stage's input and of every CPL layer's hidden units (an SLL layer's scaled by
+    ``sqrt(2 t)``; upper bounds, float64)."""
     stages = model.body()
     trace = BodyTrace({}, {}, torch.empty(0))
     for index in range(start, len(stages) if stop is None else stop):
         name, stage = stages[index]
         if stage_kind(name, stage) in MEASURED_KINDS:
             trace.inputs[index] = norm_upper(x)
-        if isinstance(stage, CPL_LAYER_TYPES):
-            hidden = stage.hidden(x)
-            trace.hidden[index] = norm_upper(hidden)
-            x = stage.update(x, hidden, stage.current_step())
+        if isinstance(stage, POTENTIAL_LAYER_TYPES):
+            hidden, step = stage.hidden(x), stage.current_step()
+            trace.hidden[index] = sll_hidden_norm(hidden, step) if isinstance(stage, SLL_LAYER_TYPES) else norm_upper(hidden)
+            x = stage.update(x, hidden, step)
         else:
             x = stage(x)
     trace.features = norm_upper(x)
@@ -50,14 +51,14 @@ def accumulated_features(model: nn.Module, model64: nn.Module, x: torch.Tensor) 
     """The body of cpl-cert's float32 network (``accumulated_logits`` without the head)."""
     x = x.float()
     for (_, stage), (_, stage64) in zip(model.body(), model64.body(), strict=True):
-        x = _accumulated_layer(stage64, x) if isinstance(stage, CPL_LAYER_TYPES) else stage(x)
+        x = _accumulated_layer(stage64, x) if isinstance(stage, POTENTIAL_LAYER_TYPES) else stage(x)
     return x
 
 
 def _accumulated_layer(layer64: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One CPL layer of cpl-cert's float32 network: ``q = fl32(W x + b)``, ``z = fl32(x - h W^T relu(q))``
-    with both right-hand sides in float64 (``layer64`` holds the float32 weights and step as float64)."""
+    """One CPL or SLL layer of cpl-cert's float32 network: ``r = fl32(relu(W x + b))`` (rounding commutes with
+    the ReLU) and ``z = fl32(x - h W^T r)`` (SLL: ``fl32(x - W^T (2t * r))``), both right-hand sides in float64
+    (``layer64`` holds the float32 weights, bias and step as float64, exactly)."""
     wide = x.double()
-    hidden = F.relu((layer64._apply_w(wide, layer64.weight) + layer64._bias_view()).float())
-    step = layer64.current_step()
-    return (wide - step * layer64._apply_wt(hidden.double(), layer64.weight)).float()
+    hidden = layer64.hidden(wide).float()
+    return layer64.update(wide, hidden.double(), layer64.current_step()).float()

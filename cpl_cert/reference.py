@@ -92,10 +92,11 @@ class ReferenceArchitecture:
 
 @dataclass
 class ImportedModel:
-    """A converted reference network: the frozen cpl-cert model and what the checkpoint should record."""
+    """A converted reference network: the frozen cpl-cert model and what the checkpoint should record.
+    ``architecture`` is a ``ReferenceArchitecture`` (CPL code) or a ``cpl_cert.sll_reference.SLLArchitecture``."""
 
     model: CPLNet
-    architecture: ReferenceArchitecture
+    architecture: Any
     dataset: dict[str, Any]
     provenance: dict[str, Any]
 
@@ -120,29 +121,41 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8 and head[8:] == b"{"
 
 
-def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a ``torch.save`` file, read with ``weights_only=True`` on the CPU; one sentence on failure."""
+def read_torch_file(path: str | Path, what: str = "the reference code") -> object:
+    """The object a ``torch.save`` file holds, read with ``weights_only=True`` on the CPU (tensors, dicts, lists,
+    numbers and strings only: no code runs); one sentence on failure. ``what`` names the code that wrote it."""
     file = Path(path)
     if not file.exists():
         raise CplCertError(f"{file} does not exist")
     if file.is_dir():
         raise CplCertError(f"{file} is a folder, not a torch.save file")
     if _is_safetensors(file):  # torch.load would read it, but it is no reference-code file
-        raise CplCertError(f"{file} is a safetensors file, not a torch.save file of the reference code (a cpl-cert checkpoint needs no import)")
+        raise CplCertError(f"{file} is a safetensors file, not a torch.save file of {what} (a cpl-cert checkpoint needs no import)")
     try:
-        state = torch.load(file, weights_only=True, map_location="cpu")
+        return torch.load(file, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc) and "GLOBAL" in str(exc):
             raise CplCertError(_unpickling_message(file, exc)) from None
         raise CplCertError(f"{file} is not a torch.save file of tensors (it cannot be read as one)") from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile, UnicodeDecodeError, AttributeError):
         raise CplCertError(f"{file} is not a torch.save file (empty, truncated or another format)") from None
+
+
+def check_state_dict(state: object, file: Path) -> dict[str, torch.Tensor]:
+    """``state`` as a dict of named tensors, or one sentence saying what it is instead."""
     if not isinstance(state, dict):
         raise CplCertError(f"{file} holds a {type(state).__name__}, not a state_dict (a dict of named tensors)")
+    if "model_state_dict" in state:
+        raise CplCertError(f"{file} is a training checkpoint (model_state_dict and more) as the SLL code saves, not a CPL state_dict; use --from sll")
     bad = [key for key, value in state.items() if not (isinstance(key, str) and isinstance(value, torch.Tensor))]
     if bad:
         raise CplCertError(f"{file} is not a state_dict: the entry {bad[0]!r} is not a named tensor")
     return dict(state)
+
+
+def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``torch.save`` file, read with ``weights_only=True`` on the CPU; one sentence on failure."""
+    return check_state_dict(read_torch_file(path), Path(path))
 
 
 def _strip_prefix(state: dict[str, torch.Tensor], path: Path) -> tuple[str, dict[str, torch.Tensor]]:

@@ -22,17 +22,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CplCertError
-from .layers import BlockSumPool, CPLConv2d, CPLLinear, InputNormalization, LLNHead, TruncationHead
-from .lipschitz import LayerBound, LipschitzBounds
-from .numerics import FLOAT32, FLOAT64, FP64_SLACK, Arithmetic, gamma, round_up, smallest_normal, unit_roundoff
+from .layers import BlockSumPool, CPLConv2d, CPLLinear, InputNormalization, LLNHead, SLLConv2d, SLLLinear, TruncationHead
+from .lipschitz import POTENTIAL_KINDS, LayerBound, LipschitzBounds
+from .numerics import FLOAT32, FLOAT64, FP64_SLACK, Arithmetic, gamma, norm_upper, round_up, smallest_normal, unit_roundoff
 
-MEASURED_KINDS = ("normalize", "cpl-conv", "cpl-dense", "block-sum-pool")
+MEASURED_KINDS = ("normalize", *POTENTIAL_KINDS, "block-sum-pool")
 """Stages whose rounding bound needs the norm of their input (the others are exact)."""
 
 
 @dataclass(frozen=True)
 class StageConstants:
-    """What the rounding bound of one body stage needs; ``kind`` is the stage's row kind in ``lipschitz_bounds``."""
+    """What the rounding bound of one body stage needs; ``kind`` is the stage's row kind in ``lipschitz_bounds``.
+
+    An SLL layer ``z = x - W^T (s * relu(W x + b))`` (per-unit step ``s = 2 t``) is a CPL layer with step 1 and
+    operator ``B = diag(sqrt s) W`` whose hidden units are measured scaled by ``sqrt(s)`` (``sll_constants``):
+    ``sigma``, ``abs_sigma`` and ``bias_norm`` are then those of ``B`` and ``sqrt(s) b``; ``step_max`` (``max s``),
+    ``weight_abs`` (``|| |W| ||``) and ``bias_abs`` (``||b||``) bound the unscaled values for underflow and overflow.
+    """
 
     name: str
     kind: str
@@ -45,6 +51,9 @@ class StageConstants:
     terms_w: int = 0  # cpl: summands per output of W x; pool: k * k
     terms_wt: int = 0  # cpl: summands per output of W^T r
     inv_std: float = 1.0  # normalize: 1 / min(std)
+    step_max: float = 0.0  # sll: max_i 2 t_i
+    weight_abs: float = 0.0  # sll: upper bound of || |W| ||
+    bias_abs: float = 0.0  # sll: norm of the unscaled bias over positions
 
     @property
     def measured(self) -> bool:
@@ -53,7 +62,12 @@ class StageConstants:
 
     @property
     def is_cpl(self) -> bool:
-        return self.kind in ("cpl-conv", "cpl-dense")
+        """A layer ``x - W^T diag(step) relu(W x + b)``: CPL, or SLL in its scaled form."""
+        return self.kind in POTENTIAL_KINDS
+
+    @property
+    def is_sll(self) -> bool:
+        return self.kind in ("sll-conv", "sll-dense")
 
 
 @dataclass(frozen=True)
@@ -124,6 +138,9 @@ def _stage_constants(stage: nn.Module, row: LayerBound, size: int) -> StageConst
     if row.kind in ("cpl-conv", "cpl-dense"):
         assert isinstance(stage, (CPLConv2d, CPLLinear)) and row.step is not None and row.sigma_upper is not None
         return _cpl_constants(row, stage)
+    if row.kind in ("sll-conv", "sll-dense"):
+        assert isinstance(stage, (SLLConv2d, SLLLinear)) and row.sigma_upper is not None
+        return sll_constants(row, stage)
     if row.kind == "block-sum-pool":
         assert isinstance(stage, BlockSumPool)
         k = int(stage.kernel_size) if isinstance(stage.kernel_size, int) else int(stage.kernel_size[0])
@@ -133,10 +150,10 @@ def _stage_constants(stage: nn.Module, row: LayerBound, size: int) -> StageConst
     raise CplCertError(f"cpl-cert has no rounding model for the stage {row.name} ({row.kind})")
 
 
-def _cpl_constants(row: LayerBound, layer: CPLConv2d | CPLLinear) -> StageConstants:
+def _cpl_constants(row: LayerBound, layer: nn.Module) -> StageConstants:
     """Norm of ``|W|``, bias norm and summand counts of one CPL layer, beside its step and certified sigma."""
     weight = layer.weight.detach().double()
-    if isinstance(layer, CPLConv2d):
+    if isinstance(layer, (CPLConv2d, SLLConv2d)):
         abs_matrix = weight.abs().sum(dim=(2, 3))  # |K| summed over taps dominates every |K_hat(w)|
         positions = layer.input_size[0] * layer.input_size[1]
         taps = weight.shape[2] * weight.shape[3]
@@ -147,10 +164,32 @@ def _cpl_constants(row: LayerBound, layer: CPLConv2d | CPLLinear) -> StageConsta
         terms_w, terms_wt, width = weight.shape[1], weight.shape[0], max(weight.shape)
     abs_sigma = _abs_norm_upper(abs_matrix)
     bias_norm = round_up(float(layer.bias.detach().double().norm()) * math.sqrt(positions))
-    assert row.step is not None and row.sigma_upper is not None
     return StageConstants(
-        row.name, row.kind, row.bound, width=width, step=row.step, sigma=row.sigma_upper, abs_sigma=abs_sigma,
+        row.name, row.kind, row.bound, width=width, step=row.step or 0.0, sigma=row.sigma_upper or 0.0, abs_sigma=abs_sigma,
         bias_norm=bias_norm, terms_w=terms_w, terms_wt=terms_wt,
+    )
+
+
+@torch.no_grad()
+def sll_constants(row: LayerBound, layer: SLLConv2d | SLLLinear) -> StageConstants:
+    """An SLL layer's constants in its scaled form (step 1, ``B = diag(sqrt s) W``, ``s = 2 t``): ``sigma >= ||B||
+    = sqrt(2) ||A||`` from the certified ``||A||`` of the bounds row, ``abs_sigma >= || |B| ||``, ``bias_norm >=
+    ||sqrt(s) b||`` over positions. ``B`` is formed in float64 (a square root and a product per entry, ``gamma_2``
+    relative), so ``|B|`` is at most ``1 + 2 gamma_2`` times the computed one, entrywise; the norms are scaled by that."""
+    assert row.sigma_upper is not None
+    root = layer.current_step().detach().double().clamp_min(0.0).sqrt().flatten()
+    scaled = layer.weight.detach().double() * root.view(-1, *[1] * (layer.weight.dim() - 1))
+    inflate = 1.0 + 2.0 * gamma(2, torch.float64) + FP64_SLACK
+    conv = isinstance(layer, SLLConv2d)
+    positions = layer.input_size[0] * layer.input_size[1] if conv else 1
+    base = _cpl_constants(row, layer)  # summand counts, width, || |W| || and ||b|| (unscaled)
+    return StageConstants(
+        row.name, row.kind, row.bound, width=base.width, step=1.0,
+        sigma=round_up(math.sqrt(2.0) * row.sigma_upper * (1.0 + 2.0 * unit_roundoff(torch.float64))),
+        abs_sigma=round_up(_abs_norm_upper(scaled.abs().sum(dim=(2, 3)) if conv else scaled.abs()) * inflate),
+        bias_norm=round_up(float((layer.bias.detach().double() * root).norm()) * math.sqrt(positions) * inflate),
+        terms_w=base.terms_w, terms_wt=base.terms_wt, step_max=round_up(float(root.max()) ** 2) if root.numel() else 0.0,
+        weight_abs=base.abs_sigma, bias_abs=base.bias_norm,
     )
 
 
@@ -217,6 +256,8 @@ def stage_error(c: StageConstants, a: torch.Tensor, hidden: torch.Tensor | None,
         return gamma(2, storage) * (a + c.bias_norm) * c.inv_std + underflow
     if c.kind == "block-sum-pool":
         return gamma(c.terms_w + 2, storage) * a + underflow
+    if c.is_sll:
+        underflow = sll_underflow(c, storage)
     e_q = hidden_error(c, a, arithmetic)
     r_computed = hidden if hidden is not None else c.sigma * a + c.bias_norm + e_q
     r_exact = torch.minimum(c.sigma * a + c.bias_norm, r_computed + e_q)  # ||relu(W x + b)|| <= ||W x + b||
@@ -242,19 +283,33 @@ def update_error(c: StageConstants, a: torch.Tensor, r_computed: torch.Tensor, r
 
     Any order: ``W^T r~`` (``gamma_m |W|^T |r~|``), times ``h`` (or ``h`` folded into the weights), ``x`` minus
     that, each rounded. float64 accumulation: the whole right-hand side in float64, one rounding to float32.
+    An SLL layer (scaled form, ``h = 1``) multiplies first: ``x - W^T (s * r~)`` (``step_product_error``).
     """
     u, h, s, sa = unit_roundoff(arithmetic.storage), abs(c.step), c.sigma, c.abs_sigma
     if arithmetic.exact_products:
         inner = h * gamma(c.terms_wt, torch.float64) * sa * r_computed + 3.0 * unit_roundoff(torch.float64) * (a + h * s * r_computed)
         return u * (a + h * s * r_computed + inner) + inner
     e_s = gamma(c.terms_wt, arithmetic.storage) * sa * r_computed  # W^T r~
-    e_t = (1.0 + u) * h * e_s + u * h * sa * r_computed  # h * (W^T r~), or (h W)^T r~ with h W rounded
+    e_t = (1.0 + u) * h * e_s + step_product_error(c, r_computed, u)  # the product by the step
     return (1.0 + u) * e_t + u * (a + h * s * r_exact)  # x - t
+
+
+def step_product_error(c: StageConstants, r_computed: torch.Tensor, u: float) -> torch.Tensor:
+    """The rounding of the product by the step, carried by ``W^T``: ``u |h| || |W| || ||r~||``.
+
+    CPL: ``h (W^T r~)`` rounded, or ``(h W)^T r~`` with ``h W`` rounded entrywise. SLL (scaled form, ``h = 1``):
+    each ``s_i r~_i`` is one rounding, ``s_i r~_i (1 + d_i)``, so the error's image is ``W^T diag(s) diag(d) r~ =
+    B^T diag(d) diag(sqrt s) r~`` (diagonal matrices commute), of norm at most ``u ||B|| ||sqrt(s) r~||``.
+    """
+    return u * abs(c.step) * c.abs_sigma * r_computed
 
 
 def stage_peak(c: StageConstants, a: torch.Tensor) -> torch.Tensor:
     """Bound of the magnitude of every value the stage computes, partial sums of its dot products included,
     from an input of norm ``a`` (each entry of a vector is at most its norm; ``|| |W| ||`` bounds ``||W||``)."""
+    if c.is_sll:  # unscaled: W x + b, s * r, W^T (s * r), x minus that
+        hidden = c.weight_abs * a + c.bias_abs
+        return a + hidden * (1.0 + c.step_max) + c.weight_abs * c.step_max * hidden
     if c.kind == "normalize":
         return (a + c.bias_norm) * max(c.inv_std, 1.0)
     if c.kind == "block-sum-pool":
@@ -269,6 +324,24 @@ def overflows(peak: torch.Tensor, arithmetic: Arithmetic) -> torch.Tensor:
     """Where a computation in ``arithmetic`` whose exact values stay below ``peak`` might overflow. Rounding
     moves a value by far less than a factor 2, so staying below half the largest finite number is enough."""
     return ~(peak * 2.0 < torch.finfo(arithmetic.storage).max)
+
+
+def sll_underflow(c: StageConstants, dtype: torch.dtype) -> float:
+    """An SLL layer's absolute errors near underflow (at most ``eta`` per operation, per value): ``W x`` (``n1`` per
+    unit) and ``+ b`` scaled by ``sqrt(s)`` and carried by ``B^T``, the product ``s * r`` carried by ``W^T``, ``W^T``'s
+    own ``n2`` per output and the subtraction; each vector has at most ``width`` values."""
+    carried = (c.terms_w + 1) * math.sqrt(c.step_max) * c.sigma + c.weight_abs + c.terms_wt + 1
+    return round_up(carried * smallest_normal(dtype) * math.sqrt(c.width))
+
+
+def sll_hidden_norm(hidden: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Per-sample upper bound of ``||sqrt(s) * r~||`` for the computed hidden units ``r~`` and per-unit step ``s``,
+    computed in ``hidden``'s precision: the square root and the product round twice per unit (at most ``2.0001 u``
+    relative, each way), underflow adds ``eta`` per unit."""
+    u, tiny = unit_roundoff(hidden.dtype), smallest_normal(hidden.dtype)
+    units = hidden[0].numel() if hidden.shape[0] else 0
+    measured = norm_upper(hidden * step.to(hidden.dtype).sqrt())
+    return (measured + tiny * math.sqrt(units)) / (1.0 - 3.0 * u)
 
 
 def stage_offset(c: StageConstants) -> float:

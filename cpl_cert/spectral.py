@@ -20,7 +20,7 @@ from torch import nn
 from .dense_norm import dense_norm_bound
 from .errors import CplCertError
 from .lanczos import lanczos_top
-from .layers import STEP_EPSILON, CPLConv2d, CPLLinear
+from .layers import POTENTIAL_LAYER_TYPES, STEP_EPSILON, CPLConv2d, CPLLinear, SLLConv2d, SLLLinear
 from .numerics import round_up, strict_math, unit_roundoff
 
 Operator = Callable[[torch.Tensor], torch.Tensor]
@@ -156,14 +156,17 @@ RESTART_STEPS = 30
 
 
 @torch.no_grad()
-def refresh_vector(layer: CPLLinear | CPLConv2d, max_iters: int, tol: float = 1e-7) -> None:
+def refresh_vector(
+    layer: CPLLinear | CPLConv2d | SLLLinear | SLLConv2d, max_iters: int, tol: float = 1e-7, operators: tuple[Operator, Operator] | None = None
+) -> None:
     """Replace the stored vector by the top Ritz vector of ``W^T W`` after at most ``max_iters`` Lanczos steps
     (float32, restarted every ``RESTART_STEPS``, warm from the stored vector, so never worse than it).
 
     Stops once the Ritz residual is below ``sqrt(tol)`` times the eigenvalue, i.e. once sigma has converged to
-    about ``tol`` (relative). Feeds the report only: no step depends on it.
+    about ``tol`` (relative). Feeds the report only: no step depends on it. ``operators`` replaces ``(W, W^T)``
+    (float32; an SLL layer passes ``diag(sqrt t) W`` and its transpose).
     """
-    apply_w, apply_wt = layer_operators(layer, torch.float32)
+    apply_w, apply_wt = operators or layer_operators(layer, torch.float32)
     shape = layer.u.shape
     vector, left = layer.u.float().flatten(), max_iters
     while left > 0:
@@ -173,10 +176,10 @@ def refresh_vector(layer: CPLLinear | CPLConv2d, max_iters: int, tol: float = 1e
         left -= RESTART_STEPS
         if residual <= tol**0.5 * theta:
             break
-    _store_vector(layer, vector)
+    store_vector(layer, vector)
 
 
-def _store_vector(layer: CPLLinear | CPLConv2d, vector: torch.Tensor | None) -> None:
+def store_vector(layer: CPLLinear | CPLConv2d | SLLLinear | SLLConv2d, vector: torch.Tensor | None) -> None:
     """Store a unit vector (a zero, infinite or missing one leaves the stored vector as it is)."""
     if vector is None:
         return
@@ -205,25 +208,30 @@ def freeze_layer(layer: CPLLinear | CPLConv2d, max_iters: int = REPORT_ITERS, to
         if vector is None:
             refresh_vector(layer, max_iters, tol)
         else:
-            _store_vector(layer, vector)
+            store_vector(layer, vector)
     layer.set_frozen_step(step)
     return step
 
 
 def freeze(model: nn.Module, max_iters: int = REPORT_ITERS, tol: float = 1e-7) -> nn.Module:
-    """Freeze every CPL layer of ``model`` (step fixed from its certified bound) and set eval mode.
+    """Freeze every CPL layer of ``model`` (step fixed from its certified bound) and every SLL layer (float32
+    rescaling whose certified ``||diag(sqrt t) W||`` proves bound 1, ``cpl_cert.sll``) and set eval mode.
 
     A frozen model is a fixed function: inference never re-estimates a spectral norm. Runs with
     full-precision math (no TF32) so that the bounds it relies on are computed as docs/math.md says.
     """
+    from .sll import freeze_sll_layer  # cpl_cert.sll builds on this module
+
     model.eval()
     with strict_math():
         for module in model.modules():
             if isinstance(module, (CPLLinear, CPLConv2d)):
                 freeze_layer(module, max_iters=max_iters, tol=tol)
+            elif isinstance(module, (SLLLinear, SLLConv2d)):
+                freeze_sll_layer(module, max_iters=max_iters, tol=tol)
     return model
 
 
 def is_frozen(model: nn.Module) -> bool:
-    """True when every CPL layer of ``model`` has a fixed step."""
-    return all(m.frozen for m in model.modules() if isinstance(m, (CPLLinear, CPLConv2d)))
+    """True when every CPL layer of ``model`` has a fixed step and every SLL layer a fixed rescaling."""
+    return all(m.frozen for m in model.modules() if isinstance(m, POTENTIAL_LAYER_TYPES))

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from .errors import CplCertError
-from .layers import CPL_LAYER_TYPES, InputNormalization
+from .layers import CPL_LAYER_TYPES, SLL_LAYER_TYPES, InputNormalization
 
 
 def validate_model(model: nn.Module, source: str = "the model") -> None:
-    """Raise ``CplCertError`` unless every tensor is finite, every std positive, every step >= 0 and
-    every power-iteration vector non-zero."""
+    """Raise ``CplCertError`` unless every tensor is finite, every std positive, every step and SLL
+    rescaling >= 0 and every power-iteration vector non-zero."""
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -33,8 +33,10 @@ def _check_module(name: str, module: nn.Module, source: str) -> None:
     if isinstance(module, CPL_LAYER_TYPES):
         if float(module.step) < 0:
             raise CplCertError(f"{source}: {name}.step is negative ({float(module.step):g}); a CPL step must be >= 0")
-        if float(module.u.detach().double().norm()) == 0.0:
-            raise CplCertError(f"{source}: {name}.u (the power-iteration vector) is zero")
+    if isinstance(module, SLL_LAYER_TYPES) and not bool((module.t >= 0).all()):
+        raise CplCertError(f"{source}: {name}.t has a negative entry; an SLL rescaling must be >= 0")
+    if isinstance(module, CPL_LAYER_TYPES + SLL_LAYER_TYPES) and float(module.u.detach().double().norm()) == 0.0:
+        raise CplCertError(f"{source}: {name}.u (the power-iteration vector) is zero")
 
 
 def validate_against_metadata(model: nn.Module, meta: dict[str, Any], source: str) -> None:

@@ -32,11 +32,12 @@ def test_certify_on_the_gpu_agrees_with_the_cpu():
     assert abs(gpu.clean_accuracy - cpu.clean_accuracy) <= 0.001
 
 
+@pytest.mark.parametrize("preset", ["cpl-tiny", "sll-xs"])
 @pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
-def test_one_epoch_trains_on_the_gpu(tmp_path, train_data_dir, bf16):
+def test_one_epoch_trains_on_the_gpu(tmp_path, train_data_dir, bf16, preset):
     out = tmp_path / "gpu.safetensors"
     options = TrainOptions(
-        out=out, model="cpl-tiny", epochs=1, eval_limit=200, lr=0.01, device="cuda", bf16=bf16, data_dir=train_data_dir, freeze_iters=50
+        out=out, model=preset, epochs=1, eval_limit=200, lr=0.01, device="cuda", bf16=bf16, data_dir=train_data_dir, freeze_iters=50
     )
     result = train(options)
     model, meta = cpl_cert.load_checkpoint(out)

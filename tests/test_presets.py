@@ -44,3 +44,20 @@ def test_config_round_trip_and_validation():
         ModelConfig(input_shape=(1, 4, 4), num_classes=10, channels=1, conv_depth=0, dense_depth=0)
     with pytest.raises(CplCertError, match="unknown preset"):
         cpl_cert.build_model("cpl-huge", input_shape=(1, 28, 28), num_classes=10)
+
+
+SLL = {"sll-s": (20, 45, 7), "sll-m": (30, 60, 10), "sll-l": (50, 90, 10), "sll-xl": (70, 120, 15)}
+
+
+@pytest.mark.parametrize("name", list(SLL))
+def test_sll_presets_have_the_sll_codes_sizes(name):
+    conv, channels, dense = SLL[name]
+    with torch.device("meta"):
+        model = cpl_cert.build_model(name, input_shape=(3, 32, 32), num_classes=10, head="lln")
+    config = model.config
+    assert (config.conv_depth, config.channels, config.dense_depth, config.layer) == (conv, channels, dense, "sll")
+    assert (config.dense_inner, config.conv_inner, config.pool) == (2048, 5, 4)  # conv inner 5: its reproduce_tables.py
+    # SLL layers add q (one per hidden unit) to the CPL layer's kernel and bias; the LLN head has K x F + K.
+    expected = conv * (5 * channels * 9 + 2 * 5) + dense * (2048 * channels * 64 + 2 * 2048) + 10 * channels * 64 + 10
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert isinstance(model.dense[0], cpl_cert.SLLLinear) and isinstance(model.convs[0], cpl_cert.SLLConv2d)

@@ -8,15 +8,16 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+import pytest
 import torch
 from conftest import make_frozen
 
 import cpl_cert
 from cpl_cert.certify import certificate_constants
 from cpl_cert.models import float64_copy
-from cpl_cert.numerics import FLOAT32, FLOAT32_ACC64, norm_upper
+from cpl_cert.numerics import FLOAT32, FLOAT32_ACC64, FLOAT64, norm_upper
 from cpl_cert.passes import accumulated_features, trace_body
-from cpl_cert.rounding import hidden_error, stage_error, stage_peak
+from cpl_cert.rounding import ball_body_error, hidden_error, stage_error, stage_peak
 
 U = 2.0**-24
 
@@ -103,6 +104,23 @@ def test_plain_float32_errors_stay_under_their_bound_on_random_layers():
             exact = float64_copy(model).features(x.double())
             bound = sum(stage_error(c, trace.inputs[i], trace.hidden.get(i), FLOAT32) for i, c in enumerate(model_err.stages) if c.measured)
         assert bool(((features.double() - exact).norm(dim=1) <= bound).all())
+
+
+@pytest.mark.parametrize("preset", ["cpl-xs", "sll-xs"])
+def test_both_float32_networks_stay_within_their_ball_bounds(preset):
+    """What certify uses for the float32 certificates: from a float64 trace, the bound of each float32 network's
+    feature error at the same point (a ball of radius 0), against the network actually run (CPL and SLL layers)."""
+    model = make_frozen(preset, input_shape=(1, 12, 12), num_classes=5, seed=4, head="lln")
+    _, model_err = certificate_constants(model)
+    model64 = float64_copy(model)
+    x = torch.rand((64, 1, 12, 12), generator=torch.Generator().manual_seed(4)) * 3
+    with torch.no_grad():
+        exact, trace = trace_body(model64, x.double())
+        zero = torch.zeros(64, dtype=torch.float64)
+        for arithmetic, features in ((FLOAT32, model.features(x)), (FLOAT32_ACC64, accumulated_features(model, model64, x))):
+            bound, _ = ball_body_error(model_err, trace, model_err.plan(FLOAT64), model_err.plan(arithmetic), zero)
+            error = (features.double() - exact).norm(dim=1)
+            assert bool((error <= bound).all()) and float(error.max()) > 0, arithmetic.name
 
 
 def test_stage_peaks_bound_every_value_computed():
