@@ -318,12 +318,3 @@ def onnx_logits(path: str | os.PathLike[str], images: torch.Tensor) -> torch.Ten
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.cpu().numpy()})
     return torch.from_numpy(logits)
-
-
-def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file as a dict."""
-    require_onnx()
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return {entry.key: entry.value for entry in proto.metadata_props}

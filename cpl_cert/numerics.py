@@ -11,7 +11,6 @@ docs/math.md derives the per-layer bounds from these.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -157,7 +156,3 @@ def _backend(path: str) -> object | None:
     for part in filter(None, path.split(".")):
         obj = getattr(obj, part, None)
     return obj
-
-
-def is_finite_number(value: float) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -29,18 +29,6 @@ class AttackOutcome:
     name: str
     settings: dict[str, Any] = field(default_factory=dict)
 
-    def merge(self, other: AttackOutcome) -> AttackOutcome:
-        """Per point, keep the closer success of the two (the worst case for the model)."""
-        take = other.found & (~self.found | (other.distance < self.distance))
-        shape = (-1, *[1] * (self.adversarial.dim() - 1))
-        return AttackOutcome(
-            found=self.found | other.found,
-            adversarial=torch.where(take.view(shape), other.adversarial, self.adversarial),
-            distance=torch.where(take, other.distance, self.distance),
-            name=self.name,
-            settings=self.settings,
-        )
-
 
 def batch_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample vector ``(B,)`` to broadcast against ``like`` ``(B, ...)``."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -150,7 +149,3 @@ def json_report(
         "device": cert.device,
         "seconds": seconds,
     }
-
-
-def finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None

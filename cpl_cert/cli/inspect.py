@@ -46,9 +46,9 @@ def lipschitz_command(
 ) -> None:
     """Per-layer exact Lipschitz bounds and the network's certified upper and empirical lower bounds.
 
-    For each CPL layer: the frozen step h, the converged power-iteration sigma, a certified upper
-    bound of sigma (exact SVD for dense layers, FFT bound for convolutions) and the layer bound
-    max(1, h * sigma_up^2 - 1). The network bound is their product; the lower bound is the largest
+    For each CPL layer: the frozen step h, the power-iteration sigma, a certified upper bound of sigma
+    (a Cholesky certificate of the Gram matrix for dense layers, the FFT bound for convolutions) and the
+    layer bound max(1, h * sigma_up^2 - 1); for an SLL layer the certified bound of ||diag(sqrt t) W||. The network bound is their product; the lower bound is the largest
     ||J(x)||_2 found on random inputs in the valid pixel box [0, 1].
     """
     set_threads(threads)

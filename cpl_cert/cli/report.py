@@ -1,4 +1,4 @@
-"""Rendering results for people (Rich tables) and programs (JSON files written atomically)."""
+"""The Lipschitz bounds table (`cpl-cert lipschitz`, `info`): one row per stage, for people.
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from .setup import Run
 EVAL_BATCH = 1024
 
 
-def freeze_iterations(run: Run, epoch: int) -> int:
+def freeze_iterations(run: Run) -> int:
     """Power iterations ``freeze`` spends on the report's sigma (``--freeze-iters``, else the library default).
 
     The step never depends on them: ``freeze`` takes it from the certified spectral-norm bound.
@@ -30,7 +30,7 @@ def evaluate(run: Run, epoch: int, totals: EpochTotals, on_event: OnEvent = igno
     """
     start = time.perf_counter()
     frozen = copy.deepcopy(run.model)
-    iterations = freeze_iterations(run, epoch)
+    iterations = freeze_iterations(run)
     on_event(Evaluating(epoch, "freeze", 0, iterations))
     freeze(frozen, max_iters=iterations)
 
