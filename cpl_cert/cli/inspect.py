@@ -48,8 +48,9 @@ def lipschitz_command(
 
     For each CPL layer: the frozen step h, the power-iteration sigma, a certified upper bound of sigma
     (a Cholesky certificate of the Gram matrix for dense layers, the FFT bound for convolutions) and the
-    layer bound max(1, h * sigma_up^2 - 1); for an SLL layer the certified bound of ||diag(sqrt t) W||. The network bound is their product; the lower bound is the largest
-    ||J(x)||_2 found on random inputs in the valid pixel box [0, 1].
+    layer bound max(1, h * sigma_up^2 - 1); for an SLL layer the certified bound of ||diag(sqrt t) W||.
+    The network bound is their product; the lower bound is the largest ||J(x)||_2 found on random inputs
+    in the valid pixel box [0, 1].
     """
     set_threads(threads)
     if samples < 0 or iters < 1:
