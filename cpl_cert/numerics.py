@@ -38,16 +38,21 @@ class Arithmetic:
     name: str
     storage: torch.dtype
     accumulate: torch.dtype
+    by_taps: bool = False  # convolutions' W x summed per tap in ``storage``, the taps' sums in ``accumulate``
 
     @property
     def exact_products(self) -> bool:
-        return self.storage == torch.float32 and self.accumulate == torch.float64
+        """Dot products from exact float64 products of float32 operands, summed in float64."""
+        return self.storage == torch.float32 and self.accumulate == torch.float64 and not self.by_taps
 
 
 FLOAT32 = Arithmetic("float32", torch.float32, torch.float32)
 """Plain float32: any correctly rounded runtime, dot products in any order (PyTorch's own ``model(x)``, ONNX Runtime)."""
 FLOAT32_ACC64 = Arithmetic("float32, float64 accumulation", torch.float32, torch.float64)
 """cpl-cert's float32 network: float32 activations, every product and sum of a dot product in float64."""
+FLOAT32_BY_TAPS = Arithmetic("float32, convolutions summed per tap", torch.float32, torch.float64, by_taps=True)
+"""cpl-cert's first pass on convolutions with few outputs: ``W x + b`` as float32 per-tap sums added in float64
+(``conv64.conv2d_by_taps``), everything else plain float32."""
 FLOAT64 = Arithmetic("float64", torch.float64, torch.float64)
 """float64 throughout (cpl-cert's re-evaluation of the exact function)."""
 

@@ -4,20 +4,26 @@ and cpl-cert's float32 network (float32 activations, float64 accumulation; docs/
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import conv64
 from .layers import POTENTIAL_LAYER_TYPES, SLL_LAYER_TYPES, LLNHead
 from .lipschitz import stage_kind
-from .numerics import norm_upper
+from .numerics import Arithmetic, norm_upper
 from .rounding import MEASURED_KINDS, BodyTrace, sll_hidden_norm
 
 
-def trace_body(model: nn.Module, x: torch.Tensor, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, BodyTrace]:
-    """Run body stages ``start:stop`` of ``model`` on ``x`` exactly as ``model.features`` does, measuring the
-    norm of every measured stage's input and of every CPL layer's hidden units (an SLL layer's scaled by
-    ``sqrt(2 t)``; upper bounds, float64)."""
+def trace_body(
+    model: nn.Module, x: torch.Tensor, start: int = 0, stop: int | None = None, plan: Sequence[Arithmetic] | None = None
+) -> tuple[torch.Tensor, BodyTrace]:
+    """Run body stages ``start:stop`` of ``model`` on ``x`` as ``model.features`` does, measuring the norm of
+    every measured stage's input and of every CPL layer's hidden units (an SLL layer's scaled by ``sqrt(2 t)``;
+    upper bounds, float64). A stage whose arithmetic in ``plan`` is by taps computes ``W x + b`` with
+    ``conv64.conv2d_by_taps`` instead of its own convolution."""
     stages = model.body()
     trace = BodyTrace({}, {}, torch.empty(0))
     for index in range(start, len(stages) if stop is None else stop):
@@ -25,13 +31,19 @@ def trace_body(model: nn.Module, x: torch.Tensor, start: int = 0, stop: int | No
         if stage_kind(name, stage) in MEASURED_KINDS:
             trace.inputs[index] = norm_upper(x)
         if isinstance(stage, POTENTIAL_LAYER_TYPES):
-            hidden, step = stage.hidden(x), stage.current_step()
+            by_taps = plan is not None and plan[index].by_taps
+            hidden, step = _hidden_by_taps(stage, x) if by_taps else stage.hidden(x), stage.current_step()
             trace.hidden[index] = sll_hidden_norm(hidden, step) if isinstance(stage, SLL_LAYER_TYPES) else norm_upper(hidden)
             x = stage.update(x, hidden, step)
         else:
             x = stage(x)
     trace.features = norm_upper(x)
     return x, trace
+
+
+def _hidden_by_taps(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``relu(W x + b)`` of a convolutional layer, with ``W x + b`` summed per tap and rounded once to float32."""
+    return F.relu(conv64.conv2d_by_taps(x, layer.weight, layer.bias, layer.padding).float())
 
 
 @torch.no_grad()

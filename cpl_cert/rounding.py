@@ -24,7 +24,7 @@ from torch import nn
 from .errors import CplCertError
 from .layers import BlockSumPool, CPLConv2d, CPLLinear, InputNormalization, LLNHead, SLLConv2d, SLLLinear, TruncationHead
 from .lipschitz import POTENTIAL_KINDS, LayerBound, LipschitzBounds
-from .numerics import FLOAT32, FLOAT64, FP64_SLACK, Arithmetic, gamma, norm_upper, round_up, smallest_normal, unit_roundoff
+from .numerics import FLOAT32, FLOAT32_BY_TAPS, FLOAT64, FP64_SLACK, Arithmetic, gamma, norm_upper, round_up, smallest_normal, unit_roundoff
 
 MEASURED_KINDS = ("normalize", *POTENTIAL_KINDS, "block-sum-pool")
 """Stages whose rounding bound needs the norm of their input (the others are exact)."""
@@ -50,6 +50,7 @@ class StageConstants:
     bias_norm: float = 0.0  # cpl: norm of the bias broadcast over positions; normalize: of the mean
     terms_w: int = 0  # cpl: summands per output of W x; pool: k * k
     terms_wt: int = 0  # cpl: summands per output of W^T r
+    taps: int = 1  # cpl: kernel taps (k * k for a convolution): W x sums terms_w / taps terms per tap
     inv_std: float = 1.0  # normalize: 1 / min(std)
     step_max: float = 0.0  # sll: max_i 2 t_i
     weight_abs: float = 0.0  # sll: upper bound of || |W| ||
@@ -68,6 +69,12 @@ class StageConstants:
     @property
     def is_sll(self) -> bool:
         return self.kind in ("sll-conv", "sll-dense")
+
+    @property
+    def taps_pay(self) -> bool:
+        """A convolution with at most half as many outputs as inputs: summing per tap is faster there than
+        oneDNN's float32 convolution, and its bound is ``k * k`` times smaller (``conv64.conv2d_by_taps``)."""
+        return self.kind in ("cpl-conv", "sll-conv") and 2 * self.terms_wt <= self.terms_w
 
 
 @dataclass(frozen=True)
@@ -93,10 +100,12 @@ class ErrorModel:
     head_pairs: torch.Tensor  # c[i, j]: Lipschitz constant of f_i - f_j with respect to the features
     pair_lipschitz: torch.Tensor  # L[i, j] >= c[i, j] * body_lipschitz: the same with respect to the input
 
-    def plan(self, conv: Arithmetic, dense: Arithmetic | None = None) -> list[Arithmetic]:
-        """One arithmetic per stage: ``dense`` from the flatten stage on (default ``conv``), ``conv`` before it."""
+    def plan(self, conv: Arithmetic, dense: Arithmetic | None = None, by_taps: bool = False) -> list[Arithmetic]:
+        """One arithmetic per stage: ``dense`` from the flatten stage on (default ``conv``), ``conv`` before it;
+        with ``by_taps``, ``FLOAT32_BY_TAPS`` for the convolutions it pays on (``StageConstants.taps_pay``)."""
         split = next((i for i, c in enumerate(self.stages) if c.kind == "flatten"), len(self.stages))
-        return [conv] * split + [dense or conv] * (len(self.stages) - split)
+        plan = [conv] * split + [dense or conv] * (len(self.stages) - split)
+        return [FLOAT32_BY_TAPS if by_taps and c.taps_pay else a for a, c in zip(plan, self.stages, strict=True)]
 
 
 # --- constants ---------------------------------------------------------------------------------------
@@ -160,13 +169,13 @@ def _cpl_constants(row: LayerBound, layer: nn.Module) -> StageConstants:
         terms_w, terms_wt = weight.shape[1] * taps, weight.shape[0] * taps
         width = max(weight.shape[0], weight.shape[1]) * positions
     else:
-        abs_matrix, positions = weight.abs(), 1
+        abs_matrix, positions, taps = weight.abs(), 1, 1
         terms_w, terms_wt, width = weight.shape[1], weight.shape[0], max(weight.shape)
     abs_sigma = _abs_norm_upper(abs_matrix)
     bias_norm = round_up(float(layer.bias.detach().double().norm()) * math.sqrt(positions))
     return StageConstants(
         row.name, row.kind, row.bound, width=width, step=row.step or 0.0, sigma=row.sigma_upper or 0.0, abs_sigma=abs_sigma,
-        bias_norm=bias_norm, terms_w=terms_w, terms_wt=terms_wt,
+        bias_norm=bias_norm, terms_w=terms_w, terms_wt=terms_wt, taps=taps,
     )
 
 
@@ -188,7 +197,7 @@ def sll_constants(row: LayerBound, layer: SLLConv2d | SLLLinear) -> StageConstan
         sigma=round_up(math.sqrt(2.0) * row.sigma_upper * (1.0 + 2.0 * unit_roundoff(torch.float64))),
         abs_sigma=round_up(_abs_norm_upper(scaled.abs().sum(dim=(2, 3)) if conv else scaled.abs()) * inflate),
         bias_norm=round_up(float((layer.bias.detach().double() * root).norm()) * math.sqrt(positions) * inflate),
-        terms_w=base.terms_w, terms_wt=base.terms_wt, step_max=round_up(float(root.max()) ** 2) if root.numel() else 0.0,
+        terms_w=base.terms_w, terms_wt=base.terms_wt, taps=base.taps, step_max=round_up(float(root.max()) ** 2) if root.numel() else 0.0,
         weight_abs=base.abs_sigma, bias_abs=base.bias_norm,
     )
 
@@ -270,10 +279,16 @@ def hidden_error(c: StageConstants, a: torch.Tensor, arithmetic: Arithmetic) -> 
 
     Any order: ``n + 1`` terms (the bias inside the sum or added after it), ``gamma_{n+1} (|W| |x| + |b|)``.
     float64 accumulation: the same sum in float64, then one rounding to float32, ``u ||q64||``.
+    By taps: each tap's ``n / taps`` products summed in float32 (``gamma_{n/taps} |W| |x|`` over all taps), the
+    partial sums and the bias added in float64, then one rounding to float32.
     """
-    if not arithmetic.exact_products:
+    if arithmetic.by_taps:  # float32 sums of terms_w / taps products per tap; the taps and the bias in float64
+        per_tap = gamma(c.terms_w // c.taps, arithmetic.storage) * c.abs_sigma * a
+        sum64 = gamma(c.taps + 1, torch.float64) * (c.abs_sigma * a + per_tap + c.bias_norm) + per_tap
+    elif arithmetic.exact_products:
+        sum64 = gamma(c.terms_w + 1, torch.float64) * (c.abs_sigma * a + c.bias_norm)
+    else:
         return gamma(c.terms_w + 1, arithmetic.storage) * (c.abs_sigma * a + c.bias_norm)
-    sum64 = gamma(c.terms_w + 1, torch.float64) * (c.abs_sigma * a + c.bias_norm)
     return unit_roundoff(arithmetic.storage) * (c.sigma * a + c.bias_norm + sum64) + sum64
 
 

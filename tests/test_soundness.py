@@ -25,7 +25,7 @@ from cpl_cert.cli import app
 from cpl_cert.errors import CplCertError
 from cpl_cert.layers import CPLLinear
 from cpl_cert.models import float64_copy
-from cpl_cert.numerics import FLOAT32, norm_upper, strict_math
+from cpl_cert.numerics import FLOAT32, FLOAT64, norm_upper, strict_math
 from cpl_cert.passes import accumulated_logits, trace_body
 from cpl_cert.radii import as_points, fast_pass, float64_pass
 from cpl_cert.rounding import body_error
@@ -309,14 +309,25 @@ def test_an_lln_head_above_one_is_not_named(tmp_path):
         assert "1-Lipschitz" not in output
 
 
-def test_the_fast_pass_encloses_the_float64_radius(fashion_600):
-    """The first pass runs the convolutions in float32 and the dense layers in float64; its interval must
-    still count the convolutions' float32 rounding. The float64 evaluation throughout (an independent, far
-    tighter enclosure of the same exact radius) must overlap it for every point. Float32 images make the
-    inputs exact (no uint8 rounding in the interval), so with the convolutions' rounding left out the
-    interval shrinks to about 1e-12 around a value that is off by the float32 error, and misses."""
-    model, _ = cpl_cert.load_checkpoint(Path(__file__).resolve().parents[1] / "models" / "fmnist-cpl-xs.safetensors")
+def fast_pass_models():
+    """fmnist-cpl-xs (its convolutions: oneDNN's), and a network of the paper's conv shape (4 outputs against
+    16 channels: summed per tap)."""
+    shipped, _ = cpl_cert.load_checkpoint(Path(__file__).resolve().parents[1] / "models" / "fmnist-cpl-xs.safetensors")
+    paper_shape = make_frozen("cpl-tiny", input_shape=(1, 28, 28), num_classes=10, channels=16, conv_inner=4, conv_depth=3, seed=2)
+    return {"fmnist-cpl-xs": shipped, "by taps": paper_shape}
+
+
+@pytest.mark.parametrize("name", ["fmnist-cpl-xs", "by taps"])
+def test_the_fast_pass_encloses_the_float64_radius(fashion_600, name):
+    """The first pass runs the convolutions in float32 (summed per tap where that pays) and the dense layers
+    in float64; its interval must still count the convolutions' float32 rounding. The float64 evaluation
+    throughout (an independent, far tighter enclosure of the same exact radius) must overlap it for every
+    point. Float32 images make the inputs exact (no uint8 rounding in the interval), so with the
+    convolutions' rounding left out the interval shrinks to about 1e-12 around a value that is off by the
+    float32 error, and misses."""
+    model = fast_pass_models()[name]
     _, model_err = certificate_constants(model)
+    assert any(a.by_taps for a in model_err.plan(FLOAT32, FLOAT64, by_taps=True)) == (name == "by taps")
     images, labels = fashion_600.images[:200].float() / 255, fashion_600.labels[:200]
     with torch.inference_mode(), strict_math():
         model64 = float64_copy(model)
