@@ -10,11 +10,11 @@ import typer
 
 from ..certify import CertifyResult, EpsValue, certify, parse_eps
 from ..data import ImageDataset, to_float_images
-from ..device import resolve_device
 from ..errors import CplCertError
 from ..io import file_sha256, write_json
 from ..lipschitz import lipschitz_bounds, lipschitz_lower_bound
 from ..models import CPLNet
+from ..shards import Shards
 from .certify_report import certify_report, certify_table, write_radii_csv
 from .common import (
     DataDir,
@@ -26,6 +26,7 @@ from .common import (
     console,
     err_console,
     handle_errors,
+    job,
     library_default,
     load_model_and_data,
     read_eps,
@@ -88,44 +89,49 @@ def certify_command(
     """
     # --batch-size is checked by the library (certify).
     set_threads(threads)
-    if lower_samples < 0:
-        raise CplCertError(f"--lower-bound-samples must be 0 or more, got {lower_samples}")
-    eps_values = read_eps(eps) if eps is not None else None
-    for path in (json_path, radii_path, plot_path):
-        check_writable(path)
-    if plot_path is not None:
-        require_matplotlib()
-    dev = resolve_device(device)
-    with Activity(err_console) as activity:
-        activity.stage(f"loading {model_path.name} and the {split} split")
-        model, _, data = load_model_and_data(model_path, dataset, data_dir, split, limit, dev)
-        eps_values = eps_values or parse_eps(",".join(data.default_eps))
-        result = _certify(activity, model, data, eps_values, dev, batch_size, lower_samples, tight_radii=radii_path is not None)
-        report = certify_report(result, model=str(model_path), sha256=file_sha256(model_path), dataset=data.name, split=split)
+    with job(device) as shards:
+        if lower_samples < 0:
+            raise CplCertError(f"--lower-bound-samples must be 0 or more, got {lower_samples}")
+        eps_values = read_eps(eps) if eps is not None else None
+        if shards.is_main:  # only rank 0 writes
+            for path in (json_path, radii_path, plot_path):
+                check_writable(path)
+            if plot_path is not None:
+                require_matplotlib()
+        with Activity(err_console) as activity:
+            activity.stage(f"loading {model_path.name} and the {split} split")
+            model, _, data = load_model_and_data(model_path, dataset, data_dir, split, limit, shards.device)
+            eps_values = eps_values or parse_eps(",".join(data.default_eps))
+            result = _certify(activity, shards, model, data, eps_values, batch_size, lower_samples, tight_radii=radii_path is not None)
+            if not shards.is_main:
+                return
+            report = certify_report(result, model=str(model_path), sha256=file_sha256(model_path), dataset=data.name, split=split)
+            if plot_path is not None:
+                activity.stage(f"drawing {plot_path}")
+                plot_certified_accuracy(plot_path, result, f"{model_path.name} on {data.name} ({split} split, {result.n:,} points)")
+        _show(result, report, model_path, data, split, batch_size)
+        for path, write in ((json_path, lambda p: write_json(p, report)), (radii_path, lambda p: write_radii_csv(p, result))):
+            if path is not None:
+                write(path)
+                console.print(f"wrote {path}", highlight=False)
         if plot_path is not None:
-            activity.stage(f"drawing {plot_path}")
-            plot_certified_accuracy(plot_path, result, f"{model_path.name} on {data.name} ({split} split, {result.n:,} points)")
-    _show(result, report, model_path, data, split, batch_size)
-    for path, write in ((json_path, lambda p: write_json(p, report)), (radii_path, lambda p: write_radii_csv(p, result))):
-        if path is not None:
-            write(path)
-            console.print(f"wrote {path}", highlight=False)
-    if plot_path is not None:
-        console.print(f"wrote {plot_path}", highlight=False)
+            console.print(f"wrote {plot_path}", highlight=False)
 
 
 def _certify(
-    activity: Activity, model: CPLNet, data: ImageDataset, eps: list[EpsValue], device: torch.device, batch_size: int, lower_samples: int,
+    activity: Activity, shards: Shards, model: CPLNet, data: ImageDataset, eps: list[EpsValue], batch_size: int, lower_samples: int,
     tight_radii: bool,
 ) -> CertifyResult:
-    """Bounds, certification and the empirical lower bound, each shown on the progress line."""
+    """Bounds, certification (split over the processes of a torchrun job) and the empirical lower bound
+    (rank 0 only: it reports), each shown on the progress line."""
+    device = shards.device
     activity.stage("computing the certified Lipschitz bound (per-layer spectral norms)")
     bounds = lipschitz_bounds(model)
     result = certify(
         model, data, eps=eps, device=device, batch_size=batch_size, bounds=bounds, on_progress=activity.reporter(CERTIFY_STAGES),
-        tight_radii=tight_radii,
+        tight_radii=tight_radii, shards=shards,
     )
-    if lower_samples:
+    if lower_samples and shards.is_main:
         activity.stage(f"empirical Lipschitz lower bound on {lower_samples} images (20 power iterations each)")
         probe = to_float_images(data.images[:lower_samples].to(device))
         bounds.lower = lipschitz_lower_bound(model, probe, iters=20, generator=torch.Generator().manual_seed(0))

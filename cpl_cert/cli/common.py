@@ -7,7 +7,8 @@ import inspect
 import math
 import os
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -21,17 +22,27 @@ from ..checkpoint import load_checkpoint
 from ..data import ImageDataset, check_compatible, check_fits, load_dataset
 from ..errors import CplCertError
 from ..models import CPLNet
+from ..shards import Shards, join
 from . import interrupt
 
 LOG_WIDTH = 200
 """Columns of the output when it is not a terminal (a log, a pipe) and ``$COLUMNS`` does not say: lines are not cut at 80."""
 
 
+def other_rank() -> bool:
+    """Whether this is a process of a torchrun job other than rank 0: those print nothing, rank 0 speaks for the job."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+    except ValueError:
+        return False
+
+
 def make_console(stderr: bool = False) -> Console:
-    """Rich's console on stdout or stderr; as wide as ``LOG_WIDTH`` when it is not a terminal."""
-    console = Console(stderr=stderr)
+    """Rich's console on stdout or stderr; as wide as ``LOG_WIDTH`` when it is not a terminal; silent on
+    the processes of a torchrun job other than rank 0."""
+    console = Console(stderr=stderr, quiet=other_rank())
     if not console.is_terminal and not os.environ.get("COLUMNS"):
-        console = Console(stderr=stderr, width=LOG_WIDTH)
+        console = Console(stderr=stderr, width=LOG_WIDTH, quiet=other_rank())
     return console
 
 
@@ -131,6 +142,23 @@ def load_model_and_data(
     data = load_dataset(name, split=split, data_dir=data_dir)
     check_compatible(data, model.config.input_shape, model.config.num_classes)
     return model, meta, data.subset(limit)
+
+
+@contextmanager
+def job(device: str | torch.device) -> Iterator[Shards]:
+    """The command's share of the evaluation: ``cpl_cert.shards.join`` (under torchrun; all of it for one process).
+
+    An error inside is passed on to every process before the command reports it; from then on
+    interrupts are ignored, so that rank 0 says the one sentence even when torchrun, seeing a process
+    end, stops the others with SIGTERM.
+    """
+    with join(device) as shards:
+        try:
+            yield shards
+        except Exception:
+            if shards.enabled:
+                interrupt.ignore_further()
+            raise
 
 
 def library_default(func: Callable[..., Any], name: str) -> Any:
