@@ -42,8 +42,8 @@ def env_info() -> DistInfo:
         raise CplCertError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (they are set by torchrun)") from None
 
 
-def setup(info: DistInfo, device: torch.device) -> torch.device:
-    """Join the process group (NCCL for CUDA, gloo otherwise); returns this rank's device."""
+def setup(info: DistInfo, device: torch.device, timeout: datetime.timedelta = datetime.timedelta(minutes=60)) -> torch.device:
+    """Join the process group (NCCL for CUDA, gloo otherwise; collectives give up after ``timeout``); returns this rank's device."""
     if not info.enabled:
         return device
     if device.type == "cuda":
@@ -53,7 +53,7 @@ def setup(info: DistInfo, device: torch.device) -> torch.device:
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=60))
+        dist.init_process_group(backend=backend, timeout=timeout)
     return device
 
 

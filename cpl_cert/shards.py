@@ -12,6 +12,7 @@ loop with no meeting at all. See docs/performance.md.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import pickle
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +32,11 @@ R = TypeVar("R")
 
 POLL_SECONDS = 0.005
 """How often a process waiting for the others looks again: short waits keep it answering interrupts."""
+
+MEETING_TIMEOUT = datetime.timedelta(days=7)
+"""How long a process waits at a meeting before the backend gives up: as long as the longest batch may take
+(an attack batch on a CPU can take hours). A process that dies is noticed at once (torchrun stops the
+others, gloo sees the connection close), and a waiting process still answers interrupts."""
 
 LOST_CONTACT = "lost contact with another process of this torchrun job (it ended without a message; see torchrun's report)"
 
@@ -77,10 +83,6 @@ class Shards:
     def world_size(self) -> int:
         return self.info.world_size
 
-    def owner(self, k: int) -> int:
-        """The process that computes batch ``k``."""
-        return k % self.world_size
-
     def map(self, items: Sequence[T], compute: Callable[[T], R], offset: int = 0, on_done: Callable[[int], None] | None = None) -> list[R]:
         """``compute(item)`` for every item, in order; item ``i`` is batch ``offset + i`` and runs on its owner.
 
@@ -120,7 +122,7 @@ class Shards:
         kind, compute, item = task
         try:
             payload = (kind, _move(compute(item), torch.device("cpu")) if compute is not None else None)
-        except Exception as exc:  # noqa: BLE001 - a failure is passed on to every process, then raised here
+        except Exception as exc:  # passed on to every process, then raised here
             self._share(exc)
             raise
         received = self._trade(payload)
@@ -220,7 +222,7 @@ def join(device: str | torch.device | None = "auto") -> Iterator[Shards]:
     every process meets once more, so none leaves while another still works.
     """
     info = env_info()
-    shards = Shards(info, setup(info, resolve_device(device)))
+    shards = Shards(info, setup(info, resolve_device(device), timeout=MEETING_TIMEOUT))
     try:
         yield shards
     except Exception as exc:
