@@ -124,12 +124,12 @@ def attack_command(
     float64) closer than the point's certified radius is a certificate violation: all are listed and
     the command exits with code 3.
     """
-    set_threads(threads)
-    attack = attack or default_attack(engine)
-    check_attack_options(attack, engine, steps, batch_size)
-    _check_assumed_bound(assume_lipschitz)
-    eps_values = read_eps(eps) if eps is not None else None
     with job(device) as shards:
+        set_threads(threads)
+        attack = attack or default_attack(engine)
+        check_attack_options(attack, engine, steps, batch_size)
+        _check_assumed_bound(assume_lipschitz)
+        eps_values = read_eps(eps) if eps is not None else None
         if shards.is_main:  # only rank 0 writes
             _check_outputs(json_path, plot_path, attack, engine)
         with Activity(err_console) as activity:

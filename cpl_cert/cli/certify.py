@@ -88,8 +88,8 @@ def certify_command(
     an LLN head; radii near an eps are recomputed in float64 before they count (docs/certify.md).
     """
     # --batch-size is checked by the library (certify).
-    set_threads(threads)
     with job(device) as shards:
+        set_threads(threads)
         if lower_samples < 0:
             raise CplCertError(f"--lower-bound-samples must be 0 or more, got {lower_samples}")
         eps_values = read_eps(eps) if eps is not None else None

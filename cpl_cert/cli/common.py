@@ -30,7 +30,7 @@ LOG_WIDTH = 200
 
 
 def other_rank() -> bool:
-    """Whether this is a process of a torchrun job other than rank 0: those print nothing, rank 0 speaks for the job."""
+    """Whether this is a process of a torchrun job other than rank 0."""
     try:
         return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
     except ValueError:
@@ -38,11 +38,10 @@ def other_rank() -> bool:
 
 
 def make_console(stderr: bool = False) -> Console:
-    """Rich's console on stdout or stderr; as wide as ``LOG_WIDTH`` when it is not a terminal; silent on
-    the processes of a torchrun job other than rank 0."""
-    console = Console(stderr=stderr, quiet=other_rank())
+    """Rich's console on stdout or stderr; as wide as ``LOG_WIDTH`` when it is not a terminal."""
+    console = Console(stderr=stderr)
     if not console.is_terminal and not os.environ.get("COLUMNS"):
-        console = Console(stderr=stderr, width=LOG_WIDTH, quiet=other_rank())
+        console = Console(stderr=stderr, width=LOG_WIDTH)
     return console
 
 
@@ -148,10 +147,13 @@ def load_model_and_data(
 def job(device: str | torch.device) -> Iterator[Shards]:
     """The command's share of the evaluation: ``cpl_cert.shards.join`` (under torchrun; all of it for one process).
 
+    Processes other than rank 0 print nothing from here on, errors included: rank 0 speaks for the job.
     An error inside is passed on to every process before the command reports it; from then on
     interrupts are ignored, so that rank 0 says the one sentence even when torchrun, seeing a process
     end, stops the others with SIGTERM.
     """
+    if other_rank():
+        console.quiet = err_console.quiet = True
     with join(device) as shards:
         try:
             yield shards
