@@ -10,6 +10,7 @@ points it leaves undecided are evaluated in float64 throughout. See docs/certify
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import time
@@ -29,6 +30,7 @@ from .passes import accumulated_logits
 from .progress import OnProgress, no_progress
 from .radii import UNKNOWN, Answers, as_points, fast_pass, float32_prediction, float64_pass
 from .rounding import ErrorModel, error_model
+from .shards import Shards
 from .validate import validate_model
 
 
@@ -105,6 +107,8 @@ class CertifyResult:
     device: str
     seconds: float
     rechecked: int = 0
+    processes: int = 1
+    """The processes that computed the result (torchrun: one per device; equal results for any number)."""
     undecided: int = 0
     nonfinite: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -199,6 +203,7 @@ def certify(
     progress: Callable[[int, int], None] | None = None,
     on_progress: OnProgress | None = None,
     tight_radii: bool = False,
+    shards: Shards | None = None,
 ) -> CertifyResult:
     """Certify every point of ``data``: predictions, margins, radii in the three senses, and accuracies.
 
@@ -210,9 +215,13 @@ def certify(
     point in float64, so that each reported exact radius is within about 1e-9 of its exact value (for a
     per-sample export; the counts do not need it). ``on_progress(stage, done, total)``
     follows every stage in points: ``"float32"`` (all points), then ``"float64"`` (the points re-evaluated).
+
+    ``shards`` (``cpl_cert.shards.join``, under torchrun) splits every pass over the job's processes,
+    batch k on process k mod N, each on its own device (``shards.device`` replaces ``device``); every
+    process gets the whole result, equal to a single-process run's.
     """
     with torch.inference_mode(), strict_math():
-        result = _certify(model, data, eps, device, batch_size, bounds, progress, on_progress, tight_radii)
+        result = _certify(model, data, eps, device, batch_size, bounds, progress, on_progress, tight_radii, shards or Shards())
     # Inference tensors cannot enter autograd (an attack on the certified points would fail): clone out.
     for name in ("labels", "predictions", "predictions_float32", "predictions_any", "margins", "radii", "radii_exact",
                  "radii_float32", "radii_any"):
@@ -230,24 +239,28 @@ def _certify(
     progress: Callable[[int, int], None] | None,
     on_progress: OnProgress | None,
     tight_radii: bool,
+    shards: Shards,
 ) -> CertifyResult:
     if batch_size < 1:
         raise CplCertError(f"--batch-size must be positive, got {batch_size}")
     eps_values = parse_eps(eps)
-    dev = resolve_device(device)
+    dev = shards.device if shards.enabled else resolve_device(device)
     model = model.to(dev).eval()
     images, labels = _as_tensors(data)
     _check_images(images, labels, model.config.input_shape)
     bounds, model_err = certificate_constants(model, bounds)
+    if shards.enabled:
+        shards.agree(_fingerprint(model, images, labels, eps_values, batch_size, tight_radii), "checkpoint, data and options")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     start = time.perf_counter()
     run = _Run(model, model_err, images.to(dev, non_blocking=True), labels.to(dev).long(),
                torch.tensor([e.value for e in eps_values], dtype=torch.float64, device=dev), tight_radii, on_progress or no_progress)
-    answers = _first_pass(run, batch_size, progress)
-    _float64_pass(run, answers, batch_size)
-    _run_float32_network(run, answers, batch_size)
+    answers = _first_pass(run, batch_size, progress, shards)
+    _float64_pass(run, answers, batch_size, shards)
+    _run_float32_network(run, answers, batch_size, shards)
     result = _result(answers, run.labels, eps_values, bounds, str(dev))
+    result.processes = shards.world_size
     result.rechecked = int(answers.float64.sum())
     result.undecided = int(_undecided(run, answers).sum())
     result.nonfinite = int((~answers.finite).sum())
@@ -281,26 +294,39 @@ network whose worst-case float32 rounding bound exceeds its margins), the other 
 float64: evaluating them twice would cost more."""
 
 
-def _first_pass(run: _Run, batch_size: int, progress: Callable[[int, int], None] | None) -> Answers:
+def _first_pass(run: _Run, batch_size: int, progress: Callable[[int, int], None] | None, shards: Shards) -> Answers:
     """The fast pass (float32 convolutions, float64 dense layers) over all points, batch by batch; or
-    float64 from the second batch on when the fast pass decides too little (``FLOAT64_FIRST``)."""
+    float64 from the second batch on when the fast pass decides too little (``FLOAT64_FIRST``).
+
+    Over N processes the first round runs the fast pass on batches 0 to N-1; the decision is taken on
+    batch 0's answers, which every process then holds, and batches 1 to N-1 are evaluated again in
+    float64 when it says so: each batch's answers are those of a single-process run.
+    """
     total = run.images.shape[0]
+    batches = [slice(begin, begin + batch_size) for begin in range(0, total, batch_size)]
     run.report("float32", 0, total)
-    parts: list[Answers] = []
-    float64_first = False
-    for begin in range(0, total, batch_size):
-        part = slice(begin, begin + batch_size)
-        if float64_first:
-            answers = float64_pass(run.copy64(), run.model_err, run.images[part], run.labels[part])
-        else:
-            answers = fast_pass(run.model, run.copy64(), run.model_err, run.images[part], run.labels[part])
-            float64_first = begin == 0 and float(_undecided(run, answers, part).double().mean()) > FLOAT64_FIRST
-        parts.append(answers)
+
+    def done(count: int) -> None:
         if progress is not None:
-            progress(min(begin + batch_size, total), total)
-        run.report("float32", min(begin + batch_size, total), total)
+            progress(min(count * batch_size, total), total)
+        run.report("float32", min(count * batch_size, total), total)
+
+    def fast(part: slice) -> Answers:
+        return fast_pass(run.model, run.copy64(), run.model_err, run.images[part], run.labels[part])
+
+    def exact(part: slice) -> Answers:
+        return float64_pass(run.copy64(), run.model_err, run.images[part], run.labels[part])
+
+    head = shards.map(batches[: shards.world_size], fast)
+    float64_first = bool(head) and float(_undecided(run, head[0], batches[0]).double().mean()) > FLOAT64_FIRST
+    if float64_first and len(head) > 1:
+        head = head[:1] + shards.map(batches[1 : shards.world_size], exact, offset=1)
+    if head:
+        done(len(head))
+    rest = shards.map(batches[len(head) :], exact if float64_first else fast, offset=len(head), on_done=lambda count: done(len(head) + count))
+    parts = head + rest
     if not parts:
-        parts.append(fast_pass(run.model, run.copy64(), run.model_err, run.images[:0], run.labels[:0]))
+        parts.append(fast(slice(0, 0)))
     return Answers.cat(parts)
 
 
@@ -321,25 +347,41 @@ def _undecided(run: _Run, answers: Answers, part: slice = slice(None)) -> torch.
     return open_ & ~answers.float64
 
 
-def _float64_pass(run: _Run, answers: Answers, batch_size: int) -> None:
+def _float64_pass(run: _Run, answers: Answers, batch_size: int, shards: Shards) -> None:
     """Evaluate in float64 throughout the points still undecided; updates ``answers`` in place."""
     todo = _undecided(run, answers).nonzero().flatten()
     if todo.numel() == 0:
         return
     run.report("float64", 0, todo.numel())
-    for begin in range(0, todo.numel(), batch_size):
-        part = todo[begin : begin + batch_size]
-        answers.take(part, float64_pass(run.copy64(), run.model_err, run.images[part], run.labels[part]))
-        run.report("float64", min(begin + batch_size, todo.numel()), todo.numel())
+    parts = [todo[begin : begin + batch_size] for begin in range(0, todo.numel(), batch_size)]
+    results = shards.map(
+        parts, lambda part: float64_pass(run.copy64(), run.model_err, run.images[part], run.labels[part]),
+        on_done=lambda count: run.report("float64", min(count * batch_size, todo.numel()), todo.numel()),
+    )
+    for part, result in zip(parts, results, strict=True):
+        answers.take(part, result)
 
 
-def _run_float32_network(run: _Run, answers: Answers, batch_size: int) -> None:
+def _run_float32_network(run: _Run, answers: Answers, batch_size: int, shards: Shards) -> None:
     """cpl-cert's float32 network's class where no bound proves it (ties, near ties, non-finite values): run it."""
     todo = (answers.prediction32 == UNKNOWN).nonzero().flatten()
-    for begin in range(0, todo.numel(), batch_size):
-        part = todo[begin : begin + batch_size]
+    parts = [todo[begin : begin + batch_size] for begin in range(0, todo.numel(), batch_size)]
+
+    def predict(part: torch.Tensor) -> torch.Tensor:
         x, _ = as_points(run.images[part], torch.float32)
-        answers.prediction32[part] = float32_prediction(accumulated_logits(run.model, run.copy64(), x))
+        return float32_prediction(accumulated_logits(run.model, run.copy64(), x))
+
+    for part, prediction in zip(parts, shards.map(parts, predict), strict=True):
+        answers.prediction32[part] = prediction
+
+
+def _fingerprint(model: CPLNet, images: torch.Tensor, labels: torch.Tensor, eps: list[EpsValue], batch_size: int, tight: bool) -> str:
+    """SHA-256 of the weights, the points and the options: the processes of a job must evaluate the same."""
+    digest = hashlib.sha256(repr(([e.value for e in eps], batch_size, tight, tuple(images.shape))).encode())
+    for name, tensor in [*sorted(model.state_dict().items()), ("images", images), ("labels", labels)]:
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _result(answers: Answers, labels: torch.Tensor, eps: list[EpsValue], bounds: LipschitzBounds, device: str) -> CertifyResult:

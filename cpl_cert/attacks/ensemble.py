@@ -25,6 +25,7 @@ from torch import nn
 
 from ..numerics import strict_math
 from ..progress import OnProgress, no_progress
+from ..shards import Shards
 from .apgd import apgd_l2, apgd_targeted_l2
 from .check import Checker, make_checker, verify_any, verify_exact, verify_float32
 from .common import AttackOutcome
@@ -197,6 +198,7 @@ def run_suite(
     clean: torch.Tensor | None = None,
     on_progress: OnProgress | None = None,
     reference_any: torch.Tensor | None = None,
+    shards: Shards | None = None,
 ) -> SuiteResult:
     """Attack every point of ``images`` (floats in [0, 1], on the model's device) at every radius.
 
@@ -211,6 +213,8 @@ def run_suite(
     Every example is verified in each sense of ``SENSES`` (``cpl_cert.attacks.check``) before it counts.
     ``progress(done, total)`` is called after each batch; ``on_progress(stage, done, total)`` after
     every attack iteration, in points (fractional inside a batch), with the attack and radius as stage.
+    ``shards`` (``cpl_cert.shards.join``, under torchrun) attacks batch k on process k mod N (inputs on
+    that process's device); every process gets the whole result, equal to a single-process run's.
     """
     attack = attack or default_attack(engine)
     check_attack_options(attack, engine, steps, batch_size)
@@ -223,6 +227,12 @@ def run_suite(
     others = [reference if r is None else r.detach().clone().clamp_min(0) for r in (reference_float32, reference_any)]
     clean = (images if clean is None else clean).detach().double()
     n = images.shape[0]
+    if shards is not None and shards.enabled:
+        shards.agree((n, list(eps), attack, engine, batch_size, seed, steps), "attack options")
+        plan = _Plan(checker, images, clean, (reference, *others), list(eps), attack, engine, seed, steps, on_progress or no_progress)
+        batches = [slice(begin, min(begin + batch_size, n)) for begin in range(0, n, batch_size)]
+        done = (lambda count: progress(min(count * batch_size, n), n)) if progress is not None else None
+        return merge_batches(plan.eps, n, batches, shards.map(batches, plan.attack_batch, on_done=done))
     result = SuiteResult.empty(list(eps), n, images.device)
     rejected = torch.zeros(n, dtype=torch.bool, device=images.device)
     for begin in range(0, n, batch_size):
@@ -236,12 +246,44 @@ def run_suite(
     return result.to_cpu()
 
 
+@dataclass
+class _Plan:
+    """Everything a batch's attack needs, for a run split over processes (``shards``)."""
+
+    checker: Checker
+    images: torch.Tensor
+    clean: torch.Tensor
+    references: tuple[torch.Tensor, ...]
+    eps: list[float]
+    attack: str
+    engine: str
+    seed: int
+    steps: int
+    on_progress: OnProgress
+
+    def attack_batch(self, part: slice) -> tuple[SuiteResult, torch.Tensor]:
+        """The batch ``part``'s own result (its columns only) and rejected mask, on the CPU."""
+        size, device = part.stop - part.start, self.images.device
+        local, rejected = SuiteResult.empty(self.eps, size, device), torch.zeros(size, dtype=torch.bool, device=device)
+        targets = tuple(r[part].to(device) for r in self.references)
+        tracker = _BatchProgress(self.on_progress, part, self.images.shape[0], self.attack, self.engine, len(self.eps))
+        _attack_batch(
+            self.checker, self.images[part].float(), self.clean[part], targets, local, part, rejected, self.attack, self.engine,
+            self.seed, self.steps, tracker, at=slice(0, size),
+        )
+        return local.to_cpu(), rejected.cpu()
+
+
 def _attack_batch(
     checker: Checker, x0: torch.Tensor, clean: torch.Tensor, targets: tuple[torch.Tensor, ...],
     result: SuiteResult, part: slice, rejected: torch.Tensor, attack: str, engine: str, seed: int, steps: int,
-    tracker: _BatchProgress,
+    tracker: _BatchProgress, at: slice | None = None,
 ) -> None:
-    """Run the attacks on one batch at every radius and record the closest verified examples."""
+    """Run the attacks on one batch at every radius and record the closest verified examples.
+
+    ``part`` is the batch's place in the data set (it seeds the random starts), ``at`` its columns in
+    ``result`` and ``rejected`` (default: ``part``)."""
+    at = part if at is None else at
     model, y = checker.model, targets[0]
     minnorm = None
     if attack in ("minnorm", "autoattack") and engine == "native":
@@ -265,5 +307,26 @@ def _attack_batch(
                     "float32": verify_float32(checker, clean, outcome, targets[1]),
                     "any": verify_any(checker.model, clean, outcome, targets[2]),
                 }
-            rejected[part] |= outcome.found & torch.stack([torch.isinf(d) for d in verified.values()]).all(dim=0)
-            result.record(e, part, outcome, verified)
+            rejected[at] |= outcome.found & torch.stack([torch.isinf(d) for d in verified.values()]).all(dim=0)
+            result.record(e, at, outcome, verified)
+
+
+def merge_batches(eps: list[float], n: int, batches: Sequence[slice], parts: Sequence[tuple[SuiteResult, torch.Tensor]]) -> SuiteResult:
+    """One result from each batch's own (``SuiteResult`` of its columns, rejected mask), in batch order:
+    what a single run over all batches records (attack names numbered in order of first appearance,
+    engine warnings once each in order), so that a run split over processes reports the same."""
+    result = SuiteResult.empty(eps, n, torch.device("cpu"))
+    rejected = torch.zeros(n, dtype=torch.bool)
+    for part, (local, local_rejected) in zip(batches, parts, strict=True):
+        for name in local.names:
+            if name not in result.names:
+                result.names.append(name)
+                result.settings[name] = local.settings[name]
+        codes = torch.tensor([result.names.index(name) for name in local.names] + [-1], dtype=torch.long)
+        for sense in SENSES:
+            result.distances[sense][:, part] = local.distances[sense].cpu()
+            result.sources[sense][:, part] = codes[local.sources[sense].cpu()]  # -1 (none) picks the last entry: -1
+        result.note(local.extra.get("engine_warnings", []))
+        rejected[part] = local_rejected.cpu()
+    result.rejected = int(rejected.sum())
+    return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,12 +15,12 @@ from ..attacks.ensemble import SuiteResult, run_suite
 from ..attacks.options import ATTACKS, ENGINES, check_attack_options, default_attack
 from ..certify import CertifyResult, EpsValue, certify, parse_eps
 from ..data import ImageDataset, to_float_images
-from ..device import resolve_device
 from ..errors import CplCertError
 from ..io import file_sha256, write_json
 from ..lipschitz import LipschitzBounds, lipschitz_bounds
 from ..models import CPLNet
 from ..radii import exact_points
+from ..shards import Shards
 from .attack_report import accuracy_rows, accuracy_table, json_report, tightness, tightness_table, violations_table
 from .certify import CERTIFY_STAGES
 from .common import (
@@ -33,6 +34,7 @@ from .common import (
     console,
     err_console,
     handle_errors,
+    job,
     library_default,
     load_model_and_data,
     read_eps,
@@ -122,54 +124,85 @@ def attack_command(
     float64) closer than the point's certified radius is a certificate violation: all are listed and
     the command exits with code 3.
     """
-    set_threads(threads)
-    attack = attack or default_attack(engine)
-    check_attack_options(attack, engine, steps, batch_size)
-    _check_assumed_bound(assume_lipschitz)
-    eps_values = read_eps(eps) if eps is not None else None
-    _check_outputs(json_path, plot_path, attack, engine)
-    dev = resolve_device(device)
-    with Activity(err_console) as activity:
-        activity.stage(f"loading {model_path.name} and the test split")
-        model, _, data = load_model_and_data(model_path, dataset, data_dir, "test", limit, dev)
-        eps_values = eps_values or parse_eps(",".join(data.default_eps))
-        start = time.perf_counter()
-        activity.stage("computing the certified Lipschitz bound (per-layer spectral norms)")
-        bounds = _bounds(model, assume_lipschitz)
-        cert = certify(
-            model, data, eps=[e.label for e in eps_values], device=dev, batch_size=batch_size, bounds=bounds,
-            on_progress=activity.reporter(CERTIFY_STAGES),
-        )
-        suite = _run_attacks(activity, model, data, cert, eps_values, attack, engine, batch_size, seed, steps)
-        violations = find_violations(suite, cert)
-        seconds = time.perf_counter() - start
-        if plot_path is not None:
-            activity.stage(f"drawing {plot_path}")
-            title = (
-                f"{model_path.name}, {attack} attack ({engine}) on {cert.n:,} {data.name} test points: "
-                "certified radius r and smallest adversarial distance d"
+    with job(device) as shards:
+        set_threads(threads)
+        attack = attack or default_attack(engine)
+        check_attack_options(attack, engine, steps, batch_size)
+        _check_assumed_bound(assume_lipschitz)
+        eps_values = read_eps(eps) if eps is not None else None
+        if shards.is_main:  # only rank 0 writes
+            _check_outputs(json_path, plot_path, attack, engine)
+        with Activity(err_console) as activity:
+            activity.stage(f"loading {model_path.name} and the test split")
+            model, _, data = load_model_and_data(model_path, dataset, data_dir, "test", limit, shards.device)
+            eps_values = eps_values or parse_eps(",".join(data.default_eps))
+            start = time.perf_counter()
+            activity.stage("computing the certified Lipschitz bound (per-layer spectral norms)")
+            bounds = _bounds(model, assume_lipschitz)
+            cert = certify(
+                model, data, eps=[e.label for e in eps_values], device=shards.device, batch_size=batch_size, bounds=bounds,
+                on_progress=activity.reporter(CERTIFY_STAGES), shards=shards,
             )
-            plot_gap(plot_path, cert.radii_exact, suite.min_distance, title)
-    rows = accuracy_rows(cert, suite, eps_values)
-    bound_text = f"assumed body bound {assume_lipschitz:g}" if assume_lipschitz is not None else f"certified bound {bounds.upper:.6g}"
-    console.print(accuracy_table(rows, f"{model_path.name}: {attack} ({engine}) on {cert.n} {data.name} test points, {bound_text}"))
-    stats = _print_tightness(cert, suite) if measures_distance(attack, engine) else None
+            suite = _run_attacks(activity, shards, model, data, cert, eps_values, attack, engine, batch_size, seed, steps)
+            violations = find_violations(suite, cert)
+            seconds = time.perf_counter() - start
+            if plot_path is not None and shards.is_main:
+                activity.stage(f"drawing {plot_path}")
+                title = (
+                    f"{model_path.name}, {attack} attack ({engine}) on {cert.n:,} {data.name} test points: "
+                    "certified radius r and smallest adversarial distance d"
+                )
+                plot_gap(plot_path, cert.radii_exact, suite.min_distance, title)
+        if shards.is_main:
+            run = _Run(model_path, data, cert, suite, eps_values, violations, attack, engine, seed, seconds, assume_lipschitz)
+            _render(run, json_path, plot_path)
+    if violations:
+        raise typer.Exit(EXIT_VIOLATION)
+
+
+@dataclass
+class _Run:
+    """What an attack run found, for the report."""
+
+    model_path: Path
+    data: ImageDataset
+    cert: CertifyResult
+    suite: SuiteResult
+    eps: list[EpsValue]
+    violations: list[Violation]
+    attack: str
+    engine: str
+    seed: int
+    seconds: float
+    assumed_lipschitz: float | None
+
+
+def _render(run: _Run, json_path: Path | None, plot_path: Path | None) -> None:
+    """The accuracy table, tightness, notes, the JSON report and the violations (rank 0 only)."""
+    cert, suite = run.cert, run.suite
+    rows = accuracy_rows(cert, suite, run.eps)
+    assumed = run.assumed_lipschitz
+    bound_text = f"assumed body bound {assumed:g}" if assumed is not None else f"certified bound {cert.bounds.upper:.6g}"
+    title = f"{run.model_path.name}: {run.attack} ({run.engine}) on {cert.n} {run.data.name} test points, {bound_text}"
+    console.print(accuracy_table(rows, title))
+    stats = _print_tightness(cert, suite) if measures_distance(run.attack, run.engine) else None
     for message in suite.extra.get("engine_warnings", []):
         console.print(f"[yellow]AutoAttack's own check:[/] {message}", highlight=False)
     if suite.rejected:
         console.print(f"{suite.rejected} points had candidate adversarial examples that failed float64 re-verification (discarded)", highlight=False)
-    console.print(f"done in {seconds:.1f} s on {cert.device}", highlight=False)
+    on = cert.device + (f" (rank 0 of {cert.processes} processes, torchrun)" if cert.processes > 1 else "")
+    console.print(f"done in {run.seconds:.1f} s on {on}", highlight=False)
     if json_path is not None:
         report = json_report(
-            model=str(model_path), sha256=file_sha256(model_path), dataset=data.name, cert=cert, suite=suite, rows=rows,
-            violations=violations, attack=attack, engine=engine, seconds=seconds, seed=seed,
-            assumed_lipschitz=assume_lipschitz, stats=stats,
+            model=str(run.model_path), sha256=file_sha256(run.model_path), dataset=run.data.name, cert=cert, suite=suite, rows=rows,
+            violations=run.violations, attack=run.attack, engine=run.engine, seconds=run.seconds, seed=run.seed,
+            assumed_lipschitz=assumed, stats=stats,
         )
         write_json(json_path, report)
         console.print(f"wrote {json_path}", highlight=False)
     if plot_path is not None:
         console.print(f"wrote {plot_path}", highlight=False)
-    _report_violations(violations)
+    _report_violations(run.violations)
 
 
 def _check_outputs(json_path: Path | None, plot_path: Path | None, attack: str, engine: str) -> None:
@@ -197,10 +230,11 @@ def _bounds(model: CPLNet, assume_lipschitz: float | None) -> LipschitzBounds:
 
 
 def _run_attacks(
-    activity: Activity, model: CPLNet, data: ImageDataset, cert: CertifyResult, eps_values: list[EpsValue],
+    activity: Activity, shards: Shards, model: CPLNet, data: ImageDataset, cert: CertifyResult, eps_values: list[EpsValue],
     attack: str, engine: str, batch_size: int, seed: int, steps: int,
 ) -> SuiteResult:
-    """Attack every point's clean prediction at every radius; the progress line follows each attack iteration."""
+    """Attack every point's clean prediction at every radius (split over the processes of a torchrun job);
+    the progress line follows each attack iteration."""
     device = next(model.buffers()).device
     pixels = data.images.to(device)
     images = to_float_images(pixels)
@@ -212,7 +246,7 @@ def _run_attacks(
     return run_suite(
         model, images, cert.predictions.to(device), [e.value for e in eps_values], attack, engine, batch_size, seed, steps,
         reference_float32=cert.predictions_float32.to(device), clean=exact_points(pixels), on_progress=on_progress,
-        reference_any=cert.predictions_any.to(device),
+        reference_any=cert.predictions_any.to(device), shards=shards,
     )
 
 
@@ -224,7 +258,7 @@ def _print_tightness(cert: CertifyResult, suite: SuiteResult) -> dict[str, Any]:
 
 
 def _report_violations(violations: list[Violation]) -> None:
-    """List every violated certificate and exit with code 3, or say that none was."""
+    """List every violated certificate (the command then exits with code 3), or say that none was."""
     if not violations:
         console.print("[bold green]no certificate violated[/]: every adversarial example found lies at or beyond its certified radius")
         return
@@ -233,4 +267,3 @@ def _report_violations(violations: list[Violation]) -> None:
     err_console.print(
         f"[bold red]Error:[/] an attack contradicted {len(violations)} certificate(s) (test points {shown}).", highlight=False
     )
-    raise typer.Exit(EXIT_VIOLATION)

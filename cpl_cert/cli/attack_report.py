@@ -147,5 +147,6 @@ def json_report(
         "lipschitz": {"upper": cert.bounds.upper, "body_upper": cert.bounds.body_upper, "assumed": assumed_lipschitz},
         "tightness": stats,
         "device": cert.device,
+        "processes": cert.processes,
         "seconds": seconds,
     }

@@ -10,11 +10,11 @@ import typer
 
 from ..certify import CertifyResult, EpsValue, certify, parse_eps
 from ..data import ImageDataset, to_float_images
-from ..device import resolve_device
 from ..errors import CplCertError
 from ..io import file_sha256, write_json
 from ..lipschitz import LipschitzBounds, lipschitz_bounds, lipschitz_lower_bound
 from ..models import CPLNet
+from ..shards import Shards
 from . import interrupt
 from .certify_report import CSV_HEADER, certify_report, certify_table, write_radii_csv
 from .common import (
@@ -29,6 +29,7 @@ from .common import (
     err_console,
     fail,
     handle_errors,
+    job,
     library_default,
     load_model_and_data,
     read_eps,
@@ -95,26 +96,37 @@ def certify_command(
     interrupt there keeps them (the reports are written with the lower bound marked not computed).
     """
     # --batch-size is checked by the library (certify).
-    set_threads(threads)
-    if lower_samples < 0:
-        raise CplCertError(f"--lower-bound-samples must be 0 or more, got {lower_samples}")
-    eps_values = read_eps(eps) if eps is not None else None
-    check_writable(json_path)
-    check_writable(radii_path)
-    check_plot_path(plot_path)
-    dev = resolve_device(device)
-    with Activity(err_console) as activity:
-        activity.stage(f"loading {model_path.name} and the {split} split")
-        model, _, data = load_model_and_data(model_path, dataset, data_dir, split, limit, dev)
-        eps_values = eps_values or parse_eps(",".join(data.default_eps))
-        result = _certify(activity, model, data, eps_values, dev, batch_size, tight_radii=radii_path is not None)
+    with job(device) as shards:
+        set_threads(threads)
+        if lower_samples < 0:
+            raise CplCertError(f"--lower-bound-samples must be 0 or more, got {lower_samples}")
+        eps_values = read_eps(eps) if eps is not None else None
+        if shards.is_main:  # only rank 0 writes
+            check_writable(json_path)
+            check_writable(radii_path)
+            check_plot_path(plot_path)
+        with Activity(err_console) as activity:
+            activity.stage(f"loading {model_path.name} and the {split} split")
+            model, _, data = load_model_and_data(model_path, dataset, data_dir, split, limit, shards.device)
+            eps_values = eps_values or parse_eps(",".join(data.default_eps))
+            result = _certify(activity, shards, model, data, eps_values, batch_size, tight_radii=radii_path is not None)
+        if shards.is_main:
+            _report(result, model, data, model_path, split, batch_size, lower_samples, (json_path, radii_path, plot_path))
+
+
+def _report(
+    result: CertifyResult, model: CPLNet, data: ImageDataset, model_path: Path, split: str, batch_size: int, lower_samples: int,
+    paths: tuple[Path | None, Path | None, Path | None],
+) -> None:
+    """Rank 0: the table at once, then the empirical lower bound, then the reports; an interrupt during the
+    lower bound keeps the certification (the reports say the lower bound was not computed)."""
     _show(result, model_path, data, split)
-    status, stopped = _lower_bound(model, data, dev, lower_samples, result.bounds)
+    status, stopped = _lower_bound(model, data, result.bounds, lower_samples)
     report = certify_report(result, model=str(model_path), sha256=file_sha256(model_path), dataset=data.name, split=split)
     report["lipschitz"]["lower_status"] = status
     report["batch_size"] = batch_size
     title = f"{model_path.name} on {data.name} ({split} split, {result.n:,} points)"
-    written = _write_outputs(report, result, json_path, radii_path, plot_path, title)
+    written = _write_outputs(report, result, *paths, title)
     if stopped is not None:
         kept = f"; {', '.join(map(str, written))} {'holds' if len(written) == 1 else 'hold'} it (lower bound not computed)" if written else ""
         fail(f"{interrupt.describe(stopped)} during the empirical Lipschitz lower bound; the certification above is complete{kept}",
@@ -122,23 +134,24 @@ def certify_command(
 
 
 def _certify(
-    activity: Activity, model: CPLNet, data: ImageDataset, eps: list[EpsValue], device: torch.device, batch_size: int, tight_radii: bool,
+    activity: Activity, shards: Shards, model: CPLNet, data: ImageDataset, eps: list[EpsValue], batch_size: int, tight_radii: bool,
 ) -> CertifyResult:
-    """Bounds and certification, each shown on the progress line."""
+    """Bounds and certification (split over the processes of a torchrun job), each shown on the progress line."""
+    device = shards.device
     activity.stage("computing the certified Lipschitz bound (per-layer spectral norms)")
     bounds = lipschitz_bounds(model)
     return certify(
         model, data, eps=eps, device=device, batch_size=batch_size, bounds=bounds, on_progress=activity.reporter(CERTIFY_STAGES),
-        tight_radii=tight_radii,
+        tight_radii=tight_radii, shards=shards,
     )
 
 
-def _lower_bound(model: CPLNet, data: ImageDataset, device: torch.device, samples: int, bounds: LipschitzBounds) -> tuple[str, BaseException | None]:
+def _lower_bound(model: CPLNet, data: ImageDataset, bounds: LipschitzBounds, samples: int) -> tuple[str, BaseException | None]:
     """The empirical lower bound at the first ``samples`` images (into ``bounds.lower``), on its own progress
     line with the time left, then printed. Returns its status (computed, skipped, interrupted) and the interrupt."""
     if samples == 0:
         return "skipped", None
-    probe = to_float_images(data.images[:samples].to(device))
+    probe = to_float_images(data.images[:samples].to(next(model.buffers()).device))
     label = f"empirical Lipschitz lower bound: largest ||J(x)||_2 at {count(len(probe), 'test image')} ({LOWER_ITERS} power iterations)"
     try:
         with Activity(err_console) as activity:

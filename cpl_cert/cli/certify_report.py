@@ -46,7 +46,7 @@ def certify_table(result: CertifyResult, title: str) -> Table:
     table.add_row("re-evaluated in float64", f"{result.rechecked}", "", "")
     if result.undecided or result.nonfinite:
         table.add_row("undecided / non-finite", f"{result.undecided} / {result.nonfinite}", "", "")
-    table.add_row("device", result.device, "", "")
+    table.add_row("device", result.device + (f" (rank 0 of {result.processes} processes, torchrun)" if result.processes > 1 else ""), "", "")
     table.add_row("images / s", f"{result.images_per_second:,.0f}", "", "")
     return table
 
@@ -67,6 +67,7 @@ def certify_report(result: CertifyResult, **fields: Any) -> dict[str, Any]:
         "certified": result.certified,
         "senses": {"accuracy": SENSES["exact"], "accuracy_float32": SENSES["float32"], "accuracy_any": SENSES["any"]},
         "device": result.device,
+        "processes": result.processes,
         "seconds": result.seconds,
         "images_per_second": result.images_per_second,
         "rechecked_float64": result.rechecked,

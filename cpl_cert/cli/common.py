@@ -7,7 +7,8 @@ import inspect
 import math
 import os
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -22,10 +23,19 @@ from ..data import ImageDataset, check_compatible, check_fits, load_dataset
 from ..errors import CplCertError
 from ..io import portable_dataset, portable_path
 from ..models import CPLNet
+from ..shards import Shards, join
 from . import interrupt
 
 LOG_WIDTH = 200
 """Columns of the output when it is not a terminal (a log, a pipe) and ``$COLUMNS`` does not say: lines are not cut at 80."""
+
+
+def other_rank() -> bool:
+    """Whether this is a process of a torchrun job other than rank 0."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+    except ValueError:
+        return False
 
 
 def make_console(stderr: bool = False) -> Console:
@@ -144,6 +154,26 @@ def note_limit(option: str, limit: int, available: int, what: str) -> None:
 def count(n: int, noun: str) -> str:
     """``n`` and ``noun``, plural unless ``n`` is 1: ``1 epoch``, ``10,000 points``."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+@contextmanager
+def job(device: str | torch.device) -> Iterator[Shards]:
+    """The command's share of the evaluation: ``cpl_cert.shards.join`` (under torchrun; all of it for one process).
+
+    Processes other than rank 0 print nothing from here on, errors included: rank 0 speaks for the job.
+    An error inside is passed on to every process before the command reports it; from then on
+    interrupts are ignored, so that rank 0 says the one sentence even when torchrun, seeing a process
+    end, stops the others with SIGTERM.
+    """
+    if other_rank():
+        console.quiet = err_console.quiet = True
+    with join(device) as shards:
+        try:
+            yield shards
+        except Exception:
+            if shards.enabled:
+                interrupt.ignore_further()
+            raise
 
 
 def library_default(func: Callable[..., Any], name: str) -> Any:
