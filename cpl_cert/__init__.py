@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "certify": ("CertifyResult", "certify", "parse_eps"),
+    "certify": ("CertifyResult", "certify"),
+    "eps": ("EpsValue", "parse_eps"),
     "checkpoint": ("load_checkpoint", "read_metadata", "save_checkpoint"),
     "data": ("ImageDataset", "load_dataset"),
     "errors": ("CplCertError",),
@@ -31,16 +32,17 @@ _EXPORTS = {
 _SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
-    "PRESETS", "CPLConv2d", "CPLLinear", "CPLNet", "CertifyResult", "CplCertError", "ExportResult", "ImageDataset", "ImportedModel",
+    "PRESETS", "CPLConv2d", "CPLLinear", "CPLNet", "CertifyResult", "CplCertError", "EpsValue", "ExportResult", "ImageDataset", "ImportedModel",
     "LLNHead", "LipschitzBounds", "ModelConfig", "PredictResult", "SLLConv2d", "SLLLinear", "TruncationHead", "build_model", "certify",
     "count_parameters", "export_onnx", "freeze", "import_reference", "import_sll", "is_frozen", "lipschitz_bounds", "lipschitz_lower_bound",
     "load_checkpoint", "load_dataset", "onnx_metadata", "parse_eps", "predict", "read_metadata", "save_checkpoint",
 ]
 
 if TYPE_CHECKING:
-    from .certify import CertifyResult, certify, parse_eps
+    from .certify import CertifyResult, certify
     from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
     from .data import ImageDataset, load_dataset
+    from .eps import EpsValue, parse_eps
     from .errors import CplCertError
     from .export import ExportResult, export_onnx, onnx_metadata
     from .layers import CPLConv2d, CPLLinear, LLNHead, SLLConv2d, SLLLinear, TruncationHead

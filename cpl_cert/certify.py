@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 
 from .data import ImageDataset
 from .device import resolve_device
+from .eps import EpsValue, parse_eps
 from .errors import CplCertError
 from .lipschitz import LipschitzBounds, lipschitz_bounds
 from .models import CPLNet, float64_copy, weights_key
@@ -32,46 +32,6 @@ from .radii import UNKNOWN, Answers, as_points, fast_pass, float32_prediction, f
 from .rounding import ErrorModel, error_model
 from .shards import Shards
 from .validate import validate_model
-
-
-@dataclass
-class EpsValue:
-    """A radius to certify at, with the label the user wrote (``36/255`` or ``0.25``)."""
-
-    value: float
-    label: str
-
-
-def parse_eps(spec: str | float | Sequence[str | float | EpsValue]) -> list[EpsValue]:
-    """Parse ``"0.1,0.25,36/255"`` (or a list of numbers, strings or ``EpsValue``) into positive radii."""
-    items: Sequence[str | float | EpsValue]
-    if isinstance(spec, str):
-        items = [part.strip() for part in spec.split(",")]
-    elif isinstance(spec, (int, float)):
-        items = [spec]
-    else:
-        items = list(spec)
-    values: list[EpsValue] = []
-    for item in items:
-        if isinstance(item, EpsValue):
-            value, label = float(item.value), item.label
-        elif isinstance(item, (int, float)):
-            value, label = float(item), f"{float(item):g}"
-        else:
-            match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?:/\s*([0-9]*\.?[0-9]+))?\s*", item)
-            if not match:
-                raise CplCertError(f"cannot read eps {item!r}; write numbers like 0.25 or fractions like 36/255, separated by commas")
-            denominator = float(match.group(2)) if match.group(2) else 1.0
-            if denominator == 0:
-                raise CplCertError(f"cannot read eps {item!r}: division by zero")
-            value = float(match.group(1)) / denominator
-            label = item.strip().replace(" ", "")
-        if not math.isfinite(value) or value <= 0:
-            raise CplCertError(f"eps must be positive and finite, got {item!r}")
-        values.append(EpsValue(value, label))
-    if not values:
-        raise CplCertError("give at least one eps")
-    return values
 
 
 @dataclass

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .certify import EpsValue, certify, parse_eps
+from .certify import certify
+from .eps import EpsValue, parse_single_eps
 from .errors import CplCertError
 from .lipschitz import LipschitzBounds
 from .models import CPLNet
@@ -60,12 +61,7 @@ def predict(
         raise CplCertError(f"predict needs a tensor of images, got {type(images).__name__}")
     if images.dim() == 3:
         images = images[None]
-    eps_value = None
-    if eps is not None:
-        parsed = parse_eps(eps if isinstance(eps, str) else [eps])
-        if len(parsed) != 1:
-            raise CplCertError(f"give one eps, got {len(parsed)}")
-        eps_value = parsed[0]
+    eps_value = parse_single_eps(eps) if eps is not None else None
     result = certify(  # no labels: certify decides every point's class, re-evaluating where needed
         model, (images, None), eps=[eps_value or EpsValue(PLACEHOLDER_EPS, "placeholder")],
         device=device, batch_size=batch_size, bounds=bounds, progress=progress, tight_radii=True,

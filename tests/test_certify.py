@@ -12,7 +12,6 @@ from conftest import make_frozen
 from references import exact_norm
 
 import cpl_cert
-from cpl_cert.certify import parse_eps
 from cpl_cert.data import load_dataset
 from cpl_cert.errors import CplCertError
 from cpl_cert.layers import CPLConv2d, CPLLinear
@@ -178,16 +177,6 @@ def test_radius_is_exact_distance_to_boundary_lln():
         with torch.no_grad():
             out = exact(moved.view(1, 1, 4, 4))[0]
         assert float(out[j]) >= float(out[t])
-
-
-def test_parse_eps():
-    values = parse_eps("0.1, 36/255,1e-2")
-    assert [v.label for v in values] == ["0.1", "36/255", "1e-2"]
-    assert values[1].value == pytest.approx(36 / 255)
-    assert parse_eps(values)[1].label == "36/255"
-    for bad in ("abc", "0.1,,0.2", "-1", "0", "1/0", ""):
-        with pytest.raises(CplCertError):
-            parse_eps(bad)
 
 
 def test_certify_unfrozen_model_and_result_fields(fashion):

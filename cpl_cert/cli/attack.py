@@ -13,8 +13,9 @@ import typer
 from ..attacks.check import Violation, find_violations
 from ..attacks.ensemble import SuiteResult, run_suite
 from ..attacks.options import ATTACKS, ENGINES, check_attack_options, default_attack
-from ..certify import CertifyResult, EpsValue, certify, parse_eps
+from ..certify import CertifyResult, certify
 from ..data import ImageDataset, to_float_images
+from ..eps import EpsValue, parse_eps
 from ..errors import CplCertError
 from ..io import file_sha256, write_json
 from ..lipschitz import LipschitzBounds, lipschitz_bounds
@@ -37,7 +38,6 @@ from .common import (
     job,
     library_default,
     load_model_and_data,
-    read_eps,
     set_threads,
 )
 from .plots import check_plot_path, plot_gap
@@ -129,7 +129,7 @@ def attack_command(
         attack = attack or default_attack(engine)
         check_attack_options(attack, engine, steps, batch_size)
         _check_assumed_bound(assume_lipschitz)
-        eps_values = read_eps(eps) if eps is not None else None
+        eps_values = parse_eps(eps) if eps is not None else None
         if shards.is_main:  # only rank 0 writes
             _check_outputs(json_path, plot_path, attack, engine)
         with Activity(err_console) as activity:

@@ -8,8 +8,9 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from ..certify import CertifyResult, EpsValue, certify, parse_eps
+from ..certify import CertifyResult, certify
 from ..data import ImageDataset, to_float_images
+from ..eps import EpsValue, parse_eps
 from ..errors import CplCertError
 from ..io import file_sha256, write_json
 from ..lipschitz import LipschitzBounds, lipschitz_bounds, lipschitz_lower_bound
@@ -32,7 +33,6 @@ from .common import (
     job,
     library_default,
     load_model_and_data,
-    read_eps,
     set_threads,
     warn_if_not_one_lipschitz,
 )
@@ -100,7 +100,7 @@ def certify_command(
         set_threads(threads)
         if lower_samples < 0:
             raise CplCertError(f"--lower-bound-samples must be 0 or more, got {lower_samples}")
-        eps_values = read_eps(eps) if eps is not None else None
+        eps_values = parse_eps(eps) if eps is not None else None
         if shards.is_main:  # only rank 0 writes
             check_writable(json_path)
             check_writable(radii_path)

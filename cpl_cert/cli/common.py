@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import os
 import shlex
 from collections.abc import Callable, Iterator
@@ -17,7 +16,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..certify import EpsValue, parse_eps
 from ..checkpoint import load_checkpoint
 from ..data import ImageDataset, check_compatible, check_fits, load_dataset
 from ..errors import CplCertError
@@ -112,19 +110,6 @@ def check_writable(path: Path | None) -> None:
         raise CplCertError(f"cannot write {path}: the folder {parent} is not writable")
     if path.exists() and not os.access(path, os.W_OK):
         raise CplCertError(f"cannot write {path}: the file is read-only")
-
-
-def read_eps(text: str) -> list[EpsValue]:
-    """``--eps`` parsed; a number that is negative, zero or not finite is refused as such (not as unreadable)."""
-    for part in text.split(","):
-        item = part.strip()
-        try:
-            value = float(item)
-        except ValueError:
-            value = -1.0 if item.startswith("-") else 1.0
-        if not (math.isfinite(value) and value > 0):
-            raise CplCertError(f"eps must be positive and finite, got {item!r}")
-    return parse_eps(text)
 
 
 def load_model_and_data(
