@@ -27,7 +27,7 @@ _EXPORTS = {
     "predict": ("PredictResult", "predict"),
     "reference": ("ImportedModel", "import_reference"),
     "sll_reference": ("import_sll",),
-    "spectral": ("freeze", "is_frozen"),
+    "freezing": ("freeze", "is_frozen"),
 }
 _SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -45,13 +45,13 @@ if TYPE_CHECKING:
     from .eps import EpsValue, parse_eps
     from .errors import CplCertError
     from .export import ExportResult, export_onnx, onnx_metadata
+    from .freezing import freeze, is_frozen
     from .layers import CPLConv2d, CPLLinear, LLNHead, SLLConv2d, SLLLinear, TruncationHead
     from .lipschitz import LipschitzBounds, lipschitz_bounds, lipschitz_lower_bound
     from .models import PRESETS, CPLNet, ModelConfig, build_model, count_parameters
     from .predict import PredictResult, predict
     from .reference import ImportedModel, import_reference
     from .sll_reference import import_sll
-    from .spectral import freeze, is_frozen
 
 
 def __getattr__(name: str) -> Any:

@@ -33,11 +33,12 @@ import torch.nn.functional as F
 
 from .data import SPECS
 from .errors import CplCertError
+from .freezing import freeze
 from .io import file_sha256
 from .layers import STEP_EPSILON, CPLConv2d, CPLLinear
 from .lipschitz import lipschitz_bounds
 from .models import CPLNet, ModelConfig, cpl_layers
-from .spectral import freeze, layer_operators, power_iteration
+from .spectral import layer_operators, power_iteration
 
 StepsMode = Literal["certified", "reference"]
 STEPS_MODES = ("certified", "reference")

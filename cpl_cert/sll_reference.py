@@ -33,12 +33,13 @@ import torch.nn.functional as F
 
 from .data import SPECS
 from .errors import CplCertError
+from .freezing import freeze
 from .io import file_sha256
 from .lipschitz import LipschitzBounds, lipschitz_bounds
 from .models import CPLNet, ModelConfig, cpl_layers
 from .reference import STEPS_MODES, ImportedModel, StepsMode, check_state_dict, read_torch_file
 from .sll import scaled_operators
-from .spectral import freeze, refresh_vector
+from .spectral import refresh_vector
 
 OLD_EPSILON = 1e-6
 """The earlier dense layer's ``epsilon`` in ``1 / (|q_i| + epsilon)``."""

@@ -6,8 +6,9 @@ import copy
 import time
 
 from ..certify import certify
+from ..freezing import freeze
 from ..models import CPLNet
-from ..spectral import REPORT_ITERS, freeze
+from ..spectral import REPORT_ITERS
 from .epoch import EpochTotals
 from .events import EpochStats, Evaluating, OnEvent, ignore
 from .setup import Run
