@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import cpl_cert
-from cpl_cert.certify import certificate_constants
+from cpl_cert.certification import certificate_constants
 from cpl_cert.models import float64_copy
 from cpl_cert.numerics import FLOAT32, FLOAT32_ACC64, FLOAT64, strict_math
 from cpl_cert.passes import accumulated_features, trace_body

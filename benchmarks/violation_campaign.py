@@ -41,7 +41,7 @@ import torch
 import cpl_cert
 from cpl_cert.attacks import run_suite
 from cpl_cert.attacks.check import beats
-from cpl_cert.certify import CertifyResult
+from cpl_cert.certification import CertifyResult
 from cpl_cert.data import ImageDataset, to_float_images
 from cpl_cert.eps import parse_eps
 from cpl_cert.io import file_sha256

@@ -8,26 +8,24 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 _EXPORTS = {
-    "certify": ("CertifyResult", "certify"),
-    "eps": ("EpsValue", "parse_eps"),
+    "certification": ("CertifyResult", "certify"),
     "checkpoint": ("load_checkpoint", "read_metadata", "save_checkpoint"),
     "data": ("ImageDataset", "load_dataset"),
+    "eps": ("EpsValue", "parse_eps"),
     "errors": ("CplCertError",),
     "export": ("ExportResult", "export_onnx", "onnx_metadata"),
+    "freezing": ("freeze", "is_frozen"),
     "layers": ("CPLConv2d", "CPLLinear", "LLNHead", "SLLConv2d", "SLLLinear", "TruncationHead"),
     "lipschitz": ("LipschitzBounds", "lipschitz_bounds", "lipschitz_lower_bound"),
     "models": ("PRESETS", "CPLNet", "ModelConfig", "build_model", "count_parameters"),
-    "predict": ("PredictResult", "predict"),
+    "prediction": ("PredictResult", "predict"),
     "reference": ("ImportedModel", "import_reference"),
     "sll_reference": ("import_sll",),
-    "freezing": ("freeze", "is_frozen"),
 }
 _SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -39,7 +37,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .certify import CertifyResult, certify
+    from .certification import CertifyResult, certify
     from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
     from .data import ImageDataset, load_dataset
     from .eps import EpsValue, parse_eps
@@ -49,7 +47,7 @@ if TYPE_CHECKING:
     from .layers import CPLConv2d, CPLLinear, LLNHead, SLLConv2d, SLLLinear, TruncationHead
     from .lipschitz import LipschitzBounds, lipschitz_bounds, lipschitz_lower_bound
     from .models import PRESETS, CPLNet, ModelConfig, build_model, count_parameters
-    from .predict import PredictResult, predict
+    from .prediction import PredictResult, predict
     from .reference import ImportedModel, import_reference
     from .sll_reference import import_sll
 
@@ -69,18 +67,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted({*globals(), *_SOURCE})
 
-
-class _Package(types.ModuleType):
-    """Keeps ``cpl_cert.certify`` and ``cpl_cert.predict`` the functions once their modules are imported.
-
-    Importing a submodule binds it on its package; where a function has the module's name, the
-    function stays bound instead (as an eager ``from .certify import certify`` would leave it).
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and name in _EXPORTS.get(name, ()):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -165,7 +165,7 @@ def deployable(model: CPLNet) -> nn.Module:
 
 def onnx_metadata(model: CPLNet, meta: dict[str, Any], sha256: str, bounds: LipschitzBounds | None = None) -> dict[str, str]:
     """The ``metadata_props`` of the exported model (all values strings; structured ones JSON)."""
-    from . import __version__
+    from .version import __version__
     bounds = bounds or lipschitz_bounds(model)
     config = model.config
     dataset = meta.get("dataset") or {}
@@ -195,7 +195,7 @@ def onnx_metadata(model: CPLNet, meta: dict[str, Any], sha256: str, bounds: Lips
 def runtime_allowance_metadata(model: CPLNet, bounds: LipschitzBounds) -> dict[str, Any]:
     """``A``, ``B`` and ``norm_limit`` of the deployed radius rule: the exported graph's logit differences,
     computed by any correctly rounded float32 runtime, are within ``A ||x|| + B`` of exact (``runtime_allowance``)."""
-    from .certify import certificate_constants
+    from .certification import certificate_constants
 
     _, model_err = certificate_constants(model, bounds)
     head = model.head

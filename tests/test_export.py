@@ -250,7 +250,7 @@ def test_the_deployed_radius_never_exceeds_the_exact_one(onnx_packages, tmp_path
     """On the shipped split under ONNX Runtime: the radius a deployment computes from the metadata lies below
     an upper bound of the exact function's radius at every point (a float64 evaluation with its rounding
     bound), and stays useful. The undeflated rule margin / L exceeds it at about half the points."""
-    from cpl_cert.certify import certificate_constants
+    from cpl_cert.certification import certificate_constants
     from cpl_cert.radii import float64_pass
 
     path = SHIPPED.parent / f"{name}.safetensors"

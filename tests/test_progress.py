@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import cpl_cert
 from cpl_cert.attacks.ensemble import run_suite
-from cpl_cert.certify import certificate_constants
+from cpl_cert.certification import certificate_constants
 from cpl_cert.cli import app
 from cpl_cert.cli.progress import Activity, Line, clock
 from cpl_cert.cli.train_display import RunClock

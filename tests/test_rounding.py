@@ -13,7 +13,7 @@ import torch
 from conftest import make_frozen
 
 import cpl_cert
-from cpl_cert.certify import certificate_constants
+from cpl_cert.certification import certificate_constants
 from cpl_cert.models import float64_copy
 from cpl_cert.numerics import FLOAT32, FLOAT32_ACC64, FLOAT32_BY_TAPS, FLOAT64, norm_upper
 from cpl_cert.passes import accumulated_features, trace_body

@@ -92,3 +92,115 @@ def test_the_length_check_sees_a_long_function(tmp_path):
     body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES + 1))
     (tmp_path / "long.py").write_text(f"def f(\n    a,\n):\n    \"\"\"Doc.\"\"\"\n{body}\n")
     assert long_functions(tmp_path / "long.py", tmp_path) == ["long.py f (62 lines)"]
+
+
+# --- module names and the package facade ------------------------------------------------------------------
+def module_name(path: Path, root: Path) -> str:
+    """Dotted name of ``path`` under ``root``'s parent (``cpl_cert.cli.common``; a package's ``__init__`` is the package)."""
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def exported_names(tree: ast.Module) -> set[str]:
+    """Public functions and classes a module defines at its top level, and the names of its ``__all__``."""
+    names = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            names |= {elt.value for elt in getattr(node.value, "elts", []) if isinstance(elt, ast.Constant)}
+    return {name for name in names if not name.startswith("_")}
+
+
+def modules_named_after_exports(root: Path = PACKAGE) -> list[str]:
+    """``"module: name"`` where a module exports a function or class under its own name (``certify.py`` exporting
+    ``certify``: ``import pkg.certify`` would then mean two things), or a package exports a name that is also one
+    of its submodules (``pkg.certify`` the function or the module, whichever was bound last)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        names = exported_names(ast.parse(path.read_text()))
+        if path.name == "__init__.py":
+            submodules = {p.stem for p in path.parent.glob("*.py")} | {p.name for p in path.parent.iterdir() if (p / "__init__.py").exists()}
+            found += [f"{module_name(path, root)}: {name}" for name in sorted(names & submodules)]
+        elif path.stem in names:
+            found.append(f"{module_name(path, root)}: {path.stem}")
+    return found
+
+
+def test_no_module_is_named_after_a_function_it_exports():
+    assert modules_named_after_exports() == []
+
+
+def test_the_module_name_check_sees_a_module_named_after_its_function(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "certify.py").write_text("def certify():\n    pass\n")
+    (package / "predict.py").write_text("__all__ = ['predict']\nfrom .other import predict\n")
+    (package / "result.py").write_text("def certify():\n    pass\n")  # not named after it: fine
+    (package / "__init__.py").write_text("__all__ = ['result', 'sub', 'certify']\n")
+    (package / "sub" / "__init__.py").write_text("")
+    assert modules_named_after_exports(package) == [
+        "pkg: certify", "pkg: result", "pkg: sub", "pkg.certify: certify", "pkg.predict: predict",
+    ]
+
+
+def facade_imports(root: Path = PACKAGE) -> list[str]:
+    """``"module:line"`` for every import, inside the package, of a name the package facade (``root/__init__.py``)
+    defines (``__version__``, a public name it loads lazily) or of the facade itself (``import cpl_cert``). Importing a
+    submodule through it (``from . import conv64``) is importing that submodule, not the facade."""
+    top = root.name
+    submodules = {p.stem for p in root.glob("*.py")} | {p.name for p in root.iterdir() if (p / "__init__.py").exists()}
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path == root / "__init__.py":
+            continue
+        package = module_name(path, root).split(".")
+        if path.name != "__init__.py":
+            package = package[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                hit = any(alias.name == top for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = [top] if node.level == 0 else package[: len(package) - node.level + 1]
+                target = (node.module or "").split(".") if node.level == 0 else [*base, *filter(None, (node.module or "").split("."))]
+                hit = target == [top] and any(alias.name not in submodules for alias in node.names)
+            else:
+                continue
+            if hit:
+                found.append(f"{module_name(path, root)}:{node.lineno}")
+    return found
+
+
+def test_nothing_inside_the_package_imports_the_package_facade():
+    """The facade (``cpl_cert/__init__.py``) loads names lazily for users; code inside the package imports the module
+    that defines a name (``from .version import __version__``), so that no import goes through it and none cycles back."""
+    assert facade_imports() == []
+
+
+def test_the_facade_check_sees_an_import_of_the_facade(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "cli").mkdir(parents=True)
+    (package / "__init__.py").write_text("__version__ = '1'\n")
+    (package / "conv.py").write_text("")
+    (package / "a.py").write_text("from . import __version__\nfrom . import conv\nfrom .conv import x\n")
+    (package / "cli" / "__init__.py").write_text("")
+    (package / "cli" / "b.py").write_text("from .. import __version__\nfrom ..conv import x\nfrom . import c\n")
+    (package / "cli" / "c.py").write_text("import pkg\nfrom pkg import certify\nfrom pkg.conv import y\nimport pkg.conv\n")
+    assert facade_imports(package) == ["pkg.a:1", "pkg.cli.b:1", "pkg.cli.c:1", "pkg.cli.c:2"]
+
+
+def test_public_names_are_the_functions_and_modules_are_modules():
+    """DESIGN.md section 7's names are functions of the package (loaded lazily), and importing a module never rebinds them."""
+    script = """
+import importlib, inspect, sys, types
+import cpl_cert
+assert "torch" not in sys.modules  # the facade loads nothing until a name is used
+for name in cpl_cert.__all__:
+    getattr(cpl_cert, name)
+for module in ("certification", "prediction", "freezing", "eps", "version"):
+    assert isinstance(importlib.import_module("cpl_cert." + module), types.ModuleType)
+for name in ("certify", "predict", "freeze", "parse_eps", "lipschitz_bounds", "load_checkpoint", "build_model", "save_checkpoint"):
+    assert inspect.isfunction(getattr(cpl_cert, name)), name
+assert cpl_cert.__version__ == importlib.import_module("cpl_cert.version").__version__
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=PACKAGE.parent, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

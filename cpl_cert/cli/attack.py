@@ -13,7 +13,7 @@ import typer
 from ..attacks.check import Violation, find_violations
 from ..attacks.ensemble import SuiteResult, run_suite
 from ..attacks.options import ATTACKS, ENGINES, check_attack_options, default_attack
-from ..certify import CertifyResult, certify
+from ..certification import CertifyResult, certify
 from ..data import ImageDataset, to_float_images
 from ..eps import EpsValue, parse_eps
 from ..errors import CplCertError

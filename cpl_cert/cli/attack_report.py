@@ -9,7 +9,7 @@ import torch
 
 from ..attacks.check import Violation, violations_at
 from ..attacks.ensemble import SuiteResult
-from ..certify import CertifyResult, EpsValue
+from ..certification import CertifyResult, EpsValue
 from .table import Table
 
 

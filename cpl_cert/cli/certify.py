@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from ..certify import CertifyResult, certify
+from ..certification import CertifyResult, certify
 from ..data import ImageDataset, to_float_images
 from ..eps import EpsValue, parse_eps
 from ..errors import CplCertError
@@ -17,7 +17,7 @@ from ..lipschitz import LipschitzBounds, lipschitz_bounds, lipschitz_lower_bound
 from ..models import CPLNet
 from ..shards import Shards
 from . import interrupt
-from .certify_report import CSV_HEADER, certify_report, certify_table, write_radii_csv
+from .certify_report import CSV_HEADER, certify_table, json_report, write_radii_csv
 from .common import (
     DataDir,
     DeviceName,
@@ -122,7 +122,7 @@ def _report(
     lower bound keeps the certification (the reports say the lower bound was not computed)."""
     _show(result, model_path, data, split)
     status, stopped = _lower_bound(model, data, result.bounds, lower_samples)
-    report = certify_report(result, model=str(model_path), sha256=file_sha256(model_path), dataset=data.name, split=split)
+    report = json_report(result, model=str(model_path), sha256=file_sha256(model_path), dataset=data.name, split=split)
     report["lipschitz"]["lower_status"] = status
     report["batch_size"] = batch_size
     title = f"{model_path.name} on {data.name} ({split} split, {result.n:,} points)"

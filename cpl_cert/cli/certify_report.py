@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..certify import CertifyResult
+from ..certification import CertifyResult
 from ..io import atomic_write
 from .table import Table
 
@@ -55,7 +55,7 @@ def _median_radius(radii: torch.Tensor) -> str:
     return f"{float(radii.median()):.4g}" if radii.numel() else "-"
 
 
-def certify_report(result: CertifyResult, **fields: Any) -> dict[str, Any]:
+def json_report(result: CertifyResult, **fields: Any) -> dict[str, Any]:
     """The ``certify --json`` report (docs/certify.md); ``fields`` (model, sha256, dataset, split...) come first."""
     return {
         **fields,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .. import __version__
+from ..version import __version__
 from .attack import attack_command
 from .certify import certify_command
 from .export import export_command

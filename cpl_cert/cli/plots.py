@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..certify import CertifyResult
+from ..certification import CertifyResult
 from ..errors import CplCertError
 from ..io import atomic_write
 from .common import check_writable

@@ -14,7 +14,7 @@ from ..device import resolve_device
 from ..eps import parse_single_eps
 from ..inputs import Inputs, load_inputs
 from ..io import atomic_write
-from ..predict import PredictResult, predict
+from ..prediction import PredictResult, predict
 from .common import (
     DeviceName,
     ModelPath,

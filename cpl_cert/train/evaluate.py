@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import time
 
-from ..certify import certify
+from ..certification import certify
 from ..freezing import freeze
 from ..models import CPLNet
 from ..spectral import REPORT_ITERS
@@ -24,7 +24,7 @@ def freeze_iterations(run: Run) -> int:
     return run.opts.freeze_iters or REPORT_ITERS
 
 
-def evaluate(run: Run, epoch: int, totals: EpochTotals, on_event: OnEvent = ignore) -> tuple[CPLNet, EpochStats]:
+def evaluate_epoch(run: Run, epoch: int, totals: EpochTotals, on_event: OnEvent = ignore) -> tuple[CPLNet, EpochStats]:
     """Freeze a copy, certify it on the test split at the dataset's radii; returns the copy and the epoch's stats.
 
     ``on_event`` hears each stage (``Evaluating``): the freeze, then certification's progress.

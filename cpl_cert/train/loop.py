@@ -19,7 +19,7 @@ from ..errors import CplCertError
 from ..io import remove_stale_temporaries
 from . import distributed as dist_utils
 from .epoch import run_epoch
-from .evaluate import evaluate
+from .evaluate import evaluate_epoch
 from .events import (
     AlreadyFinished,
     Cleaned,
@@ -145,7 +145,7 @@ def _finish_epoch(run: Run, epoch: int, on_event: OnEvent) -> EpochStats | None:
         raise CplCertError(f"the model weights differ between processes after epoch {epoch}; refusing to save an inconsistent checkpoint")
     if not run.info.is_main:
         return None
-    frozen, stats = evaluate(run, epoch, totals, on_event)
+    frozen, stats = evaluate_epoch(run, epoch, totals, on_event)
     make_folder(run.out.parent)
     append_log(run.log, stats)
     if save_now:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .certify import certify
+from .certification import certify
 from .eps import EpsValue, parse_single_eps
 from .errors import CplCertError
 from .lipschitz import LipschitzBounds
