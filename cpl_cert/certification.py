@@ -91,28 +91,35 @@ class CertifyResult:
 
     @property
     def clean_accuracy(self) -> float:
-        return _fraction(self.correct)
+        return fraction(self.correct)
 
     @property
     def clean_accuracy_float32(self) -> float:
-        return _fraction(self.correct_float32)
+        return fraction(self.correct_float32)
 
     @property
     def clean_accuracy_any(self) -> float:
         """Fraction of points every correctly rounded float32 runtime provably classifies correctly."""
-        return _fraction(self.correct_any)
+        return fraction(self.correct_any)
 
     def certified_accuracy(self, eps: float) -> float:
         """Fraction of points the exact function classifies correctly with a radius above ``eps``."""
-        return _fraction(self.correct & (self.radii_exact > eps))
+        return fraction(self.correct & (self.radii_exact > eps))
 
     def certified_accuracy_float32(self, eps: float) -> float:
         """The same for cpl-cert's float32 network (margins deflated by its rounding bound)."""
-        return _fraction(self.correct_float32 & (self.radii_float32 > eps))
+        return fraction(self.correct_float32 & (self.radii_float32 > eps))
 
     def certified_accuracy_any(self, eps: float) -> float:
         """The same for every correctly rounded float32 runtime at once."""
-        return _fraction(self.correct_any & (self.radii_any > eps))
+        return fraction(self.correct_any & (self.radii_any > eps))
+
+    def median_radius(self, sense: str = "exact") -> float | None:
+        """Median radius in ``sense`` (``exact``, ``float32`` or ``any``) of the points correctly classified in that
+        sense (``None`` when there are none)."""
+        correct = {"exact": self.correct, "float32": self.correct_float32, "any": self.correct_any}[sense]
+        radii = getattr(self, f"radii_{sense}")[correct]
+        return float(radii.median()) if radii.numel() else None
 
     @property
     def certified(self) -> list[dict[str, Any]]:
@@ -127,7 +134,8 @@ class CertifyResult:
         return self.n / self.seconds if self.seconds > 0 else float("inf")
 
 
-def _fraction(mask: torch.Tensor) -> float:
+def fraction(mask: torch.Tensor) -> float:
+    """The fraction of true entries (0 for none)."""
     return float(mask.double().mean()) if mask.numel() else 0.0
 
 

@@ -204,3 +204,44 @@ print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=PACKAGE.parent, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def cli_imports(root: Path = PACKAGE) -> list[str]:
+    """``"module:line"`` for every import of the command line (``root/cli``) by a library module: the library's numbers
+    must not need the interface that prints them. ``__main__.py`` (``python -m cpl_cert``) is the command line's door."""
+    top = root.name
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if "cli" in path.relative_to(root).parts or path == root / "__main__.py":
+            continue
+        package = module_name(path, root).split(".")
+        if path.name != "__init__.py":
+            package = package[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name.split(".") for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = [] if node.level == 0 else package[: len(package) - node.level + 1]
+                module = [*base, *filter(None, (node.module or "").split("."))]
+                targets = [module] if module[:2] == [top, "cli"] else [[*module, alias.name] for alias in node.names]
+            else:
+                continue
+            if any(target[:2] == [top, "cli"] for target in targets):
+                found.append(f"{module_name(path, root)}:{node.lineno}")
+    return found
+
+
+def test_no_library_module_imports_the_command_line():
+    assert cli_imports() == []
+
+
+def test_the_command_line_check_sees_a_library_import_of_it(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "cli").mkdir(parents=True)
+    (package / "attacks").mkdir()
+    for path in ("__init__.py", "cli/__init__.py", "cli/report.py", "attacks/__init__.py"):
+        (package / path).write_text("")
+    (package / "cli" / "c.py").write_text("from .report import x\nfrom .. import conv\n")  # the command line may import itself
+    (package / "a.py").write_text("from .cli.report import rows\nfrom . import cli\nfrom .clinic import y\nimport pkg.cli\n")
+    (package / "attacks" / "b.py").write_text("from ..cli import report\nfrom .. import conv\nfrom pkg.cli.report import z\n")
+    assert cli_imports(package) == ["pkg.a:1", "pkg.a:2", "pkg.a:4", "pkg.attacks.b:1", "pkg.attacks.b:3"]

@@ -17,6 +17,8 @@ ATTACKS = (*NATIVE_ATTACKS, "fab", "square")
 ENGINES = ("native", "autoattack")
 DEFAULT_ATTACK = {"native": "apgd", "autoattack": "autoattack"}
 """The attack each engine runs when none is named: APGD natively, the standard AutoAttack with the authors' code."""
+MEASURES_DISTANCE = ("minnorm", "autoattack")
+"""The native attacks that measure each point's smallest adversarial distance (tightness, gap plot)."""
 STANDARD_STEPS = 100
 """The iteration budget of AutoAttack's standard version (the only one ``--engine autoattack`` runs)."""
 
@@ -24,6 +26,11 @@ STANDARD_STEPS = 100
 def default_attack(engine: str) -> str:
     """The attack ``engine`` runs when none is named (``apgd`` for an unknown engine, which the check refuses)."""
     return DEFAULT_ATTACK.get(engine, "apgd")
+
+
+def measures_distance(attack: str, engine: str) -> bool:
+    """Whether the run finds each point's smallest adversarial distance (the authors' attacks stop at each eps)."""
+    return engine == "native" and attack in MEASURES_DISTANCE
 
 
 def check_attack_options(attack: str, engine: str = "native", steps: int = 100, batch_size: int = 500) -> None:
