@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,7 +168,6 @@ def certify(
     device: str | torch.device | None = "auto",
     batch_size: int = 1024,
     bounds: LipschitzBounds | None = None,
-    progress: Callable[[int, int], None] | None = None,
     on_progress: OnProgress | None = None,
     tight_radii: bool = False,
     shards: Shards | None = None,
@@ -176,8 +175,7 @@ def certify(
     """Certify every point of ``data``: predictions, margins, radii in the three senses, and accuracies.
 
     The model is moved to ``device`` (in place, as ``nn.Module.to`` does); the data go there once;
-    nothing syncs with the host per batch. ``progress(done, total)`` is called after each batch of
-    the first pass. Points whose first evaluation cannot decide the exact function's answer at some eps
+    nothing syncs with the host per batch. Points whose first evaluation cannot decide the exact function's answer at some eps
     (or its class), or could be certified at an eps by a tighter evaluation of cpl-cert's float32 network,
     are evaluated again in float64 before they count (docs/certify.md). ``tight_radii`` evaluates every
     point in float64, so that each reported exact radius is within about 1e-9 of its exact value (for a
@@ -189,7 +187,7 @@ def certify(
     process gets the whole result, equal to a single-process run's.
     """
     with torch.inference_mode(), strict_math():
-        result = _certify(model, data, eps, device, batch_size, bounds, progress, on_progress, tight_radii, shards or Shards())
+        result = _certify(model, data, eps, device, batch_size, bounds, on_progress, tight_radii, shards or Shards())
     # Inference tensors cannot enter autograd (an attack on the certified points would fail): clone out.
     for name in ("labels", "predictions", "predictions_float32", "predictions_any", "margins", "radii", "radii_exact",
                  "radii_float32", "radii_any"):
@@ -204,7 +202,6 @@ def _certify(
     device: str | torch.device | None,
     batch_size: int,
     bounds: LipschitzBounds | None,
-    progress: Callable[[int, int], None] | None,
     on_progress: OnProgress | None,
     tight_radii: bool,
     shards: Shards,
@@ -224,7 +221,7 @@ def _certify(
     start = time.perf_counter()
     run = _Run(model, model_err, images.to(dev, non_blocking=True), labels.to(dev).long(),
                torch.tensor([e.value for e in eps_values], dtype=torch.float64, device=dev), tight_radii, on_progress or no_progress)
-    answers = _first_pass(run, batch_size, progress, shards)
+    answers = _first_pass(run, batch_size, shards)
     _float64_pass(run, answers, batch_size, shards)
     _run_float32_network(run, answers, batch_size, shards)
     result = _result(answers, run.labels, eps_values, bounds, str(dev))
@@ -262,7 +259,7 @@ network whose worst-case float32 rounding bound exceeds its margins), the other 
 float64: evaluating them twice would cost more."""
 
 
-def _first_pass(run: _Run, batch_size: int, progress: Callable[[int, int], None] | None, shards: Shards) -> Answers:
+def _first_pass(run: _Run, batch_size: int, shards: Shards) -> Answers:
     """The fast pass (float32 convolutions, float64 dense layers) over all points, batch by batch; or
     float64 from the second batch on when the fast pass decides too little (``FLOAT64_FIRST``).
 
@@ -275,8 +272,6 @@ def _first_pass(run: _Run, batch_size: int, progress: Callable[[int, int], None]
     run.report("float32", 0, total)
 
     def done(count: int) -> None:
-        if progress is not None:
-            progress(min(count * batch_size, total), total)
         run.report("float32", min(count * batch_size, total), total)
 
     def fast(part: slice) -> Answers:

@@ -37,7 +37,7 @@ from .freezing import freeze
 from .io import file_sha256
 from .lipschitz import LipschitzBounds, lipschitz_bounds
 from .models import CPLNet, ModelConfig, cpl_layers
-from .reference import STEPS_MODES, ImportedModel, StepsMode, check_state_dict, read_torch_file
+from .reference import ImportedModel, StepsMode, check_state_dict, check_steps_mode, read_torch_file
 from .sll import scaled_operators
 from .spectral import refresh_vector
 
@@ -304,8 +304,7 @@ def import_sll(path: str | Path, dataset: str, steps: StepsMode = "certified") -
     ``reference`` keeps the file's own rescaling (its function; the certified bound reported, above 1 where it
     is); ``certified`` re-freezes with ``cpl_cert.freeze``. Both bounds are in ``provenance``.
     """
-    if steps not in STEPS_MODES:
-        raise CplCertError(f"--steps must be certified or reference, got {steps!r}")
+    check_steps_mode(steps)
     file = Path(path)
     state, arch = read_sll(file, dataset)
     model, ref_ts = build_sll_model(state, arch, dataset)

@@ -190,8 +190,8 @@ def test_certify_unfrozen_model_and_result_fields(fashion):
     layers = cpl_cert.models.cpl_layers(model)
     state = copy.deepcopy(model.state_dict())
     calls = []
-    result = cpl_cert.certify(model, fashion.subset(50), eps="0.05", device="cpu", batch_size=16, progress=lambda d, t: calls.append((d, t)))
-    assert calls == [(16, 50), (32, 50), (48, 50), (50, 50)]
+    result = cpl_cert.certify(model, fashion.subset(50), eps="0.05", device="cpu", batch_size=16, on_progress=lambda *call: calls.append(call))
+    assert [(d, t) for stage, d, t in calls if stage == "float32"] == [(0, 50), (16, 50), (32, 50), (48, 50), (50, 50)]
     assert not any(layer.frozen for _, layer in layers) and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     steps = [float(layer.current_step()) for _, layer in layers]
     exact = math.prod(max(1.0, abs(1.0 - h * exact_norm(layer) ** 2)) for h, (_, layer) in zip(steps, layers, strict=True))

@@ -12,7 +12,7 @@ from formats import write_idx_split
 from typer.testing import CliRunner
 
 import cpl_cert
-import cpl_cert.cli.common as cli_common
+import cpl_cert.loading as loading
 import cpl_cert.train.setup as train_setup
 from cpl_cert.cli import app
 from cpl_cert.errors import CplCertError
@@ -35,7 +35,7 @@ def no_data_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a dataset was loaded before the options were checked")
 
-    monkeypatch.setattr(cli_common, "load_dataset", refuse)
+    monkeypatch.setattr(loading, "load_dataset", refuse)
     monkeypatch.setattr(train_setup, "load_dataset", refuse)
 
 

@@ -28,18 +28,16 @@ def small_model():
     return make_frozen("cpl-tiny", channels=4, conv_depth=1, dense_depth=1, conv_inner=4, dense_inner=32)
 
 
-def test_certify_reports_every_stage_and_keeps_the_old_callback(small_model):
+def test_certify_reports_every_stage(small_model):
     data = cpl_cert.load_dataset("fashion-mnist").subset(300)
     # An eps equal to a point's float64 lower radius bound lies inside that point's interval at every
     # precision short of float64, so the float64 stage runs.
     _, model_err = certificate_constants(small_model)
     answers = float64_pass(float64_copy(small_model), model_err, data.images[:20], data.labels[:20])
     on_edge = float(answers.low[(answers.low > 0) & (answers.top == data.labels[:20])][0])
-    old, new = [], []
-    result = cpl_cert.certify(small_model, data, eps=[0.1, on_edge], device="cpu", batch_size=128,
-                              progress=lambda d, t: old.append((d, t)), on_progress=lambda *a: new.append(a))
-    assert old == [(128, 300), (256, 300), (300, 300)]  # unchanged: after each float32 batch
-    assert [a for a in new if a[0] == "float32"] == [("float32", 0, 300), *(("float32", d, t) for d, t in old)]
+    new = []
+    result = cpl_cert.certify(small_model, data, eps=[0.1, on_edge], device="cpu", batch_size=128, on_progress=lambda *a: new.append(a))
+    assert [a for a in new if a[0] == "float32"] == [("float32", d, 300) for d in (0, 128, 256, 300)]  # after each float32 batch
     later = [a for a in new if a[0] != "float32"]
     assert list(dict.fromkeys(a[0] for a in later)) == ["float64"]
     assert later[0] == ("float64", 0, later[-1][2]) and later[-1][1] == later[-1][2] <= result.rechecked

@@ -38,7 +38,7 @@ def test_library_imports_no_interface_package():
 
 
 def test_library_never_prints():
-    """Progress goes through callbacks (``certify(progress=)``, ``train(on_event=)``); only cli/ renders."""
+    """Progress goes through callbacks (``certify(on_progress=)``, ``train(on_event=)``); only cli/ renders."""
     calls = [
         f"{path.relative_to(PACKAGE)}:{node.lineno}"
         for path in library_files()

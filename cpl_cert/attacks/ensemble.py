@@ -193,7 +193,6 @@ def run_suite(
     batch_size: int = 500,
     seed: int = 0,
     steps: int = 100,
-    progress: Callable[[int, int], None] | None = None,
     reference_float32: torch.Tensor | None = None,
     clean: torch.Tensor | None = None,
     on_progress: OnProgress | None = None,
@@ -211,7 +210,7 @@ def run_suite(
     ``engine="autoattack"`` runs the authors' code (optional package ``pyautoattack``) with its standard
     budget; warnings of its own checks land in ``extra["engine_warnings"]``.
     Every example is verified in each sense of ``SENSES`` (``cpl_cert.attacks.check``) before it counts.
-    ``progress(done, total)`` is called after each batch; ``on_progress(stage, done, total)`` after
+    ``on_progress(stage, done, total)`` is called after
     every attack iteration, in points (fractional inside a batch), with the attack and radius as stage.
     ``shards`` (``cpl_cert.shards.join``, under torchrun) attacks batch k on process k mod N (inputs on
     that process's device); every process gets the whole result, equal to a single-process run's.
@@ -231,8 +230,7 @@ def run_suite(
         shards.agree((n, list(eps), attack, engine, batch_size, seed, steps), "attack options")
         plan = _Plan(checker, images, clean, (reference, *others), list(eps), attack, engine, seed, steps, on_progress or no_progress)
         batches = [slice(begin, min(begin + batch_size, n)) for begin in range(0, n, batch_size)]
-        done = (lambda count: progress(min(count * batch_size, n), n)) if progress is not None else None
-        return merge_batches(plan.eps, n, batches, shards.map(batches, plan.attack_batch, on_done=done))
+        return merge_batches(plan.eps, n, batches, shards.map(batches, plan.attack_batch))
     result = SuiteResult.empty(list(eps), n, images.device)
     rejected = torch.zeros(n, dtype=torch.bool, device=images.device)
     for begin in range(0, n, batch_size):
@@ -240,8 +238,6 @@ def run_suite(
         targets = tuple(r[part].to(images.device) for r in (reference, *others))
         tracker = _BatchProgress(on_progress or no_progress, part, n, attack, engine, len(result.eps))
         _attack_batch(checker, images[part].float(), clean[part], targets, result, part, rejected, attack, engine, seed, steps, tracker)
-        if progress is not None:
-            progress(part.stop, n)
     result.rejected = int(rejected.sum())
     return result.to_cpu()
 

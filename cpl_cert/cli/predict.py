@@ -119,13 +119,13 @@ def predict_command(
         model, meta = load_checkpoint(model_path, device=dev)
         activity.stage("reading the inputs")
         data = load_inputs(
-            inputs, model.config.input_shape, resize=resize, progress=lambda done, total: activity.update(done, total),
+            inputs, model.config.input_shape, resize=resize, on_progress=lambda stage, done, total: activity.update(done, total),
             convert=convert, how="--convert",
         )
         activity.stage("certifying", len(data))
         result = predict(
             model, data.images, eps=eps_value, device=dev, batch_size=batch_size,
-            progress=lambda done, total: activity.update(done),
+            on_progress=lambda stage, done, total: activity.update(done) if stage == "float32" else None,
         )
     rows = records(data, result, class_names(meta, model.config.num_classes))
     if json_path is not None:
