@@ -28,9 +28,9 @@ from ..progress import OnProgress, no_progress
 from ..shards import Shards
 from .apgd import apgd_l2, apgd_targeted_l2
 from .check import Checker, make_checker, verify_any, verify_exact, verify_float32
-from .common import AttackOutcome
+from .common import AttackOutcome, attack_unbroken
 from .minnorm import fmn_l2
-from .options import ENGINE_ATTACKS, check_attack_options, default_attack
+from .options import ATTACK_PLANS, check_attack_options, default_attack, measures_distance
 from .pgd import pgd_l2
 
 SENSES = ("exact", "float32", "any")
@@ -111,8 +111,8 @@ class SuiteResult:
         return self.names[code] if code >= 0 else ""
 
 
-PHASES = {"pgd": ("pgd",), "apgd": ("apgd-ce", "apgd-t"), "autoattack": ("apgd-ce", "apgd-t", "pgd"), "minnorm": ()}
-"""The fixed-eps attacks each ``--attack`` runs at every radius, in order (FMN runs once per batch before them)."""
+NATIVE_RUNS = {"apgd-ce": apgd_l2, "apgd-t": apgd_targeted_l2, "pgd": pgd_l2}
+"""cpl-cert's fixed-eps attacks by the names ``AttackPlan.native`` lists."""
 
 
 class _BatchProgress:
@@ -120,13 +120,14 @@ class _BatchProgress:
 
     def __init__(self, on_progress: OnProgress, part: slice, n: int, attack: str, engine: str, radii: int) -> None:
         self.on_progress, self.part, self.n, self.done = on_progress, part, n, 0.0
-        fmn = 2.0 if attack in ("minnorm", "autoattack") and engine == "native" else 0.0
+        plan = ATTACK_PLANS[attack]
+        fmn = 2.0 if measures_distance(attack, engine) else 0.0
         if engine == "native":
-            per_radius = float(len(PHASES[attack]))
+            per_radius = float(len(plan.native or ()))
         else:
             from .authors import COST
 
-            per_radius = sum(COST[name] for name in ENGINE_ATTACKS[attack])
+            per_radius = sum(COST[name] for name in plan.authors or ())
         self.total = fmn + radii * per_radius or 1.0
 
     def phase(self, stage: str, weight: float = 1.0) -> Callable[[float], None]:
@@ -148,37 +149,26 @@ def _native(
     steps: int = 100,
     phase: Callable[[str], Callable[[float], None] | None] = lambda stage: None,
 ) -> list[AttackOutcome]:
-    """The native attacks of ``attack`` at radius ``eps``; each later one runs on the points still unbroken.
+    """The native attacks of ``attack`` at radius ``eps`` (``AttackPlan.native``), each on the points still unbroken,
+    then FMN's ``minnorm`` outcome where the plan measures distances.
 
     ``phase(stage)`` gives each attack run its ``on_step`` progress callback.
     """
-    if attack == "minnorm":
-        assert minnorm is not None
-        return [minnorm]
+    plan = ATTACK_PLANS[attack]
     label = f"at eps {eps:.4g}"
-    plan: list[Callable[[torch.Tensor, torch.Tensor], AttackOutcome]] = []
-    if attack in ("apgd", "autoattack"):
-        plan += [
-            lambda a, b: apgd_l2(model, a, b, eps, steps=steps, generator=generator, on_step=phase(f"apgd-ce {label}")),
-            lambda a, b: apgd_targeted_l2(model, a, b, eps, steps=steps, generator=generator, on_step=phase(f"apgd-t {label}")),
-        ]
-    if attack in ("pgd", "autoattack"):
-        plan.append(lambda a, b: pgd_l2(model, a, b, eps, steps=steps, generator=generator, on_step=phase(f"pgd {label}")))
     outcomes: list[AttackOutcome] = []
     alive = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
-    for run in plan:
-        idx = alive.nonzero().flatten()
-        if idx.numel() == 0:
+    for name in plan.native or ():
+        if not bool(alive.any()):
             break
-        part = run(x0[idx], y[idx])
-        full = AttackOutcome(
-            torch.zeros_like(alive), x0.clone(), torch.full((x0.shape[0],), math.inf, dtype=torch.float64, device=x0.device),
-            part.name, part.settings,
+        run = NATIVE_RUNS[name]
+        outcomes.append(
+            attack_unbroken(x0, y, alive, lambda a, b, run=run, name=name: run(
+                model, a, b, eps, steps=steps, generator=generator, on_step=phase(f"{name} {label}")
+            ))
         )
-        full.found[idx], full.adversarial[idx], full.distance[idx] = part.found, part.adversarial, part.distance
-        alive &= ~full.found
-        outcomes.append(full)
-    if attack == "autoattack" and minnorm is not None:
+    if plan.fmn:
+        assert minnorm is not None
         outcomes.append(minnorm)
     return outcomes
 
@@ -282,7 +272,7 @@ def _attack_batch(
     at = part if at is None else at
     model, y = checker.model, targets[0]
     minnorm = None
-    if attack in ("minnorm", "autoattack") and engine == "native":
+    if measures_distance(attack, engine):
         minnorm = fmn_l2(model, x0, y, steps=2 * steps, check_model=checker.model64, on_step=tracker.phase("fmn", 2.0))
     for e, radius in enumerate(result.eps):
         # A fresh seed per (batch, radius): the same points get the same random starts whatever else
