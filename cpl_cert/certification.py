@@ -213,13 +213,13 @@ def _certify(
     model = model.to(dev).eval()
     images, labels = _as_tensors(data)
     _check_images(images, labels, model.config.input_shape)
-    bounds, model_err = certificate_constants(model, bounds)
+    bounds, constants = certificate_constants(model, bounds)
     if shards.enabled:
         shards.agree(_fingerprint(model, images, labels, eps_values, batch_size, tight_radii), "checkpoint, data and options")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     start = time.perf_counter()
-    run = _Run(model, model_err, images.to(dev, non_blocking=True), labels.to(dev).long(),
+    run = _Run(model, constants, images.to(dev, non_blocking=True), labels.to(dev).long(),
                torch.tensor([e.value for e in eps_values], dtype=torch.float64, device=dev), tight_radii, on_progress or no_progress)
     answers = _first_pass(run, batch_size, shards)
     _float64_pass(run, answers, batch_size, shards)
@@ -239,7 +239,7 @@ class _Run:
     the data on the device and what must be decided about them."""
 
     model: CPLNet
-    model_err: ErrorModel
+    constants: ErrorModel
     images: torch.Tensor
     labels: torch.Tensor
     eps: torch.Tensor
@@ -275,10 +275,10 @@ def _first_pass(run: _Run, batch_size: int, shards: Shards) -> Answers:
         run.report("float32", min(count * batch_size, total), total)
 
     def fast(part: slice) -> Answers:
-        return fast_pass(run.model, run.copy64(), run.model_err, run.images[part], run.labels[part])
+        return fast_pass(run.model, run.copy64(), run.constants, run.images[part], run.labels[part])
 
     def exact(part: slice) -> Answers:
-        return float64_pass(run.copy64(), run.model_err, run.images[part], run.labels[part])
+        return float64_pass(run.copy64(), run.constants, run.images[part], run.labels[part])
 
     head = shards.map(batches[: shards.world_size], fast)
     float64_first = bool(head) and float(_undecided(run, head[0], batches[0]).double().mean()) > FLOAT64_FIRST
@@ -318,7 +318,7 @@ def _float64_pass(run: _Run, answers: Answers, batch_size: int, shards: Shards) 
     run.report("float64", 0, todo.numel())
     parts = [todo[begin : begin + batch_size] for begin in range(0, todo.numel(), batch_size)]
     results = shards.map(
-        parts, lambda part: float64_pass(run.copy64(), run.model_err, run.images[part], run.labels[part]),
+        parts, lambda part: float64_pass(run.copy64(), run.constants, run.images[part], run.labels[part]),
         on_done=lambda count: run.report("float64", min(count * batch_size, todo.numel()), todo.numel()),
     )
     for part, result in zip(parts, results, strict=True):
@@ -372,7 +372,7 @@ def certificate_constants(model: CPLNet, bounds: LipschitzBounds | None = None) 
     validate_model(model)
     given = bounds is not None
     bounds = bounds if given else lipschitz_bounds(model)
-    model_err = error_model(model, bounds)
+    constants = error_model(model, bounds)
     if not given:
-        model.__dict__["_certificate_constants"] = (key, bounds, model_err)
-    return bounds, model_err
+        model.__dict__["_certificate_constants"] = (key, bounds, constants)
+    return bounds, constants

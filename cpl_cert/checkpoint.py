@@ -13,8 +13,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from .errors import CplCertError
+from .files import atomic_write
 from .freezing import freeze, is_frozen
-from .io import atomic_write
 from .metadata import check_metadata
 from .models import CPLNet, ModelConfig
 from .validate import validate_against_metadata, validate_model

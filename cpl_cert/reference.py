@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from .data import SPECS
 from .errors import CplCertError
+from .files import file_sha256
 from .freezing import freeze
-from .io import file_sha256
 from .layers import STEP_EPSILON, CPLConv2d, CPLLinear
 from .lipschitz import lipschitz_bounds
 from .models import CPLNet, ModelConfig, cpl_layers

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from .data import SPECS
 from .errors import CplCertError
+from .files import file_sha256
 from .freezing import freeze
-from .io import file_sha256
 from .lipschitz import LipschitzBounds, lipschitz_bounds
 from .models import CPLNet, ModelConfig, cpl_layers
 from .reference import ImportedModel, StepsMode, check_state_dict, check_steps_mode, read_torch_file

@@ -2,7 +2,8 @@
 
 Power iteration converges from below, so its estimate can make a layer slightly more than
 1-Lipschitz. The upper bounds here are certified, their own float64 rounding included: dense layers
-the top eigenvalue of the Gram matrix, proved by a Cholesky factorisation (``cpl_cert.dense_norm``),
+the top eigenvalue of the Gram matrix, proved by a Cholesky factorisation (small ones: an eigensolver and its
+backward error; ``cpl_cert.dense_norm``),
 convolutions the FFT bound of the circular convolution on the zero-padded grid (see docs/math.md).
 ``cpl_cert.freezing`` takes the steps from them; Lanczos (``refresh_vector``) refreshes the stored vector
 that the report's ``sigma_power`` measures.

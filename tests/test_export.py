@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import cpl_cert
 from cpl_cert.cli import app
 from cpl_cert.data.registry import FASHION_CLASSES
-from cpl_cert.io import file_sha256
+from cpl_cert.files import file_sha256
 from cpl_cert.models import float64_copy
 
 runner = CliRunner()
@@ -260,9 +260,9 @@ def test_the_deployed_radius_never_exceeds_the_exact_one(onnx_packages, tmp_path
     x = data.images.float() / 255
     top, radius = deflated_radii(run_onnx(out, x), x, metadata(out))
     model, _ = cpl_cert.load_checkpoint(path)
-    _, model_err = certificate_constants(model)
+    _, constants = certificate_constants(model)
     with torch.inference_mode():
-        exact = float64_pass(float64_copy(model), model_err, data.images, data.labels)
+        exact = float64_pass(float64_copy(model), constants, data.images, data.labels)
     same = exact.finite & (exact.low > 0) & (exact.top == top)
     assert bool((radius[~same] == 0).all())
     assert bool((radius[same] <= exact.high[same]).all())

@@ -165,7 +165,7 @@ def test_info_labels_the_per_epoch_evaluation(tmp_path):
 def test_output_that_is_not_a_terminal_keeps_identifiers_whole(checkpoint):
     """The sha256 and every number appear whole (no ellipsis) when the output is a pipe or a file."""
     info = runner.invoke(app, ["info", str(checkpoint)])
-    assert cpl_cert.io.file_sha256(checkpoint) in info.stdout and "…" not in info.stdout
+    assert cpl_cert.files.file_sha256(checkpoint) in info.stdout and "…" not in info.stdout
     bounds = runner.invoke(app, ["lipschitz", str(checkpoint), "--samples", "0"])
     assert bounds.exit_code == 0 and "…" not in bounds.stdout
 

@@ -32,8 +32,8 @@ def test_certify_reports_every_stage(small_model):
     data = cpl_cert.load_dataset("fashion-mnist").subset(300)
     # An eps equal to a point's float64 lower radius bound lies inside that point's interval at every
     # precision short of float64, so the float64 stage runs.
-    _, model_err = certificate_constants(small_model)
-    answers = float64_pass(float64_copy(small_model), model_err, data.images[:20], data.labels[:20])
+    _, constants = certificate_constants(small_model)
+    answers = float64_pass(float64_copy(small_model), constants, data.images[:20], data.labels[:20])
     on_edge = float(answers.low[(answers.low > 0) & (answers.top == data.labels[:20])][0])
     new = []
     result = cpl_cert.certify(small_model, data, eps=[0.1, on_edge], device="cpu", batch_size=128, on_progress=lambda *a: new.append(a))

@@ -245,3 +245,21 @@ def test_the_command_line_check_sees_a_library_import_of_it(tmp_path):
     (package / "a.py").write_text("from .cli.report import rows\nfrom . import cli\nfrom .clinic import y\nimport pkg.cli\n")
     (package / "attacks" / "b.py").write_text("from ..cli import report\nfrom .. import conv\nfrom pkg.cli.report import z\n")
     assert cli_imports(package) == ["pkg.a:1", "pkg.a:2", "pkg.a:4", "pkg.attacks.b:1", "pkg.attacks.b:3"]
+
+
+def stdlib_shadows(root: Path = PACKAGE) -> list[str]:
+    """Modules named like a standard-library module (``io.py``, ``inspect.py``): a reader, or a tool run from the
+    folder, takes one for the other."""
+    return [module_name(path, root) for path in sorted(root.rglob("*.py")) if path.stem in sys.stdlib_module_names]
+
+
+def test_no_module_shadows_the_standard_library():
+    assert stdlib_shadows() == []
+
+
+def test_the_shadow_check_sees_a_module_named_like_the_standard_library(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "cli").mkdir(parents=True)
+    for path in ("__init__.py", "io.py", "files.py", "cli/__init__.py", "cli/inspect.py", "cli/info.py"):
+        (package / path).write_text("")
+    assert stdlib_shadows(package) == ["pkg.cli.inspect", "pkg.io"]

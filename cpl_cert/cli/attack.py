@@ -17,7 +17,7 @@ from ..certification import CertifyResult, certify
 from ..data import ImageDataset
 from ..eps import EpsValue, parse_eps
 from ..errors import CplCertError
-from ..io import file_sha256, write_json
+from ..files import file_sha256, write_json
 from ..lipschitz import LipschitzBounds, assume_body_bound, check_assumed_bound, lipschitz_bounds
 from ..loading import load_model_and_data
 from ..models import CPLNet

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..certification import CertifyResult
-from ..io import atomic_write
+from ..files import atomic_write
 from .table import Table
 
 CSV_HEADER = (

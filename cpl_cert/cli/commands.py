@@ -12,7 +12,7 @@ from .certify import certify_command
 from .export import export_command
 from .helptext import Command, Group
 from .importer import import_command
-from .inspect import info_command, lipschitz_command
+from .info import info_command, lipschitz_command
 from .predict import predict_command
 from .train import train_command
 

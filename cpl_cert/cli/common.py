@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import CplCertError
-from ..io import portable_dataset, portable_path
+from ..files import portable_dataset, portable_path
 from ..shards import Shards, join
 from . import interrupt
 
@@ -150,7 +150,7 @@ def library_default(func: Callable[..., Any], name: str) -> Any:
 def command_line(ctx: typer.Context) -> str:
     """The running command as the user gave it: ``cpl-cert <command>`` and the options set on the
     command line (the same whether started as ``cpl-cert``, ``python -m cpl_cert`` or under torchrun),
-    with paths made portable (``cpl_cert.io.portable_path``: relative to the working folder, or the name)."""
+    with paths made portable (``cpl_cert.files.portable_path``: relative to the working folder, or the name)."""
     parts = ["cpl-cert", ctx.info_name or ""]
     for param in ctx.command.params:
         source = ctx.get_parameter_source(param.name) if param.name else None

@@ -11,7 +11,7 @@ import torch
 
 from ..certification import CertifyResult
 from ..errors import CplCertError
-from ..io import atomic_write
+from ..files import atomic_write
 from .common import check_writable
 
 INSTALL_HINT = (

@@ -12,8 +12,8 @@ import typer
 from ..checkpoint import load_checkpoint
 from ..device import resolve_device
 from ..eps import parse_single_eps
+from ..files import atomic_write
 from ..inputs import Inputs, load_inputs
-from ..io import atomic_write
 from ..prediction import PredictResult, predict
 from .common import (
     DeviceName,

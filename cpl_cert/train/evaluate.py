@@ -17,7 +17,7 @@ EVAL_BATCH = 1024
 
 
 def freeze_iterations(run: Run) -> int:
-    """Power iterations ``freeze`` spends on the report's sigma (``--freeze-iters``, else the library default).
+    """Lanczos steps ``freeze`` spends per layer on the report's sigma (``--freeze-iters``, else the library default).
 
     The step never depends on them: ``freeze`` takes it from the certified spectral-norm bound.
     """

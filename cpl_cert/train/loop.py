@@ -1,7 +1,7 @@
 """``train(TrainOptions(...))``: the CPL paper's recipe, evaluated every epoch, resumable, optionally distributed.
 
 Each epoch trains (``epoch.run_epoch``), then a frozen copy is certified on the test split
-(``evaluate.evaluate``) and written atomically with the resume state (``save.save_run``). Under
+(``evaluate.evaluate_epoch``) and written atomically with the resume state (``save.save_run``). Under
 ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DDP with ``broadcast_buffers`` so the
 power-iteration vectors stay identical on every rank; each rank trains on its shard of every epoch;
 only rank 0 evaluates, writes and reports. See docs/train.md.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..device import resolve_device
 from ..errors import CplCertError
-from ..io import remove_stale_temporaries
+from ..files import remove_stale_temporaries
 from . import distributed as dist_utils
 from .epoch import run_epoch
 from .evaluate import evaluate_epoch

@@ -13,7 +13,7 @@ import torch
 
 from ..checkpoint import save_checkpoint
 from ..errors import CplCertError
-from ..io import atomic_write
+from ..files import atomic_write
 from ..models import CPLNet
 from ..version import __version__
 from .events import EpochStats
