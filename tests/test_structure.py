@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -263,3 +264,55 @@ def test_the_shadow_check_sees_a_module_named_like_the_standard_library(tmp_path
     for path in ("__init__.py", "io.py", "files.py", "cli/__init__.py", "cli/inspect.py", "cli/info.py"):
         (package / path).write_text("")
     assert stdlib_shadows(package) == ["pkg.cli.inspect", "pkg.io"]
+
+
+# --- the map from modules to tests (tests/README.md) ----------------------------------------------------------
+TESTS = Path(__file__).resolve().parent
+
+
+def map_gaps(readme: Path = TESTS / "README.md", root: Path = PACKAGE) -> tuple[list[str], list[str]]:
+    """Modules of ``root`` without a row in the map, and test files the map names that do not exist."""
+    text = readme.read_text()
+    rows = {line.split("|")[1].strip().strip("`") for line in text.splitlines() if line.startswith("| `")}
+    modules = {path.relative_to(root.parent).as_posix() for path in root.rglob("*.py")}
+    named = set(re.findall(r"`(test_\w+\.py)`", text))
+    return sorted(modules - rows), sorted(name for name in named if not (readme.parent / name).exists())
+
+
+def test_every_module_has_a_row_in_the_test_map():
+    assert map_gaps() == ([], [])
+
+
+def test_the_map_check_sees_a_missing_module_and_a_missing_test(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    for path in ("__init__.py", "a.py", "sub/__init__.py", "sub/b.py"):
+        (package / path).write_text("")
+    (tmp_path / "test_a.py").write_text("")
+    readme = tmp_path / "README.md"
+    readme.write_text("| module | tests |\n|---|---|\n| `pkg/__init__.py` | `test_a.py` |\n| `pkg/a.py` | `test_a.py`, `test_gone.py` |\n"
+                      "| `pkg/sub/__init__.py` | `test_a.py` |\n")
+    assert map_gaps(readme, package) == (["pkg/sub/b.py"], ["test_gone.py"])
+
+
+def benchmark_imports(tests: Path = TESTS) -> list[str]:
+    """Test files that reach into ``benchmarks/`` (a path to it put on ``sys.path``): tests exercise the package."""
+    return sorted(
+        path.name for path in tests.glob("*.py")
+        if path != Path(__file__).resolve()
+        and any(isinstance(node, ast.Constant) and node.value == "benchmarks" for node in ast.walk(ast.parse(path.read_text())))
+    )
+
+
+ALLOWED_BENCHMARK_IMPORTS = {"test_violation_campaign.py"}
+"""Tests of a benchmark script itself (its resumption and exit code), not of the package."""
+
+
+def test_tests_do_not_import_the_benchmarks():
+    assert set(benchmark_imports()) - ALLOWED_BENCHMARK_IMPORTS == set()
+
+
+def test_the_benchmark_check_sees_a_test_importing_a_benchmark(tmp_path):
+    (tmp_path / "test_x.py").write_text('sys.path.insert(0, str(ROOT / "benchmarks"))\n')
+    (tmp_path / "test_y.py").write_text('"""benchmarks/run.py does the same."""\n')
+    assert benchmark_imports(tmp_path) == ["test_x.py"]
