@@ -62,6 +62,19 @@ class AttackSummary:
     tightness: dict[str, Any] | None
     """``tightness`` of the exact radii against the smallest adversarial distances (``None`` unless the attack measures them)."""
 
+    @property
+    def violated_points(self) -> list[int]:
+        """The points with a violated certificate, each once (a point may violate several senses), in index order."""
+        return sorted({v.index for v in self.violations})
+
+
+def by_point(violations: Sequence[Violation]) -> dict[int, list[Violation]]:
+    """The violations grouped by point (index order), each point's in the order found (exact, float32, any)."""
+    grouped: dict[int, list[Violation]] = {}
+    for v in sorted(violations, key=lambda v: v.index):
+        grouped.setdefault(v.index, []).append(v)
+    return grouped
+
 
 def summarize(
     cert: CertifyResult, suite: SuiteResult, eps: Sequence[EpsValue], attack: str | None = None, engine: str = "native"

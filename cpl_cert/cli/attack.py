@@ -10,7 +10,6 @@ from typing import Annotated
 import typer
 
 from ..attacks.audit import AttackSummary, attack_dataset, summarize
-from ..attacks.check import Violation
 from ..attacks.ensemble import SuiteResult, run_suite
 from ..attacks.options import ATTACKS, ENGINES, check_attack_options, default_attack, measures_distance
 from ..certification import CertifyResult, certify
@@ -33,6 +32,7 @@ from .common import (
     Threads,
     check_writable,
     console,
+    count,
     err_console,
     handle_errors,
     job,
@@ -184,7 +184,7 @@ def _render(run: _Run, json_path: Path | None, plot_path: Path | None) -> None:
         console.print(f"wrote {json_path}", highlight=False)
     if plot_path is not None:
         console.print(f"wrote {plot_path}", highlight=False)
-    _report_violations(summary.violations)
+    _report_violations(summary)
 
 
 def _check_outputs(json_path: Path | None, plot_path: Path | None, attack: str, engine: str) -> None:
@@ -225,13 +225,15 @@ def _run_attacks(
     return attack_dataset(model, data, cert, eps_values, attack, engine, batch_size, seed, steps, on_progress=on_progress, shards=shards)
 
 
-def _report_violations(violations: list[Violation]) -> None:
-    """List every violated certificate (the command then exits with code 3), or say that none was."""
+def _report_violations(summary: AttackSummary) -> None:
+    """List every violated certificate, one row per point (the command then exits with code 3), or say that none was."""
+    violations, points = summary.violations, summary.violated_points
     if not violations:
         console.print("[bold green]no certificate violated[/]: every adversarial example found lies at or beyond its certified radius")
         return
     console.print(violations_table(violations))
-    shown = ", ".join(str(v.index) for v in violations[:20]) + (" ..." if len(violations) > 20 else "")
+    shown = ", ".join(str(i) for i in points[:20]) + (" ..." if len(points) > 20 else "")
     err_console.print(
-        f"[bold red]Error:[/] an attack contradicted {len(violations)} certificate(s) (test points {shown}).", highlight=False
+        f"[bold red]Error:[/] an attack contradicted {len(violations)} certificate(s) of {count(len(points), 'test point')} "
+        f"(test points {shown}).", highlight=False,
     )

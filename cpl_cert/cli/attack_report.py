@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..attacks.audit import AttackSummary
+from ..attacks.audit import AttackSummary, by_point
 from ..attacks.check import Violation
 from ..attacks.ensemble import SuiteResult
 from ..certification import CertifyResult
@@ -34,14 +34,18 @@ def accuracy_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 
 def violations_table(violations: list[Violation], limit: int = 50) -> Table:
-    table = Table(title=f"CERTIFICATE VIOLATIONS ({len(violations)} points)", title_style="bold red")
+    """One row per violated point: the senses it violates, and the radius, distance and attack of the first of them."""
+    points = by_point(violations)
+    table = Table(title=f"CERTIFICATE VIOLATIONS ({len(points)} points)", title_style="bold red")
     for column in ("index", "sense", "certified radius r", "adversarial distance d", "d / r", "attack", "at eps"):
         table.add_column(column, justify="right")
-    for v in violations[:limit]:
+    for index, found in list(points.items())[:limit]:
+        v = found[0]
         ratio = f"{v.distance / v.radius:.4f}" if v.radius > 0 else "-"
-        table.add_row(str(v.index), v.sense, f"{v.radius:.6g}", f"{v.distance:.6g}", ratio, v.attack, f"{v.eps:.4g}")
-    if len(violations) > limit:
-        table.caption = f"... and {len(violations) - limit} more (all are in the JSON report)"
+        senses = ", ".join(f.sense for f in found)
+        table.add_row(str(index), senses, f"{v.radius:.6g}", f"{v.distance:.6g}", ratio, v.attack, f"{v.eps:.4g}")
+    if len(points) > limit:
+        table.caption = f"... and {len(points) - limit} more points (all are in the JSON report)"
     return table
 
 
@@ -89,7 +93,7 @@ def json_report(
         "certified_accuracy_any": [row["certified_accuracy_any"] for row in rows],
         "robust_accuracy_any": [row["robust_accuracy_any"] for row in rows],
         "results": rows,
-        "violations": [v.index for v in summary.violations],
+        "violations": summary.violated_points,
         "violation_details": [v.to_dict() for v in summary.violations],
         "rejected_adversarial_examples": suite.rejected,
         "engine_warnings": suite.extra.get("engine_warnings", []),
