@@ -189,3 +189,32 @@ def test_one_is_singular():
     line = describe(_started(1, 1))
     assert "1 epoch x 1 step," in line and "on 1 fashion-mnist image," in line and "(1 parameter)" in line
     assert "10 epochs x 2 steps" in describe(_started(10, 2))
+
+
+def test_attack_progress_counts_the_points_done_at_the_eps_shown(small_model, tmp_path, monkeypatch):
+    """The attack line's count is the points done at the radius (or FMN) it names, not the run's overall progress."""
+    import cpl_cert.cli.progress as progress_cli
+    from cpl_cert.cli import app
+
+    path = tmp_path / "m.safetensors"
+    cpl_cert.save_checkpoint(small_model, path, dataset={"name": "fashion-mnist", "input_shape": [1, 28, 28], "num_classes": 10}, training={})
+    seen = []
+    real = progress_cli.Activity.update
+
+    def update(self, done, total=None, description=None, key="stage", **extra):
+        if description and description.startswith("attacking: "):
+            seen.append((description.removeprefix("attacking: "), extra.get("count")))
+        return real(self, done, total, description, key, **extra)
+
+    monkeypatch.setattr(progress_cli.Activity, "update", update)
+    args = ["attack", str(path), "--limit", "24", "--batch-size", "12", "--eps", "0.1,0.5", "--steps", "5", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    counts: dict[str, list[float]] = {}
+    for stage, count in seen:
+        done, total = count.split("/")
+        assert total == "24"
+        counts.setdefault(stage.split(" at ")[-1], []).append(float(done))
+    assert set(counts) == {"eps 0.1", "eps 0.5"}
+    for done in counts.values():  # each radius counts its own points: from 0, up to all 24, batch by batch
+        assert done[0] == 0 and done[-1] == 24 and done == sorted(done) and 12 in done

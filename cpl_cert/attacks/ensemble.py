@@ -115,20 +115,62 @@ NATIVE_RUNS = {"apgd-ce": apgd_l2, "apgd-t": apgd_targeted_l2, "pgd": pgd_l2}
 """cpl-cert's fixed-eps attacks by the names ``AttackPlan.native`` lists."""
 
 
+@dataclass(frozen=True)
+class SuiteWork:
+    """How ``run_suite``'s progress divides each batch: FMN's share first (where it runs), then one equal share per
+    radius (each attack run a unit, FMN two, the authors' components their ``COST``)."""
+
+    fmn: float
+    per_radius: float
+    radii: int
+    n: int
+    batch_size: int
+    first: str = ""
+    """The attack that runs first at each radius (its stage starts a radius; the others continue one)."""
+
+    @classmethod
+    def of(cls, attack: str, engine: str, radii: int, n: int, batch_size: int) -> SuiteWork:
+        plan = ATTACK_PLANS[attack]
+        if engine == "native":
+            phases = plan.native or ()
+            per_radius = float(len(phases))
+        else:
+            from .authors import COST
+
+            phases = plan.authors or ()
+            per_radius = sum(COST[name] for name in phases)
+        fmn = 2.0 if measures_distance(attack, engine) else 0.0
+        return cls(fmn, per_radius, radii, n, max(batch_size, 1), phases[0] if phases else "")
+
+    @property
+    def units(self) -> float:
+        """Shares of one batch (1 when there is nothing to do)."""
+        return self.fmn + self.radii * self.per_radius or 1.0
+
+    def points_done(self, done: float, stage: str) -> float:
+        """From a report of ``run_suite`` (``stage``, ``done`` points, fractional inside a batch): the points that
+        ``stage``'s radius (or FMN) has finished, the earlier batches' included. A report at the border of two radii
+        belongs to the later one when ``stage`` starts it, else to the earlier one."""
+        start = min(int(done // self.batch_size) * self.batch_size, max(self.n - 1, 0) // self.batch_size * self.batch_size)
+        size = min(self.batch_size, self.n - start)
+        if size <= 0 or done >= start + size:
+            return float(min(done, self.n))
+        units = (done - start) / size * self.units
+        if stage == "fmn" or self.per_radius == 0:
+            share = units / self.fmn if self.fmn else 1.0
+        else:
+            past = (units - self.fmn) / self.per_radius
+            radius = math.floor(past) if stage.startswith(f"{self.first} ") else math.ceil(past) - 1
+            share = past - min(max(radius, 0), self.radii - 1)
+        return start + min(max(share, 0.0), 1.0) * size
+
+
 class _BatchProgress:
     """Reports a batch's progress in points: each attack run at each radius is an equal share, FMN two."""
 
     def __init__(self, on_progress: OnProgress, part: slice, n: int, attack: str, engine: str, radii: int) -> None:
         self.on_progress, self.part, self.n, self.done = on_progress, part, n, 0.0
-        plan = ATTACK_PLANS[attack]
-        fmn = 2.0 if measures_distance(attack, engine) else 0.0
-        if engine == "native":
-            per_radius = float(len(plan.native or ()))
-        else:
-            from .authors import COST
-
-            per_radius = sum(COST[name] for name in plan.authors or ())
-        self.total = fmn + radii * per_radius or 1.0
+        self.total = SuiteWork.of(attack, engine, radii, n, part.stop - part.start).units
 
     def phase(self, stage: str, weight: float = 1.0) -> Callable[[float], None]:
         """``on_step`` for the next phase (``weight`` shares): reports ``stage`` and the points' progress."""

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from ..attacks.audit import AttackSummary, attack_dataset, summarize
-from ..attacks.ensemble import SuiteResult, run_suite
+from ..attacks.ensemble import SuiteResult, SuiteWork, run_suite
 from ..attacks.options import ATTACKS, ENGINES, check_attack_options, default_attack, measures_distance
 from ..certification import CertifyResult, certify
 from ..data import ImageDataset
@@ -218,9 +218,11 @@ def _run_attacks(
     """Attack every point's clean prediction at every radius (split over the processes of a torchrun job);
     the progress line follows each attack iteration."""
     activity.stage(f"attacking ({attack})", cert.n)
+    work = SuiteWork.of(attack, engine, len(eps_values), cert.n, batch_size)
 
     def on_progress(stage: str, done: float, total: float) -> None:
-        activity.update(done, total, description=f"attacking: {stage}")
+        """The bar and time left follow the whole run; the count, the points done at the radius shown."""
+        activity.update(done, total, description=f"attacking: {stage}", count=f"{work.points_done(done, stage):,.0f}/{total:,.0f}")
 
     return attack_dataset(model, data, cert, eps_values, attack, engine, batch_size, seed, steps, on_progress=on_progress, shards=shards)
 
