@@ -126,3 +126,18 @@ def test_the_violation_table_has_one_row_per_point_and_counts_points(broken_chec
     cells = [line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")]
     assert [cell for cell in cells if cell.isdigit()] == [str(i) for i in points]
     assert f"of {len(points)} test points" in result.stderr
+
+
+def test_a_long_run_says_how_long_it_may_take_before_it_starts(dense_checkpoint: Path, monkeypatch):
+    """Past a few minutes (here: any length), the command says up front how long the attacks may take, and how to
+    take a first look sooner; a short run says nothing."""
+    import cpl_cert.cli.attack as attack_cli
+
+    args = ["attack", str(dense_checkpoint), "--limit", "30", "--eps", "0.1", "--steps", "5", "--device", "cpu"]
+    quiet = runner.invoke(app, args)
+    assert quiet.exit_code == 0 and "may take" not in quiet.stderr
+    monkeypatch.setattr(attack_cli, "LONG_RUN_SECONDS", 0.0)
+    long = runner.invoke(app, args)
+    assert long.exit_code == 0, long.output
+    note = next(line for line in long.stderr.splitlines() if "may take" in line)
+    assert note.startswith("Note: the attacks (apgd, 30 points, 1 radius) may take up to about ") and "--limit" in note

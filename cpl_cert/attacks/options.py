@@ -44,6 +44,19 @@ STANDARD_STEPS = 100
 """The iteration budget of AutoAttack's standard version (the only one ``--engine autoattack`` runs)."""
 
 
+NATIVE_PASSES = {"pgd": lambda steps: steps + 1, "apgd-ce": lambda steps: steps, "apgd-t": lambda steps: 9 * steps}
+"""Forward and backward passes each native fixed-eps attack spends on a point it does not break (APGD-T: 9 targets)."""
+
+
+def passes_per_point(attack: str, engine: str, steps: int, radii: int) -> float | None:
+    """Forward and backward passes a native run spends on a point no attack breaks (FMN: ``2 * steps``, once), an
+    upper bound of its cost; ``None`` with ``--engine autoattack``, whose budget is the authors'."""
+    plan = ATTACK_PLANS[attack]
+    if engine != "native" or plan.native is None:
+        return None
+    return (2 * steps if plan.fmn else 0) + radii * sum(NATIVE_PASSES[name](steps) for name in plan.native)
+
+
 def default_attack(engine: str) -> str:
     """The attack ``engine`` runs when none is named (``apgd`` for an unknown engine, which the check refuses)."""
     return DEFAULT_ATTACK.get(engine, "apgd")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from ..attacks.audit import AttackSummary, attack_dataset, summarize
+from ..attacks.audit import AttackSummary, attack_dataset, estimate_seconds, summarize
 from ..attacks.ensemble import SuiteResult, SuiteWork, run_suite
 from ..attacks.options import ATTACKS, ENGINES, check_attack_options, default_attack, measures_distance
 from ..certification import CertifyResult, certify
@@ -41,9 +41,11 @@ from .common import (
     set_threads,
 )
 from .plots import check_plot_path, plot_gap
-from .progress import Activity
+from .progress import Activity, clock
 
 DEFAULT_LIMIT = 1000
+LONG_RUN_SECONDS = 300.0
+"""Past this estimate, the command says up front how long the attacks may take."""
 
 
 @handle_errors
@@ -127,6 +129,7 @@ def attack_command(
                 model, data, eps=[e.label for e in eps_values], device=shards.device, batch_size=batch_size, bounds=bounds,
                 on_progress=activity.reporter(CERTIFY_STAGES), shards=shards,
             )
+            _note_duration(model, data, attack, engine, steps, len(eps_values), batch_size, shards)
             suite = _run_attacks(activity, shards, model, data, cert, eps_values, attack, engine, batch_size, seed, steps)
             summary = summarize(cert, suite, eps_values, attack, engine)
             seconds = time.perf_counter() - start
@@ -225,6 +228,22 @@ def _run_attacks(
         activity.update(done, total, description=f"attacking: {stage}", count=f"{work.points_done(done, stage):,.0f}/{total:,.0f}")
 
     return attack_dataset(model, data, cert, eps_values, attack, engine, batch_size, seed, steps, on_progress=on_progress, shards=shards)
+
+
+def _note_duration(
+    model: CPLNet, data: ImageDataset, attack: str, engine: str, steps: int, radii: int, batch_size: int, shards: Shards
+) -> None:
+    """Before a long run (``LONG_RUN_SECONDS``), say up to how long the attacks may take and how to take a first look sooner."""
+    seconds = estimate_seconds(model, data, attack, engine, steps, radii, batch_size)
+    if seconds is None or not shards.is_main:
+        return
+    seconds /= shards.world_size
+    if seconds > LONG_RUN_SECONDS:
+        what = f"{attack}, {count(len(data), 'point')}, {radii} {'radius' if radii == 1 else 'radii'}"
+        err_console.print(
+            f"Note: the attacks ({what}) may take up to about {clock(seconds)} here (less as points break); "
+            "a smaller --limit takes proportionally less", highlight=False,
+        )
 
 
 def _report_violations(summary: AttackSummary) -> None:
