@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 import cpl_cert
 from cpl_cert import dense_norm
+from cpl_cert.freezing import step_for_sigma
 from cpl_cert.layers import CPLConv2d, CPLLinear
 from cpl_cert.numerics import gamma, round_up, strict_math, unit_roundoff
-from cpl_cert.spectral import conv_sigma_upper, power_iteration, step_for_sigma
+from cpl_cert.spectral import conv_sigma_upper, power_iteration
 
 
 def legacy_dense_sigma_upper(weight: torch.Tensor) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import cpl_cert
-from cpl_cert.certify import certificate_constants
+from cpl_cert.certification import certificate_constants
 from cpl_cert.models import float64_copy
 from cpl_cert.numerics import FLOAT32, FLOAT32_ACC64, FLOAT64, strict_math
 from cpl_cert.passes import accumulated_features, trace_body
@@ -37,18 +37,18 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 def measure(name: str, model: cpl_cert.CPLNet, images: torch.Tensor) -> None:
     """One line per float32 network: bound and real error of the features, in radius units."""
     with strict_math():
-        bounds, model_err = certificate_constants(model)
+        bounds, constants = certificate_constants(model)
         model64 = float64_copy(model)
         x64, _ = as_points(images, torch.float64)
         x32, _ = as_points(images, torch.float32)
         exact, trace = trace_body(model64, x64)
         zero = torch.zeros(images.shape[0], dtype=torch.float64)
-        here = model_err.plan(FLOAT64)
+        here = constants.plan(FLOAT64)
         for label, arithmetic, features in (
             ("plain float32 (any runtime)", FLOAT32, model.features(x32)),
             ("cpl-cert float32 (float64 acc.)", FLOAT32_ACC64, accumulated_features(model, model64, x32)),
         ):
-            bound, _ = ball_body_error(model_err, trace, here, model_err.plan(arithmetic), zero)
+            bound, _ = ball_body_error(constants, trace, here, constants.plan(arithmetic), zero)
             real = (features.double() - exact).norm(dim=1)
             scale = bounds.body_upper
             print(f"{name:<28} {label:<32} bound E/L {float(bound.mean()) / scale:10.3g}  real {float(real.mean()) / scale:10.3g}  "

@@ -21,7 +21,8 @@ worst ``adversarial distance / radius`` ratio for each sense (must be >= 1). Run
 
     OMP_NUM_THREADS=1 python benchmarks/soundness_campaign.py [--points 16] [--quick]
 
-``tests/test_campaign.py`` runs a fast slice of it (``--quick`` configurations, few points).
+``tests/test_campaign.py`` runs a fast slice of it (the ``--quick`` configurations, few points) with its own copy
+of these checks (``tests/campaign.py``): the tests do not import the benchmarks.
 """
 
 from __future__ import annotations

@@ -41,9 +41,10 @@ import torch
 import cpl_cert
 from cpl_cert.attacks import run_suite
 from cpl_cert.attacks.check import beats
-from cpl_cert.certify import CertifyResult, parse_eps
+from cpl_cert.certification import CertifyResult
 from cpl_cert.data import ImageDataset, to_float_images
-from cpl_cert.io import file_sha256
+from cpl_cert.eps import parse_eps
+from cpl_cert.files import file_sha256
 from cpl_cert.radii import exact_points
 
 MODELS = ("models/fmnist-cpl-xs.safetensors", "models/fmnist-cpl-best.safetensors", "models/fmnist-cpl-xs-m1.safetensors")

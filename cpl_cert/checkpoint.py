@@ -13,10 +13,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from .errors import CplCertError
-from .io import atomic_write
+from .files import atomic_write
+from .freezing import freeze, is_frozen
 from .metadata import check_metadata
 from .models import CPLNet, ModelConfig
-from .spectral import freeze, is_frozen
 from .validate import validate_against_metadata, validate_model
 
 FORMAT_NAME = "cpl-cert"

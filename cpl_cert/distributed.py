@@ -74,15 +74,6 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
-def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any rank (used to stop all ranks together)."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def weights_match(tensors: list[torch.Tensor], info: DistInfo) -> bool:
     """True when every rank holds bit-identical ``tensors`` (compared with rank 0's copy)."""
     if not info.enabled:

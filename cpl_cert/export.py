@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CplCertError
-from .io import atomic_write
+from .files import atomic_write
 from .layers import LLNHead
 from .lipschitz import LipschitzBounds, lipschitz_bounds
 from .models import CPLNet, float64_copy
@@ -165,7 +165,7 @@ def deployable(model: CPLNet) -> nn.Module:
 
 def onnx_metadata(model: CPLNet, meta: dict[str, Any], sha256: str, bounds: LipschitzBounds | None = None) -> dict[str, str]:
     """The ``metadata_props`` of the exported model (all values strings; structured ones JSON)."""
-    from . import __version__
+    from .version import __version__
     bounds = bounds or lipschitz_bounds(model)
     config = model.config
     dataset = meta.get("dataset") or {}
@@ -195,9 +195,9 @@ def onnx_metadata(model: CPLNet, meta: dict[str, Any], sha256: str, bounds: Lips
 def runtime_allowance_metadata(model: CPLNet, bounds: LipschitzBounds) -> dict[str, Any]:
     """``A``, ``B`` and ``norm_limit`` of the deployed radius rule: the exported graph's logit differences,
     computed by any correctly rounded float32 runtime, are within ``A ||x|| + B`` of exact (``runtime_allowance``)."""
-    from .certify import certificate_constants
+    from .certification import certificate_constants
 
-    _, model_err = certificate_constants(model, bounds)
+    _, constants = certificate_constants(model, bounds)
     head = model.head
     if isinstance(head, LLNHead):
         rows = exported_rows(head)
@@ -205,13 +205,13 @@ def runtime_allowance_metadata(model: CPLNet, bounds: LipschitzBounds) -> dict[s
         row_norm = rows.double().norm(dim=1) * (1.0 + gamma(rows.shape[1] + 2, torch.float64) + FP64_SLACK)
         bias = head.bias.detach().double().cpu()
     else:
-        pairs = model_err.head_pairs.cpu()
+        pairs = constants.head_pairs.cpu()
         row_norm = bias = torch.zeros(pairs.shape[0], dtype=torch.float64)
     limit = 2.0 * math.sqrt(math.prod(model.config.input_shape))  # inputs in the pixel box and balls of their size
     model64 = float64_copy(model).cpu()
     with torch.no_grad():
         _, origin = trace_body(model64, torch.zeros((1, *model.config.input_shape), dtype=torch.float64))
-    slope, offset = runtime_allowance(model_err, origin, pairs, row_norm.cpu(), bias.cpu(), limit)
+    slope, offset = runtime_allowance(constants, origin, pairs, row_norm.cpu(), bias.cpu(), limit)
     return {"A": slope.tolist(), "B": offset.tolist(), "norm_limit": limit}
 
 

@@ -10,7 +10,7 @@ with ``resize=True``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 
 from .errors import CplCertError
 from .images import describe_channels, match_channels, read_image
+from .progress import OnProgress
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIXES = (".npy",)
@@ -107,7 +108,7 @@ def load_inputs(
     paths: Sequence[str | Path],
     input_shape: tuple[int, int, int],
     resize: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    on_progress: OnProgress | None = None,
     convert: bool = False,
     how: str = "convert=True",
 ) -> Inputs:
@@ -115,7 +116,7 @@ def load_inputs(
 
     The result is uint8 when every input is 8-bit, else float64 in [0, 1] (uint8 divided by 255).
     ``convert`` allows the lossless conversions of ``cpl_cert.images`` (``how`` names that switch in
-    messages). ``progress(done, total)`` is called after each file.
+    messages). ``on_progress("reading", done, total)`` is called after each file.
     """
     files = expand_paths(paths)
     names: list[str] = []
@@ -129,8 +130,8 @@ def load_inputs(
             batch, labels = image[None], [str(path)]
         parts.append(fit(batch, str(path), input_shape, resize))
         names.extend(labels)
-        if progress is not None:
-            progress(done, len(files))
+        if on_progress is not None:
+            on_progress("reading", done, len(files))
     if all(part.dtype == torch.uint8 for part in parts):
         return Inputs(names, torch.cat(parts))
     return Inputs(names, torch.cat([part.double() / 255.0 if part.dtype == torch.uint8 else part for part in parts]))

@@ -3,7 +3,7 @@
 A CPL layer computes ``z = x - h * W^T relu(W x + b)``. Its Jacobian ``I - h W^T D W`` has
 eigenvalues in ``[1 - h s^2, 1]`` with ``s = ||W||_2``, so the layer is 1-Lipschitz when
 ``h <= 2 / s^2`` (see docs/math.md). During training ``s`` is estimated by one warm-started
-power iteration per step; ``freeze`` fixes the step for good (see ``cpl_cert.spectral``).
+power iteration per step; ``freeze`` fixes the step for good (see ``cpl_cert.freezing``).
 """
 
 from __future__ import annotations

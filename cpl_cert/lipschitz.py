@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from .data import to_float_images
 from .errors import CplCertError
 from .layers import BlockSumPool, ChannelPad, CPLConv2d, CPLLinear, InputNormalization, LLNHead, SLLConv2d, SLLLinear, TruncationHead
 from .models import CPLNet, float64_copy
 from .numerics import FP64_SLACK, round_up
+from .progress import OnProgress
 from .sll import scaled_norm_upper, scaled_sigma_power
 from .spectral import sigma_power, sigma_upper
 
@@ -61,6 +63,20 @@ class LipschitzBounds:
             "body_upper": self.body_upper,
             "layers": [asdict(layer) for layer in self.layers],
         }
+
+
+def check_assumed_bound(value: float | None) -> None:
+    """Refuse an assumed body bound that is not a positive finite number (``None``: none assumed)."""
+    if value is not None and not (0 < value < float("inf")):
+        raise CplCertError(f"--assume-lipschitz must be a positive number, got {value}")
+
+
+def assume_body_bound(bounds: LipschitzBounds, value: float) -> LipschitzBounds:
+    """``bounds`` with the body's Lipschitz bound replaced by an assumed ``value``: certificates computed with it
+    are audited (``cpl-cert attack --assume-lipschitz``), never guaranteed."""
+    check_assumed_bound(value)
+    head = bounds.layers[-1].bound
+    return replace(bounds, body_upper=value, upper=value * head)
 
 
 def cpl_layer_bound(step: float, sigma_up: float) -> float:
@@ -180,7 +196,7 @@ def lipschitz_lower_bound(
     inputs: torch.Tensor,
     iters: int = 30,
     generator: torch.Generator | None = None,
-    on_progress: Callable[[str, float, float], None] | None = None,
+    on_progress: OnProgress | None = None,
 ) -> float:
     """Largest ``||J(x)||_2`` found by power iteration on ``J^T J`` at each input; a lower bound.
 
@@ -202,3 +218,18 @@ def lipschitz_lower_bound(
     v = _unit(v.double())
     jv = _Linearised(exact, x).jv(v)
     return float(jv.detach().flatten(1).norm(dim=1).max())
+
+
+LOWER_SAMPLES = 8
+"""Test images ``certify`` reports the empirical lower bound at (``cpl-cert certify --lower-bound-samples``)."""
+LOWER_ITERS = 20
+"""Power iterations of that lower bound per image (float32 search, float64 value: docs/certify.md)."""
+
+
+def data_lower_bound(
+    model: nn.Module, images: torch.Tensor, samples: int = LOWER_SAMPLES, iters: int = LOWER_ITERS, on_progress: OnProgress | None = None
+) -> float:
+    """The empirical lower bound ``cpl-cert certify`` reports: ``lipschitz_lower_bound`` at the first ``samples`` of
+    ``images`` (uint8 pixels or floats in [0, 1]) with ``iters`` iterations from a seed-0 start."""
+    probe = to_float_images(images[:samples].to(next(model.buffers()).device))
+    return lipschitz_lower_bound(model, probe, iters=iters, generator=torch.Generator().manual_seed(0), on_progress=on_progress)

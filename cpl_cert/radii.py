@@ -57,13 +57,13 @@ class Enclosure:
     finite: torch.Tensor  # (B,) bool
 
 
-def enclose(center: torch.Tensor, head_error: torch.Tensor, body_error: torch.Tensor, model_err: ErrorModel) -> Enclosure:
+def enclose(center: torch.Tensor, head_error: torch.Tensor, body_error: torch.Tensor, constants: ErrorModel) -> Enclosure:
     """Radius bounds from centre logits, their per-logit head error and the body error (in feature norm).
 
     The float64 subtraction ``centre_top - centre_j`` is off by at most ``u (|centre_top| + |centre_j|)``
     (a subtraction whose result underflows is exact, so no absolute term is needed).
     """
-    pair = model_err.pair_lipschitz.to(center.device)
+    pair = constants.pair_lipschitz.to(center.device)
     finite = torch.isfinite(center).all(dim=1) & torch.isfinite(body_error)
     center = torch.where(finite[:, None], center, torch.zeros_like(center))
     body_error = torch.where(finite, body_error, torch.zeros_like(body_error))
@@ -71,7 +71,7 @@ def enclose(center: torch.Tensor, head_error: torch.Tensor, body_error: torch.Te
     centre_top = center.gather(1, top[:, None])
     gap = centre_top - center
     pair_top = pair[top]  # (B, K)
-    ratio = model_err.head_pairs.to(center.device)[top]  # c_tj: how a feature error moves f_t - f_j
+    ratio = constants.head_pairs.to(center.device)[top]  # c_tj: how a feature error moves f_t - f_j
     error = head_error.gather(1, top[:, None]) + head_error + ratio * body_error[:, None]
     error = (error + (centre_top.abs() + center.abs()) * unit_roundoff(torch.float64)) * (1.0 + FP64_SLACK)
     error.scatter_(1, top[:, None], 0.0)
@@ -96,7 +96,7 @@ def _round_up(values: torch.Tensor) -> torch.Tensor:
 
 
 def network_radius(
-    model_err: ErrorModel, trace: BodyTrace, here: Sequence[Arithmetic], there: Sequence[Arithmetic], enclosure: Enclosure,
+    constants: ErrorModel, trace: BodyTrace, here: Sequence[Arithmetic], there: Sequence[Arithmetic], enclosure: Enclosure,
     delta: torch.Tensor,
 ) -> torch.Tensor:
     """Radius within which the float32 network computing in the arithmetic ``there`` provably predicts
@@ -106,12 +106,12 @@ def network_radius(
     rounding error is bounded over the ball of that radius (plus the input's own rounding ``delta``).
     """
     reach = torch.where(torch.isfinite(enclosure.high), enclosure.high, torch.zeros_like(enclosure.high)).clamp_min(0.0)
-    ball_error, features_norm = ball_body_error(model_err, trace, here, there, reach + delta)
-    head = head_error(model_err, features_norm, there[-1])
-    head_pairs = head.gather(1, enclosure.top[:, None]) + head
-    pair = model_err.pair_lipschitz.to(head.device)[enclosure.top]
+    ball_error, features_norm = ball_body_error(constants, trace, here, there, reach + delta)
+    head_errors = head_error(constants, features_norm, there[-1])
+    head_pairs = head_errors.gather(1, enclosure.top[:, None]) + head_errors
+    pair = constants.pair_lipschitz.to(head_errors.device)[enclosure.top]
     slack = _round_down((enclosure.gap - enclosure.error - head_pairs) / pair)
-    radius = _min_other(slack, enclosure.top) - _round_up(ball_error / model_err.body_lipschitz)
+    radius = _min_other(slack, enclosure.top) - _round_up(ball_error / constants.body_lipschitz)
     return _round_down(torch.where(torch.isfinite(radius), radius, torch.full_like(radius, -1.0)))
 
 
@@ -150,16 +150,16 @@ class Answers:
 
 
 def assess(
-    model_err: ErrorModel, trace: BodyTrace, features: torch.Tensor, here: Sequence[Arithmetic], delta: torch.Tensor,
+    constants: ErrorModel, trace: BodyTrace, features: torch.Tensor, here: Sequence[Arithmetic], delta: torch.Tensor,
     labels: torch.Tensor,
 ) -> Answers:
     """Everything one evaluation (stages in the arithmetic ``here``, input rounding ``delta``) proves."""
-    error = body_error(model_err, trace, here)
-    center, head_err = exact_head_logits(model_err, features, trace.features)
-    enclosure = enclose(center, head_err, error + model_err.body_lipschitz * delta, model_err)
+    error = body_error(constants, trace, here)
+    center, head_err = exact_head_logits(constants, features, trace.features)
+    enclosure = enclose(center, head_err, error + constants.body_lipschitz * delta, constants)
     valid = enclosure.finite & (enclosure.low > 0)
-    radius32 = network_radius(model_err, trace, here, model_err.plan(FLOAT32_ACC64), enclosure, delta)
-    radius_any = network_radius(model_err, trace, here, model_err.plan(FLOAT32), enclosure, delta)
+    radius32 = network_radius(constants, trace, here, constants.plan(FLOAT32_ACC64), enclosure, delta)
+    radius_any = network_radius(constants, trace, here, constants.plan(FLOAT32), enclosure, delta)
     known32, known_any = valid & (radius32 > 0), valid & (radius_any > 0)
     return Answers(
         top=enclosure.top, low=enclosure.low, high=enclosure.high, margin=enclosure.margin, finite=enclosure.finite,
@@ -173,24 +173,24 @@ def assess(
 
 
 # --- the evaluations ----------------------------------------------------------------------------------------
-def fast_pass(model: nn.Module, model64: nn.Module, model_err: ErrorModel, images: torch.Tensor, labels: torch.Tensor) -> Answers:
+def fast_pass(model: nn.Module, model64: nn.Module, constants: ErrorModel, images: torch.Tensor, labels: torch.Tensor) -> Answers:
     """The model's own float32 stages up to the dense layers (convolutions at float32 speed; those with few
     outputs summed per tap, which is faster and tighter), then the dense layers and the head in float64
     (``model64``): they sum thousands of terms per output and would hold most of a float32 pass's bound."""
     x, delta = as_points(images, torch.float32)
-    here = model_err.plan(FLOAT32, FLOAT64, by_taps=True)
+    here = constants.plan(FLOAT32, FLOAT64, by_taps=True)
     split = here.index(FLOAT64) if FLOAT64 in here else len(here)
     convolved, first = trace_body(model, x, 0, split, here)
     features, rest = trace_body(model64, convolved.double(), split)
     trace = BodyTrace({**first.inputs, **rest.inputs}, {**first.hidden, **rest.hidden}, rest.features)
-    return assess(model_err, trace, features, here, delta, labels)
+    return assess(constants, trace, features, here, delta, labels)
 
 
-def float64_pass(model64: nn.Module, model_err: ErrorModel, images: torch.Tensor, labels: torch.Tensor) -> Answers:
+def float64_pass(model64: nn.Module, constants: ErrorModel, images: torch.Tensor, labels: torch.Tensor) -> Answers:
     """Every stage in float64 (``model64``): bounds of the exact radius about a hundred million times tighter."""
     x, delta = as_points(images, torch.float64)
     features, trace = trace_body(model64, x)
-    return assess(model_err, trace, features, model_err.plan(FLOAT64), delta, labels)
+    return assess(constants, trace, features, constants.plan(FLOAT64), delta, labels)
 
 
 def float32_prediction(logits: torch.Tensor) -> torch.Tensor:

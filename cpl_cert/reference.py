@@ -33,11 +33,12 @@ import torch.nn.functional as F
 
 from .data import SPECS
 from .errors import CplCertError
-from .io import file_sha256
+from .files import file_sha256
+from .freezing import freeze
 from .layers import STEP_EPSILON, CPLConv2d, CPLLinear
 from .lipschitz import lipschitz_bounds
 from .models import CPLNet, ModelConfig, cpl_layers
-from .spectral import freeze, layer_operators, power_iteration
+from .spectral import layer_operators, power_iteration
 
 StepsMode = Literal["certified", "reference"]
 STEPS_MODES = ("certified", "reference")
@@ -49,6 +50,13 @@ EVAL_ITERS = 100
 PREFIXES = ("module.model.", "model.", "")
 """Key prefixes accepted: the reference's own (DataParallel + NormalizedModel), and the state_dict
 of the inner modules re-saved without those wrappers."""
+
+
+def check_steps_mode(steps: str) -> None:
+    """Refuse, with one sentence, a steps mode that is not ``certified`` or ``reference`` (before any file is read)."""
+    if steps not in STEPS_MODES:
+        raise CplCertError(f"--steps must be certified or reference, got {steps!r}")
+
 
 CONV_TENSORS = ("kernel", "bias", "eval_sv_max", "pm.u")
 DENSE_TENSORS = ("weights", "bias", "alpha", "eval_sv_max", "pm.u")
@@ -406,8 +414,7 @@ def import_reference(
     general above 1); ``certified`` re-freezes with ``cpl_cert.freeze`` (provably 1-Lipschitz layers).
     Both bounds are in ``provenance``.
     """
-    if steps not in STEPS_MODES:
-        raise CplCertError(f"--steps must be certified or reference, got {steps!r}")
+    check_steps_mode(steps)
     file = Path(path)
     state, arch = read_reference(file, dataset, lln)
     sigmas = reference_sigmas(state, arch)

@@ -370,11 +370,11 @@ def stage_offset(c: StageConstants) -> float:
 
 
 # --- whole body -----------------------------------------------------------------------------------------
-def body_error(model_err: ErrorModel, trace: BodyTrace, arithmetic: Sequence[Arithmetic]) -> torch.Tensor:
+def body_error(constants: ErrorModel, trace: BodyTrace, arithmetic: Sequence[Arithmetic]) -> torch.Tensor:
     """Per-sample bound of ``||computed features - exact features(computed input)||``; stage k ran in
     ``arithmetic[k]``."""
     total = torch.zeros_like(trace.features)
-    for index, c in enumerate(model_err.stages):
+    for index, c in enumerate(constants.stages):
         total = total * c.lipschitz
         if c.measured:
             total = total + stage_error(c, trace.inputs[index], trace.hidden.get(index), arithmetic[index])
@@ -382,7 +382,7 @@ def body_error(model_err: ErrorModel, trace: BodyTrace, arithmetic: Sequence[Ari
 
 
 def ball_body_error(
-    model_err: ErrorModel, trace: BodyTrace, here: Sequence[Arithmetic], there: Sequence[Arithmetic], distance: torch.Tensor
+    constants: ErrorModel, trace: BodyTrace, here: Sequence[Arithmetic], there: Sequence[Arithmetic], distance: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(E, Phi)``: bounds of the features' rounding error and of the computed features' norm when the body
     runs in the arithmetic ``there`` at any input within ``distance`` (per sample) of the one traced in
@@ -397,7 +397,7 @@ def ball_body_error(
     error_there = torch.zeros_like(trace.features)
     overflow = torch.zeros_like(trace.features, dtype=torch.bool)
     lipschitz = 1.0
-    for index, c in enumerate(model_err.stages):
+    for index, c in enumerate(constants.stages):
         error_here, error_there = error_here * c.lipschitz, error_there * c.lipschitz
         if c.measured:
             a = trace.inputs[index]
@@ -412,10 +412,10 @@ def ball_body_error(
 
 
 # --- head --------------------------------------------------------------------------------------------
-def exact_head_logits(model_err: ErrorModel, features: torch.Tensor, features_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_head_logits(constants: ErrorModel, features: torch.Tensor, features_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits, error)``: the head applied in float64 to ``features`` (norm at most ``features_norm``),
     and a per-logit bound of its distance to the exact head applied to the same features."""
-    head = model_err.head
+    head = constants.head
     feats = features.double()
     if head.kind == "truncation":
         logits = feats[:, : head.row_error.shape[0]]
@@ -428,10 +428,10 @@ def exact_head_logits(model_err: ErrorModel, features: torch.Tensor, features_no
     return logits, error * (1.0 + FP64_SLACK)
 
 
-def head_error(model_err: ErrorModel, features_norm: torch.Tensor, arithmetic: Arithmetic) -> torch.Tensor:
+def head_error(constants: ErrorModel, features_norm: torch.Tensor, arithmetic: Arithmetic) -> torch.Tensor:
     """Per-logit bound (B, K) of a float32 head's own rounding on features of norm ``features_norm``: the
     rows it normalised in float32, and its dot products (any order, or float64 accumulation)."""
-    head = model_err.head
+    head = constants.head
     if head.kind == "truncation":
         zeros = torch.zeros(features_norm.shape[0], head.row_error.shape[0], dtype=torch.float64, device=features_norm.device)
         return torch.where(overflows(features_norm, arithmetic)[:, None], math.inf, zeros)
@@ -448,7 +448,7 @@ def head_error(model_err: ErrorModel, features_norm: torch.Tensor, arithmetic: A
 
 # --- a runtime's allowance from the input norm alone ------------------------------------------------------------
 def runtime_allowance(
-    model_err: ErrorModel, origin: BodyTrace, pairs: torch.Tensor, row_norm: torch.Tensor, bias: torch.Tensor, limit: float
+    constants: ErrorModel, origin: BodyTrace, pairs: torch.Tensor, row_norm: torch.Tensor, bias: torch.Tensor, limit: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, B)``: for any float32 runtime that rounds every operation correctly and sums in any order, the
     computed ``f_t - f_j`` lies within ``A[t, j] ||x|| + B[t, j]`` of the exact function's at every input with
@@ -460,11 +460,11 @@ def runtime_allowance(
     Every bound on the way is affine in the distance, so two evaluations give it exactly; the slope is
     taken over ``[0, limit]`` and ``[0, 1]`` (the larger), and both constants are rounded up by 1e-9.
     """
-    g = gamma(model_err.head.features + 1, torch.float32)
-    here, there = model_err.plan(FLOAT64), model_err.plan(FLOAT32)
+    g = gamma(constants.head.features + 1, torch.float32)
+    here, there = constants.plan(FLOAT64), constants.plan(FLOAT32)
 
     def pair_error(norm: float) -> torch.Tensor:
-        error, features = ball_body_error(model_err, origin, here, there, torch.tensor([norm], dtype=torch.float64))
+        error, features = ball_body_error(constants, origin, here, there, torch.tensor([norm], dtype=torch.float64))
         logits = row_norm * features + bias.abs()
         head = torch.where(overflows(logits, FLOAT32), math.inf, g * logits)
         return (pairs * error + head[:, None] + head[None, :]).fill_diagonal_(0.0)

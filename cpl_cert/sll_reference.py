@@ -33,12 +33,13 @@ import torch.nn.functional as F
 
 from .data import SPECS
 from .errors import CplCertError
-from .io import file_sha256
+from .files import file_sha256
+from .freezing import freeze
 from .lipschitz import LipschitzBounds, lipschitz_bounds
 from .models import CPLNet, ModelConfig, cpl_layers
-from .reference import STEPS_MODES, ImportedModel, StepsMode, check_state_dict, read_torch_file
+from .reference import ImportedModel, StepsMode, check_state_dict, check_steps_mode, read_torch_file
 from .sll import scaled_operators
-from .spectral import freeze, refresh_vector
+from .spectral import refresh_vector
 
 OLD_EPSILON = 1e-6
 """The earlier dense layer's ``epsilon`` in ``1 / (|q_i| + epsilon)``."""
@@ -303,8 +304,7 @@ def import_sll(path: str | Path, dataset: str, steps: StepsMode = "certified") -
     ``reference`` keeps the file's own rescaling (its function; the certified bound reported, above 1 where it
     is); ``certified`` re-freezes with ``cpl_cert.freeze``. Both bounds are in ``provenance``.
     """
-    if steps not in STEPS_MODES:
-        raise CplCertError(f"--steps must be certified or reference, got {steps!r}")
+    check_steps_mode(steps)
     file = Path(path)
     state, arch = read_sll(file, dataset)
     model, ref_ts = build_sll_model(state, arch, dataset)

@@ -4,7 +4,7 @@
 
 Absolute paths in ``training.args`` (``out``, ``data_dir``, a ``folder:`` dataset) and in the recorded command
 become relative to ``--root`` (the folder the run was started from) or, outside it, the file name alone, as
-``cpl_cert.io.portable_path`` does for new runs. Options recorded under names the command line no longer has
+``cpl_cert.files.portable_path`` does for new runs. Options recorded under names the command line no longer has
 are renamed. Only the JSON header changes: the tensor bytes are copied as they are, and the script checks
 that the SHA-256 of the tensor data is the same before and after.
 """

@@ -6,7 +6,7 @@ import json
 import sys
 
 import cpl_cert
-from cpl_cert.io import file_sha256
+from cpl_cert.files import file_sha256
 
 src, dst = sys.argv[1], sys.argv[2]
 m, meta = cpl_cert.load_checkpoint(src)

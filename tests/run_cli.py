@@ -12,7 +12,7 @@ For certify and attack, ``--wrap-batches BATCH`` wraps a per-batch library funct
 certify's first pass over one batch, or ``attack_batch``, the attacks on one batch): with
 ``--fail-rank R --fail-at K`` process R's K-th call raises ``RuntimeError("injected fault")``; with
 ``--busy-dir DIR --sleep-in-batch S`` every call writes ``DIR/rank<r>.busy`` and sleeps S seconds (so a
-test can interrupt a run in progress); ``--float64-first X`` sets ``cpl_cert.certify.FLOAT64_FIRST``; ``--exit-dir DIR``: each
+test can interrupt a run in progress); ``--float64-first X`` sets ``cpl_cert.certification.FLOAT64_FIRST``; ``--exit-dir DIR``: each
 process writes its exit code to ``DIR/rank<r>.exit``; ``--rank1-args "ARGS"`` appends ARGS to the command
 line of process 1 only (so that the processes of a job disagree).
 """
@@ -72,7 +72,7 @@ def record_weights(folder: Path) -> None:
     loop.run_epoch = run_epoch
 
 
-BATCH_FUNCTIONS = {"fast_pass": ("cpl_cert.certify", "fast_pass"), "attack_batch": ("cpl_cert.attacks.ensemble", "_attack_batch")}
+BATCH_FUNCTIONS = {"fast_pass": ("cpl_cert.certification", "fast_pass"), "attack_batch": ("cpl_cert.attacks.ensemble", "_attack_batch")}
 
 
 def rank() -> int:
@@ -140,7 +140,7 @@ def main() -> None:
     if options.float64_first is not None:
         import importlib
 
-        importlib.import_module("cpl_cert.certify").FLOAT64_FIRST = options.float64_first
+        importlib.import_module("cpl_cert.certification").FLOAT64_FIRST = options.float64_first
     sys.argv = ["cpl-cert", *args, *(shlex.split(options.rank1_args) if rank() == 1 else [])]
     run_and_record_exit(options.exit_dir)
 

@@ -109,3 +109,35 @@ def test_misuse_exits_1_with_one_sentence(dense_checkpoint: Path, extra, phrase)
     assert phrase in result.output
     assert "Traceback" not in result.output
     assert result.output.strip().startswith("Error:")
+
+
+def test_the_violation_table_has_one_row_per_point_and_counts_points(broken_checkpoint: Path, tmp_path: Path):
+    """A point can violate its certificates in several senses: the table counts it once, on one row, as do the error
+    line and the JSON's list of violated test points (``violation_details`` keeps one entry per sense)."""
+    report = tmp_path / "report.json"
+    args = ["attack", str(broken_checkpoint), "--limit", "20", "--eps", "0.1", "--assume-lipschitz", "1", "--json", str(report)]
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 3, result.output
+    data = json.loads(report.read_text())
+    points = sorted({detail["index"] for detail in data["violation_details"]})
+    assert len(data["violation_details"]) > len(points)  # some point is violated in more than one sense
+    assert data["violations"] == points
+    assert f"CERTIFICATE VIOLATIONS ({len(points)} points" in result.stdout
+    cells = [line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")]
+    assert [cell for cell in cells if cell.isdigit()] == [str(i) for i in points]
+    assert f"of {len(points)} test points" in result.stderr
+
+
+def test_a_long_run_says_how_long_it_may_take_before_it_starts(dense_checkpoint: Path, monkeypatch):
+    """Past a few minutes (here: any length), the command says up front how long the attacks may take, and how to
+    take a first look sooner; a short run says nothing."""
+    import cpl_cert.cli.attack as attack_cli
+
+    args = ["attack", str(dense_checkpoint), "--limit", "30", "--eps", "0.1", "--steps", "5", "--device", "cpu"]
+    quiet = runner.invoke(app, args)
+    assert quiet.exit_code == 0 and "may take" not in quiet.stderr
+    monkeypatch.setattr(attack_cli, "LONG_RUN_SECONDS", 0.0)
+    long = runner.invoke(app, args)
+    assert long.exit_code == 0, long.output
+    note = next(line for line in long.stderr.splitlines() if "may take" in line)
+    assert note.startswith("Note: the attacks (apgd, 30 points, 1 radius) may take up to about ") and "--limit" in note

@@ -185,7 +185,7 @@ def test_an_interrupted_lower_bound_keeps_the_certification(tiny_checkpoint, tmp
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(certify_cli, "lipschitz_lower_bound", interrupted)
+    monkeypatch.setattr(certify_cli, "data_lower_bound", interrupted)
     args = ["certify", str(tiny_checkpoint), "--limit", "40", "--device", "cpu",
             "--json", str(tmp_path / "r.json"), "--save-radii", str(tmp_path / "r.csv")]
     result = runner.invoke(app, args)

@@ -297,3 +297,29 @@ def test_a_torch_file_points_to_import(tmp_path):
     result = runner.invoke(app, ["info", str(tmp_path / "best_model.pt")])
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "cpl-cert import" in result.stderr and "reference code" in result.stderr
+
+
+def test_train_passes_every_option_it_takes(tmp_path, monkeypatch):
+    """Each train option reaches TrainOptions under its own name (a value per option, none left at its default)."""
+    import inspect
+    from dataclasses import fields
+
+    import cpl_cert.cli.train as train_cli
+    from cpl_cert.train import TrainOptions, TrainResult
+
+    parameters = set(inspect.signature(train_cli.train_command).parameters) - {"ctx", "threads"}
+    assert parameters == {f.name for f in fields(TrainOptions)} - {"command"}
+    seen = []
+    monkeypatch.setattr(train_cli, "train", lambda options, on_event: seen.append(options) or TrainResult(options.out))
+    args = ["train", "--out", str(tmp_path / "m.safetensors"), "--model", "cpl-tiny", "--dataset", "mnist", "--epochs", "3",
+            "--loss", "offset-ce", "--margin", "0.5", "--offset", "1.5", "--temperature", "0.5", "--optimizer", "sgd", "--lr", "0.01",
+            "--momentum", "0.8", "--weight-decay", "0.001", "--batch-size", "64", "--augment", "none", "--seed", "7", "--device", "cpu",
+            "--std-normalize", "--conv-depth", "2", "--channels", "8", "--dense-depth", "1", "--dense-inner", "32", "--conv-inner", "4",
+            "--head", "lln", "--data-dir", str(tmp_path), "--train-limit", "100", "--eval-limit", "50", "--save-every", "2", "--resume",
+            "--overwrite", "--compile", "--bf16", "--freeze-iters", "5", "--stop-after", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    defaults = TrainOptions(out=tmp_path / "m.safetensors")
+    unchanged = [f.name for f in fields(TrainOptions) if f.name not in ("out", "command") and getattr(seen[0], f.name) == getattr(defaults, f.name)]
+    assert unchanged == []
+    assert (seen[0].epochs, seen[0].head, seen[0].limit_train, seen[0].stop_after) == (3, "lln", 100, 2)

@@ -11,9 +11,10 @@ from references import exact_norm
 
 from cpl_cert import dense_norm
 from cpl_cert.dense_norm import cholesky_certificate, dense_norm_bound, gram, gram_error
+from cpl_cert.freezing import freeze_layer
 from cpl_cert.lanczos import lanczos_top
 from cpl_cert.layers import CPLConv2d, CPLLinear
-from cpl_cert.spectral import dense_sigma_upper, freeze_layer, layer_operators, sigma_power
+from cpl_cert.spectral import dense_sigma_upper, layer_operators, sigma_power
 
 
 def _svd_norm(weight: torch.Tensor) -> float:

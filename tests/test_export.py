@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import cpl_cert
 from cpl_cert.cli import app
 from cpl_cert.data.registry import FASHION_CLASSES
-from cpl_cert.io import file_sha256
+from cpl_cert.files import file_sha256
 from cpl_cert.models import float64_copy
 
 runner = CliRunner()
@@ -250,7 +250,7 @@ def test_the_deployed_radius_never_exceeds_the_exact_one(onnx_packages, tmp_path
     """On the shipped split under ONNX Runtime: the radius a deployment computes from the metadata lies below
     an upper bound of the exact function's radius at every point (a float64 evaluation with its rounding
     bound), and stays useful. The undeflated rule margin / L exceeds it at about half the points."""
-    from cpl_cert.certify import certificate_constants
+    from cpl_cert.certification import certificate_constants
     from cpl_cert.radii import float64_pass
 
     path = SHIPPED.parent / f"{name}.safetensors"
@@ -260,9 +260,9 @@ def test_the_deployed_radius_never_exceeds_the_exact_one(onnx_packages, tmp_path
     x = data.images.float() / 255
     top, radius = deflated_radii(run_onnx(out, x), x, metadata(out))
     model, _ = cpl_cert.load_checkpoint(path)
-    _, model_err = certificate_constants(model)
+    _, constants = certificate_constants(model)
     with torch.inference_mode():
-        exact = float64_pass(float64_copy(model), model_err, data.images, data.labels)
+        exact = float64_pass(float64_copy(model), constants, data.images, data.labels)
     same = exact.finite & (exact.low > 0) & (exact.top == top)
     assert bool((radius[~same] == 0).all())
     assert bool((radius[same] <= exact.high[same]).all())

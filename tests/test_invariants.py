@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from references import all_active_jacobian_norm, exact_norm
 
 import cpl_cert
+from cpl_cert.freezing import freeze_layer, step_for_sigma
 from cpl_cert.layers import STEP_EPSILON, CPLConv2d, CPLLinear
-from cpl_cert.spectral import freeze_layer, step_for_sigma
 
 
 def _layers(model):

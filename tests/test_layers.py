@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from references import conv_matrix, normalized_row_distances
 
 import cpl_cert
+from cpl_cert.freezing import freeze_layer
 from cpl_cert.layers import BlockSumPool, ChannelPad, CPLConv2d, CPLLinear, LLNHead, TruncationHead
-from cpl_cert.spectral import freeze_layer
 
 TOL = 1e-5
 

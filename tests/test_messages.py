@@ -12,7 +12,7 @@ from formats import write_idx_split
 from typer.testing import CliRunner
 
 import cpl_cert
-import cpl_cert.cli.common as cli_common
+import cpl_cert.loading as loading
 import cpl_cert.train.setup as train_setup
 from cpl_cert.cli import app
 from cpl_cert.errors import CplCertError
@@ -35,7 +35,7 @@ def no_data_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a dataset was loaded before the options were checked")
 
-    monkeypatch.setattr(cli_common, "load_dataset", refuse)
+    monkeypatch.setattr(loading, "load_dataset", refuse)
     monkeypatch.setattr(train_setup, "load_dataset", refuse)
 
 
@@ -165,7 +165,7 @@ def test_info_labels_the_per_epoch_evaluation(tmp_path):
 def test_output_that_is_not_a_terminal_keeps_identifiers_whole(checkpoint):
     """The sha256 and every number appear whole (no ellipsis) when the output is a pipe or a file."""
     info = runner.invoke(app, ["info", str(checkpoint)])
-    assert cpl_cert.io.file_sha256(checkpoint) in info.stdout and "…" not in info.stdout
+    assert cpl_cert.files.file_sha256(checkpoint) in info.stdout and "…" not in info.stdout
     bounds = runner.invoke(app, ["lipschitz", str(checkpoint), "--samples", "0"])
     assert bounds.exit_code == 0 and "…" not in bounds.stdout
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import cpl_cert
 from cpl_cert.attacks.ensemble import run_suite
-from cpl_cert.certify import certificate_constants
+from cpl_cert.certification import certificate_constants
 from cpl_cert.cli import app
 from cpl_cert.cli.progress import Activity, Line, clock
 from cpl_cert.cli.train_display import RunClock
@@ -28,18 +28,16 @@ def small_model():
     return make_frozen("cpl-tiny", channels=4, conv_depth=1, dense_depth=1, conv_inner=4, dense_inner=32)
 
 
-def test_certify_reports_every_stage_and_keeps_the_old_callback(small_model):
+def test_certify_reports_every_stage(small_model):
     data = cpl_cert.load_dataset("fashion-mnist").subset(300)
     # An eps equal to a point's float64 lower radius bound lies inside that point's interval at every
     # precision short of float64, so the float64 stage runs.
-    _, model_err = certificate_constants(small_model)
-    answers = float64_pass(float64_copy(small_model), model_err, data.images[:20], data.labels[:20])
+    _, constants = certificate_constants(small_model)
+    answers = float64_pass(float64_copy(small_model), constants, data.images[:20], data.labels[:20])
     on_edge = float(answers.low[(answers.low > 0) & (answers.top == data.labels[:20])][0])
-    old, new = [], []
-    result = cpl_cert.certify(small_model, data, eps=[0.1, on_edge], device="cpu", batch_size=128,
-                              progress=lambda d, t: old.append((d, t)), on_progress=lambda *a: new.append(a))
-    assert old == [(128, 300), (256, 300), (300, 300)]  # unchanged: after each float32 batch
-    assert [a for a in new if a[0] == "float32"] == [("float32", 0, 300), *(("float32", d, t) for d, t in old)]
+    new = []
+    result = cpl_cert.certify(small_model, data, eps=[0.1, on_edge], device="cpu", batch_size=128, on_progress=lambda *a: new.append(a))
+    assert [a for a in new if a[0] == "float32"] == [("float32", d, 300) for d in (0, 128, 256, 300)]  # after each float32 batch
     later = [a for a in new if a[0] != "float32"]
     assert list(dict.fromkeys(a[0] for a in later)) == ["float64"]
     assert later[0] == ("float64", 0, later[-1][2]) and later[-1][1] == later[-1][2] <= result.rechecked
@@ -191,3 +189,32 @@ def test_one_is_singular():
     line = describe(_started(1, 1))
     assert "1 epoch x 1 step," in line and "on 1 fashion-mnist image," in line and "(1 parameter)" in line
     assert "10 epochs x 2 steps" in describe(_started(10, 2))
+
+
+def test_attack_progress_counts_the_points_done_at_the_eps_shown(small_model, tmp_path, monkeypatch):
+    """The attack line's count is the points done at the radius (or FMN) it names, not the run's overall progress."""
+    import cpl_cert.cli.progress as progress_cli
+    from cpl_cert.cli import app
+
+    path = tmp_path / "m.safetensors"
+    cpl_cert.save_checkpoint(small_model, path, dataset={"name": "fashion-mnist", "input_shape": [1, 28, 28], "num_classes": 10}, training={})
+    seen = []
+    real = progress_cli.Activity.update
+
+    def update(self, done, total=None, description=None, key="stage", **extra):
+        if description and description.startswith("attacking: "):
+            seen.append((description.removeprefix("attacking: "), extra.get("count")))
+        return real(self, done, total, description, key, **extra)
+
+    monkeypatch.setattr(progress_cli.Activity, "update", update)
+    args = ["attack", str(path), "--limit", "24", "--batch-size", "12", "--eps", "0.1,0.5", "--steps", "5", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    counts: dict[str, list[float]] = {}
+    for stage, count in seen:
+        done, total = count.split("/")
+        assert total == "24"
+        counts.setdefault(stage.split(" at ")[-1], []).append(float(done))
+    assert set(counts) == {"eps 0.1", "eps 0.5"}
+    for done in counts.values():  # each radius counts its own points: from 0, up to all 24, batch by batch
+        assert done[0] == 0 and done[-1] == 24 and done == sorted(done) and 12 in done

@@ -13,7 +13,7 @@ import torch
 from conftest import make_frozen
 
 import cpl_cert
-from cpl_cert.certify import certificate_constants
+from cpl_cert.certification import certificate_constants
 from cpl_cert.models import float64_copy
 from cpl_cert.numerics import FLOAT32, FLOAT32_ACC64, FLOAT32_BY_TAPS, FLOAT64, norm_upper
 from cpl_cert.passes import accumulated_features, trace_body
@@ -35,8 +35,8 @@ def one_unit_layer(weight: float, bias: float, step: float, features: int = 1) -
 
 
 def dense_constants(model: cpl_cert.CPLNet):
-    _, model_err = certificate_constants(model)
-    return next(c for c in model_err.stages if c.kind == "cpl-dense")
+    _, constants = certificate_constants(model)
+    return next(c for c in constants.stages if c.kind == "cpl-dense")
 
 
 def exact_output(model: cpl_cert.CPLNet, x: float) -> Fraction:
@@ -119,12 +119,12 @@ def test_plain_float32_errors_stay_under_their_bound_on_random_layers():
     stage, each within the bound that certify uses (measured norms of the pass itself)."""
     for seed, preset in enumerate(("cpl-tiny", "cpl-xs")):
         model = make_frozen(preset, input_shape=(1, 12, 12), num_classes=5, seed=seed, head="lln")
-        _, model_err = certificate_constants(model)
+        _, constants = certificate_constants(model)
         x = torch.rand((64, 1, 12, 12), generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             features, trace = trace_body(model, x)
             exact = float64_copy(model).features(x.double())
-            bound = sum(stage_error(c, trace.inputs[i], trace.hidden.get(i), FLOAT32) for i, c in enumerate(model_err.stages) if c.measured)
+            bound = sum(stage_error(c, trace.inputs[i], trace.hidden.get(i), FLOAT32) for i, c in enumerate(constants.stages) if c.measured)
         assert bool(((features.double() - exact).norm(dim=1) <= bound).all())
 
 
@@ -133,14 +133,14 @@ def test_both_float32_networks_stay_within_their_ball_bounds(preset):
     """What certify uses for the float32 certificates: from a float64 trace, the bound of each float32 network's
     feature error at the same point (a ball of radius 0), against the network actually run (CPL and SLL layers)."""
     model = make_frozen(preset, input_shape=(1, 12, 12), num_classes=5, seed=4, head="lln")
-    _, model_err = certificate_constants(model)
+    _, constants = certificate_constants(model)
     model64 = float64_copy(model)
     x = torch.rand((64, 1, 12, 12), generator=torch.Generator().manual_seed(4)) * 3
     with torch.no_grad():
         exact, trace = trace_body(model64, x.double())
         zero = torch.zeros(64, dtype=torch.float64)
         for arithmetic, features in ((FLOAT32, model.features(x)), (FLOAT32_ACC64, accumulated_features(model, model64, x))):
-            bound, _ = ball_body_error(model_err, trace, model_err.plan(FLOAT64), model_err.plan(arithmetic), zero)
+            bound, _ = ball_body_error(constants, trace, constants.plan(FLOAT64), constants.plan(arithmetic), zero)
             error = (features.double() - exact).norm(dim=1)
             assert bool((error <= bound).all()) and float(error.max()) > 0, arithmetic.name
 
@@ -150,10 +150,10 @@ def test_stage_peaks_bound_every_value_computed():
     output at every layer of random networks (norms measured in float64)."""
     model = make_frozen("cpl-xs", input_shape=(1, 12, 12), num_classes=5, seed=3)
     model64 = float64_copy(model)
-    _, model_err = certificate_constants(model)
+    _, constants = certificate_constants(model)
     x = torch.rand((32, 1, 12, 12), dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 4
     with torch.no_grad():
-        for (name, stage), c in zip(model64.body(), model_err.stages, strict=True):
+        for (name, stage), c in zip(model64.body(), constants.stages, strict=True):
             peak = stage_peak(c, x.flatten(1).norm(dim=1)) if c.measured else None
             if c.is_cpl:
                 pre = stage._apply_w(x, stage.weight) + stage._bias_view()
@@ -162,4 +162,4 @@ def test_stage_peaks_bound_every_value_computed():
                 largest = torch.stack([v.flatten(1).abs().amax(dim=1) for v in values]).amax(dim=0)
                 assert bool((largest <= peak).all()), name
             x = stage(x)
-    assert math.isfinite(float(model_err.stages[-1].abs_sigma))
+    assert math.isfinite(float(constants.stages[-1].abs_sigma))

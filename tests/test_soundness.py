@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import cpl_cert
-from cpl_cert.certify import certificate_constants
+from cpl_cert.certification import certificate_constants
 from cpl_cert.cli import app
 from cpl_cert.errors import CplCertError
 from cpl_cert.layers import CPLLinear
@@ -326,13 +326,13 @@ def test_the_fast_pass_encloses_the_float64_radius(fashion_600, name):
     convolutions' rounding left out the interval shrinks to about 1e-12 around a value that is off by the
     float32 error, and misses."""
     model = fast_pass_models()[name]
-    _, model_err = certificate_constants(model)
-    assert any(a.by_taps for a in model_err.plan(FLOAT32, FLOAT64, by_taps=True)) == (name == "by taps")
+    _, constants = certificate_constants(model)
+    assert any(a.by_taps for a in constants.plan(FLOAT32, FLOAT64, by_taps=True)) == (name == "by taps")
     images, labels = fashion_600.images[:200].float() / 255, fashion_600.labels[:200]
     with torch.inference_mode(), strict_math():
         model64 = float64_copy(model)
-        fast = fast_pass(model, model64, model_err, images, labels)
-        exact = float64_pass(model64, model_err, images, labels)
+        fast = fast_pass(model, model64, constants, images, labels)
+        exact = float64_pass(model64, constants, images, labels)
     same = (fast.top == exact.top) & (exact.low > 0)
     assert same.sum() > 150
     assert bool(((fast.low <= exact.high) & (exact.low <= fast.high))[same].all())
@@ -381,13 +381,13 @@ def test_a_network_at_1e_minus_25_scale_keeps_its_rounding_bound():
         for _, layer in cpl_cert.models.cpl_layers(model):
             layer.bias.div_(1e25)
         model.head.bias.div_(1e25)
-    _, model_err = certificate_constants(model)
+    _, constants = certificate_constants(model)
     images = cpl_cert.load_dataset("fashion-mnist").images[:300]
     with torch.inference_mode(), strict_math():
         model64 = float64_copy(model)
         x32, _ = as_points(images, torch.float32)
         features32, trace = trace_body(model, x32)
-        bound = body_error(model_err, trace, model_err.plan(FLOAT32))
+        bound = body_error(constants, trace, constants.plan(FLOAT32))
         exact = model64.features(x32.double())
     measured = (features32.double() - exact).norm(dim=1)
     assert bool((measured <= bound).all()) and float(measured.max()) > 0

@@ -27,7 +27,7 @@ SHIPPED = ROOT / "models" / "fmnist-cpl-xs.safetensors"
 PER_RUN = {"seconds", "images_per_second", "processes"}
 """Report fields that describe the run, not its results."""
 
-certify_module = importlib.import_module("cpl_cert.certify")
+certify_module = importlib.import_module("cpl_cert.certification")
 
 
 def _env(tmp_path: Path) -> dict[str, str]:

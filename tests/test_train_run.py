@@ -28,7 +28,7 @@ import cpl_cert.train.setup as train_setup
 from cpl_cert.checkpoint import read_metadata
 from cpl_cert.cli import app
 from cpl_cert.data import load_dataset
-from cpl_cert.io import file_sha256, portable_path
+from cpl_cert.files import file_sha256, portable_path
 from cpl_cert.train import TrainOptions, log_path, train
 
 ROOT = Path(__file__).resolve().parents[1]

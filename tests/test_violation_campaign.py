@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cpl_cert
-from cpl_cert.certify import CertifyResult
+from cpl_cert.certification import CertifyResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 

@@ -30,6 +30,7 @@ from .common import (
     project,
     random_in_ball,
     targeted_dlr_loss,
+    unbroken,
 )
 
 RHO = 0.75
@@ -182,7 +183,7 @@ def apgd_l2(
     """APGD-CE: untargeted APGD on the cross-entropy of class ``y``; ``on_step(fraction of the budget done)``."""
     out = empty_outcome(x0, "apgd-ce", {"steps": steps, "restarts": restarts, "loss": "ce", "rho": RHO, "momentum": MOMENTUM})
     for restart in range(restarts):
-        idx = (~out.found).nonzero().flatten()
+        idx = unbroken(out.found)
         if idx.numel() == 0:
             break
         _apgd_run(model, x0, y, eps, steps, None, out, idx, generator, random_start=True, on_step=_part(on_step, restart, restarts))
@@ -214,7 +215,7 @@ def apgd_targeted_l2(
     ranked = logits.scatter(1, y[:, None], float("-inf")).argsort(dim=1, descending=True)
     for rank in range(num_targets):
         for restart in range(restarts):
-            idx = (~out.found).nonzero().flatten()
+            idx = unbroken(out.found)
             if idx.numel() == 0:
                 break
             report = _part(on_step, rank * restarts + restart, num_targets * restarts)

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import CplCertError
-from .common import AttackOutcome, distances, empty_outcome, is_adversarial
-from .options import ENGINE_ATTACKS
+from .common import AttackOutcome, attack_unbroken, distances, empty_outcome, is_adversarial
+from .options import ATTACK_PLANS
 
 INSTALL_HINT = (
     "the autoattack engine needs the optional package pyautoattack (Croce & Hein's AutoAttack code), which is not installed; "
@@ -160,7 +160,7 @@ def run_component(
 def autoattack_attack(
     model: nn.Module, x0: torch.Tensor, y: torch.Tensor, eps: float, attack: str, seed: int = 0, phase: Phase | None = None,
 ) -> tuple[list[AttackOutcome], list[str]]:
-    """The components of ``attack`` (``ENGINE_ATTACKS``) in turn, each on the points the earlier ones left unbroken.
+    """The components of ``attack`` (``AttackPlan.authors``) in turn, each on the points the earlier ones left unbroken.
 
     ``phase(stage, weight)`` gives each component its progress callback. Returns one outcome per
     component (over the whole batch) and the warnings of the authors' checks.
@@ -168,12 +168,9 @@ def autoattack_attack(
     outcomes: list[AttackOutcome] = []
     notes: list[str] = []
     alive = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
-    for name in ENGINE_ATTACKS[attack]:
-        idx = alive.nonzero().flatten()
+    for name in ATTACK_PLANS[attack].authors or ():
         on_step = phase(f"{name} at eps {eps:.4g}", COST[name]) if phase is not None else None
-        part = run_component(model, x0[idx], y[idx], eps, name, seed, on_step, notes)
-        out = empty_outcome(x0, part.name, part.settings)
-        out.found[idx], out.adversarial[idx], out.distance[idx] = part.found, part.adversarial, part.distance
-        alive &= ~out.found
-        outcomes.append(out)
+        outcomes.append(attack_unbroken(x0, y, alive, lambda a, b, name=name, on_step=on_step: run_component(
+            model, a, b, eps, name, seed, on_step, notes
+        )))
     return outcomes, notes

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..certify import certificate_constants
+from ..certification import certificate_constants
 from ..models import CPLNet, float64_copy
 from ..passes import accumulated_logits
 from ..radii import float32_prediction, float64_pass

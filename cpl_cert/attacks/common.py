@@ -7,6 +7,7 @@ changed", the event a certificate rules out) and returns an ``AttackOutcome``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +130,24 @@ def distances(x0: torch.Tensor, x: torch.Tensor, found: torch.Tensor) -> torch.T
     """float64 l2 distances where ``found``, ``inf`` elsewhere."""
     d = l2_norm(x.double() - x0.double())
     return torch.where(found, d, torch.full_like(d, float("inf")))
+
+
+def unbroken(found: torch.Tensor) -> torch.Tensor:
+    """Indices of the points no attack has broken yet (``found`` false): the ones the next attack or restart runs on."""
+    return (~found).nonzero().flatten()
+
+
+def attack_unbroken(
+    x0: torch.Tensor, y: torch.Tensor, alive: torch.Tensor, run: Callable[[torch.Tensor, torch.Tensor], AttackOutcome]
+) -> AttackOutcome:
+    """``run`` on the points of ``x0`` still ``alive`` (their classes ``y``), as an outcome over all of ``x0``;
+    the points it breaks leave ``alive`` (in place), so that a chain of attacks tries each point until one breaks it."""
+    idx = alive.nonzero().flatten()
+    part = run(x0[idx], y[idx])
+    out = empty_outcome(x0, part.name, part.settings)
+    out.found[idx], out.adversarial[idx], out.distance[idx] = part.found, part.adversarial, part.distance
+    alive &= ~out.found
+    return out
 
 
 def empty_outcome(x0: torch.Tensor, name: str, settings: dict[str, Any]) -> AttackOutcome:

@@ -28,9 +28,9 @@ from ..progress import OnProgress, no_progress
 from ..shards import Shards
 from .apgd import apgd_l2, apgd_targeted_l2
 from .check import Checker, make_checker, verify_any, verify_exact, verify_float32
-from .common import AttackOutcome
+from .common import AttackOutcome, attack_unbroken
 from .minnorm import fmn_l2
-from .options import ENGINE_ATTACKS, check_attack_options, default_attack
+from .options import ATTACK_PLANS, check_attack_options, default_attack, measures_distance
 from .pgd import pgd_l2
 
 SENSES = ("exact", "float32", "any")
@@ -111,8 +111,58 @@ class SuiteResult:
         return self.names[code] if code >= 0 else ""
 
 
-PHASES = {"pgd": ("pgd",), "apgd": ("apgd-ce", "apgd-t"), "autoattack": ("apgd-ce", "apgd-t", "pgd"), "minnorm": ()}
-"""The fixed-eps attacks each ``--attack`` runs at every radius, in order (FMN runs once per batch before them)."""
+NATIVE_RUNS = {"apgd-ce": apgd_l2, "apgd-t": apgd_targeted_l2, "pgd": pgd_l2}
+"""cpl-cert's fixed-eps attacks by the names ``AttackPlan.native`` lists."""
+
+
+@dataclass(frozen=True)
+class SuiteWork:
+    """How ``run_suite``'s progress divides each batch: FMN's share first (where it runs), then one equal share per
+    radius (each attack run a unit, FMN two, the authors' components their ``COST``)."""
+
+    fmn: float
+    per_radius: float
+    radii: int
+    n: int
+    batch_size: int
+    first: str = ""
+    """The attack that runs first at each radius (its stage starts a radius; the others continue one)."""
+
+    @classmethod
+    def of(cls, attack: str, engine: str, radii: int, n: int, batch_size: int) -> SuiteWork:
+        plan = ATTACK_PLANS[attack]
+        if engine == "native":
+            phases = plan.native or ()
+            per_radius = float(len(phases))
+        else:
+            from .authors import COST
+
+            phases = plan.authors or ()
+            per_radius = sum(COST[name] for name in phases)
+        fmn = 2.0 if measures_distance(attack, engine) else 0.0
+        return cls(fmn, per_radius, radii, n, max(batch_size, 1), phases[0] if phases else "")
+
+    @property
+    def units(self) -> float:
+        """Shares of one batch (1 when there is nothing to do)."""
+        return self.fmn + self.radii * self.per_radius or 1.0
+
+    def points_done(self, done: float, stage: str) -> float:
+        """From a report of ``run_suite`` (``stage``, ``done`` points, fractional inside a batch): the points that
+        ``stage``'s radius (or FMN) has finished, the earlier batches' included. A report at the border of two radii
+        belongs to the later one when ``stage`` starts it, else to the earlier one."""
+        start = min(int(done // self.batch_size) * self.batch_size, max(self.n - 1, 0) // self.batch_size * self.batch_size)
+        size = min(self.batch_size, self.n - start)
+        if size <= 0 or done >= start + size:
+            return float(min(done, self.n))
+        units = (done - start) / size * self.units
+        if stage == "fmn" or self.per_radius == 0:
+            share = units / self.fmn if self.fmn else 1.0
+        else:
+            past = (units - self.fmn) / self.per_radius
+            radius = math.floor(past) if stage.startswith(f"{self.first} ") else math.ceil(past) - 1
+            share = past - min(max(radius, 0), self.radii - 1)
+        return start + min(max(share, 0.0), 1.0) * size
 
 
 class _BatchProgress:
@@ -120,14 +170,7 @@ class _BatchProgress:
 
     def __init__(self, on_progress: OnProgress, part: slice, n: int, attack: str, engine: str, radii: int) -> None:
         self.on_progress, self.part, self.n, self.done = on_progress, part, n, 0.0
-        fmn = 2.0 if attack in ("minnorm", "autoattack") and engine == "native" else 0.0
-        if engine == "native":
-            per_radius = float(len(PHASES[attack]))
-        else:
-            from .authors import COST
-
-            per_radius = sum(COST[name] for name in ENGINE_ATTACKS[attack])
-        self.total = fmn + radii * per_radius or 1.0
+        self.total = SuiteWork.of(attack, engine, radii, n, part.stop - part.start).units
 
     def phase(self, stage: str, weight: float = 1.0) -> Callable[[float], None]:
         """``on_step`` for the next phase (``weight`` shares): reports ``stage`` and the points' progress."""
@@ -148,37 +191,26 @@ def _native(
     steps: int = 100,
     phase: Callable[[str], Callable[[float], None] | None] = lambda stage: None,
 ) -> list[AttackOutcome]:
-    """The native attacks of ``attack`` at radius ``eps``; each later one runs on the points still unbroken.
+    """The native attacks of ``attack`` at radius ``eps`` (``AttackPlan.native``), each on the points still unbroken,
+    then FMN's ``minnorm`` outcome where the plan measures distances.
 
     ``phase(stage)`` gives each attack run its ``on_step`` progress callback.
     """
-    if attack == "minnorm":
-        assert minnorm is not None
-        return [minnorm]
+    plan = ATTACK_PLANS[attack]
     label = f"at eps {eps:.4g}"
-    plan: list[Callable[[torch.Tensor, torch.Tensor], AttackOutcome]] = []
-    if attack in ("apgd", "autoattack"):
-        plan += [
-            lambda a, b: apgd_l2(model, a, b, eps, steps=steps, generator=generator, on_step=phase(f"apgd-ce {label}")),
-            lambda a, b: apgd_targeted_l2(model, a, b, eps, steps=steps, generator=generator, on_step=phase(f"apgd-t {label}")),
-        ]
-    if attack in ("pgd", "autoattack"):
-        plan.append(lambda a, b: pgd_l2(model, a, b, eps, steps=steps, generator=generator, on_step=phase(f"pgd {label}")))
     outcomes: list[AttackOutcome] = []
     alive = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
-    for run in plan:
-        idx = alive.nonzero().flatten()
-        if idx.numel() == 0:
+    for name in plan.native or ():
+        if not bool(alive.any()):
             break
-        part = run(x0[idx], y[idx])
-        full = AttackOutcome(
-            torch.zeros_like(alive), x0.clone(), torch.full((x0.shape[0],), math.inf, dtype=torch.float64, device=x0.device),
-            part.name, part.settings,
+        run = NATIVE_RUNS[name]
+        outcomes.append(
+            attack_unbroken(x0, y, alive, lambda a, b, run=run, name=name: run(
+                model, a, b, eps, steps=steps, generator=generator, on_step=phase(f"{name} {label}")
+            ))
         )
-        full.found[idx], full.adversarial[idx], full.distance[idx] = part.found, part.adversarial, part.distance
-        alive &= ~full.found
-        outcomes.append(full)
-    if attack == "autoattack" and minnorm is not None:
+    if plan.fmn:
+        assert minnorm is not None
         outcomes.append(minnorm)
     return outcomes
 
@@ -193,7 +225,6 @@ def run_suite(
     batch_size: int = 500,
     seed: int = 0,
     steps: int = 100,
-    progress: Callable[[int, int], None] | None = None,
     reference_float32: torch.Tensor | None = None,
     clean: torch.Tensor | None = None,
     on_progress: OnProgress | None = None,
@@ -211,7 +242,7 @@ def run_suite(
     ``engine="autoattack"`` runs the authors' code (optional package ``pyautoattack``) with its standard
     budget; warnings of its own checks land in ``extra["engine_warnings"]``.
     Every example is verified in each sense of ``SENSES`` (``cpl_cert.attacks.check``) before it counts.
-    ``progress(done, total)`` is called after each batch; ``on_progress(stage, done, total)`` after
+    ``on_progress(stage, done, total)`` is called after
     every attack iteration, in points (fractional inside a batch), with the attack and radius as stage.
     ``shards`` (``cpl_cert.shards.join``, under torchrun) attacks batch k on process k mod N (inputs on
     that process's device); every process gets the whole result, equal to a single-process run's.
@@ -231,8 +262,7 @@ def run_suite(
         shards.agree((n, list(eps), attack, engine, batch_size, seed, steps), "attack options")
         plan = _Plan(checker, images, clean, (reference, *others), list(eps), attack, engine, seed, steps, on_progress or no_progress)
         batches = [slice(begin, min(begin + batch_size, n)) for begin in range(0, n, batch_size)]
-        done = (lambda count: progress(min(count * batch_size, n), n)) if progress is not None else None
-        return merge_batches(plan.eps, n, batches, shards.map(batches, plan.attack_batch, on_done=done))
+        return merge_batches(plan.eps, n, batches, shards.map(batches, plan.attack_batch))
     result = SuiteResult.empty(list(eps), n, images.device)
     rejected = torch.zeros(n, dtype=torch.bool, device=images.device)
     for begin in range(0, n, batch_size):
@@ -240,8 +270,6 @@ def run_suite(
         targets = tuple(r[part].to(images.device) for r in (reference, *others))
         tracker = _BatchProgress(on_progress or no_progress, part, n, attack, engine, len(result.eps))
         _attack_batch(checker, images[part].float(), clean[part], targets, result, part, rejected, attack, engine, seed, steps, tracker)
-        if progress is not None:
-            progress(part.stop, n)
     result.rejected = int(rejected.sum())
     return result.to_cpu()
 
@@ -286,7 +314,7 @@ def _attack_batch(
     at = part if at is None else at
     model, y = checker.model, targets[0]
     minnorm = None
-    if attack in ("minnorm", "autoattack") and engine == "native":
+    if measures_distance(attack, engine):
         minnorm = fmn_l2(model, x0, y, steps=2 * steps, check_model=checker.model64, on_step=tracker.phase("fmn", 2.0))
     for e, radius in enumerate(result.eps):
         # A fresh seed per (batch, radius): the same points get the same random starts whatever else

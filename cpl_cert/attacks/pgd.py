@@ -25,6 +25,7 @@ from .common import (
     per_point,
     project,
     random_in_ball,
+    unbroken,
 )
 
 LOSSES = {"ce": ce_loss, "margin": margin_loss}
@@ -53,7 +54,7 @@ def pgd_l2(
     out = empty_outcome(x0, "pgd", settings)
     loss_fn = LOSSES[loss]
     for restart in range(restarts):
-        idx = (~out.found).nonzero().flatten()
+        idx = unbroken(out.found)
         if idx.numel() == 0:
             break
         start, labels, r, step = x0[idx], y[idx], radii[idx], steps_all[idx]

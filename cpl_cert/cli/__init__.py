@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import interrupt, pipes
+from . import closed_stdout, interrupt
 
 __all__ = ["app", "main"]
 
@@ -17,7 +17,7 @@ def main() -> None:
     """Console-script entry point: SIGTERM handled like Ctrl-C, both answered with one sentence at any moment;
     a closed stdout (``| head``) is not an error."""
     interrupt.install_for_start_up()
-    pipes.install()
+    closed_stdout.install()
     from .commands import app
 
     interrupt.install()

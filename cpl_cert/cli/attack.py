@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from ..attacks.check import Violation, find_violations
-from ..attacks.ensemble import SuiteResult, run_suite
-from ..attacks.options import ATTACKS, ENGINES, check_attack_options, default_attack
-from ..certify import CertifyResult, EpsValue, certify, parse_eps
-from ..data import ImageDataset, to_float_images
+from ..attacks.audit import AttackSummary, attack_dataset, estimate_seconds, summarize
+from ..attacks.ensemble import SuiteResult, SuiteWork, run_suite
+from ..attacks.options import ATTACKS, ENGINES, check_attack_options, default_attack, measures_distance
+from ..certification import CertifyResult, certify
+from ..data import ImageDataset
+from ..eps import EpsValue, parse_eps
 from ..errors import CplCertError
-from ..io import file_sha256, write_json
-from ..lipschitz import LipschitzBounds, lipschitz_bounds
+from ..files import file_sha256, write_json
+from ..lipschitz import LipschitzBounds, assume_body_bound, check_assumed_bound, lipschitz_bounds
+from ..loading import load_model_and_data
 from ..models import CPLNet
-from ..radii import exact_points
 from ..shards import Shards
-from .attack_report import accuracy_rows, accuracy_table, json_report, tightness, tightness_table, violations_table
+from .attack_report import accuracy_table, json_report, tightness_table, violations_table
 from .certify import CERTIFY_STAGES
 from .common import (
     EXIT_VIOLATION,
@@ -32,36 +32,20 @@ from .common import (
     Threads,
     check_writable,
     console,
+    count,
     err_console,
     handle_errors,
     job,
     library_default,
-    load_model_and_data,
-    read_eps,
+    note_limit,
     set_threads,
 )
 from .plots import check_plot_path, plot_gap
-from .progress import Activity
+from .progress import Activity, clock
 
 DEFAULT_LIMIT = 1000
-MEASURES_DISTANCE = ("minnorm", "autoattack")
-"""The native attacks that measure each point's smallest adversarial distance (tightness table, gap plot)."""
-
-
-def measures_distance(attack: str, engine: str) -> bool:
-    """Whether the run finds each point's smallest adversarial distance (the authors' attacks stop at each eps)."""
-    return engine == "native" and attack in MEASURES_DISTANCE
-
-
-def assume_body_bound(bounds: LipschitzBounds, value: float) -> LipschitzBounds:
-    """``bounds`` with the body's Lipschitz bound replaced by an assumed ``value`` (for auditing only)."""
-    head = bounds.layers[-1].bound
-    return dataclasses.replace(bounds, body_upper=value, upper=value * head)
-
-
-def _check_assumed_bound(value: float | None) -> None:
-    if value is not None and not (0 < value < float("inf")):
-        raise CplCertError(f"--assume-lipschitz must be a positive number, got {value}")
+LONG_RUN_SECONDS = 300.0
+"""Past this estimate, the command says up front how long the attacks may take."""
 
 
 @handle_errors
@@ -128,13 +112,15 @@ def attack_command(
         set_threads(threads)
         attack = attack or default_attack(engine)
         check_attack_options(attack, engine, steps, batch_size)
-        _check_assumed_bound(assume_lipschitz)
-        eps_values = read_eps(eps) if eps is not None else None
+        check_assumed_bound(assume_lipschitz)
+        eps_values = parse_eps(eps) if eps is not None else None
         if shards.is_main:  # only rank 0 writes
             _check_outputs(json_path, plot_path, attack, engine)
         with Activity(err_console) as activity:
             activity.stage(f"loading {model_path.name} and the test split")
-            model, _, data = load_model_and_data(model_path, dataset, data_dir, "test", limit, shards.device)
+            loaded = load_model_and_data(model_path, dataset, data_dir, "test", limit, shards.device)
+            model, data = loaded.model, loaded.data
+            note_limit("--limit", limit, loaded.available, f"{data.name} test split")
             eps_values = eps_values or parse_eps(",".join(data.default_eps))
             start = time.perf_counter()
             activity.stage("computing the certified Lipschitz bound (per-layer spectral norms)")
@@ -143,8 +129,9 @@ def attack_command(
                 model, data, eps=[e.label for e in eps_values], device=shards.device, batch_size=batch_size, bounds=bounds,
                 on_progress=activity.reporter(CERTIFY_STAGES), shards=shards,
             )
+            _note_duration(model, data, attack, engine, steps, len(eps_values), batch_size, shards)
             suite = _run_attacks(activity, shards, model, data, cert, eps_values, attack, engine, batch_size, seed, steps)
-            violations = find_violations(suite, cert)
+            summary = summarize(cert, suite, eps_values, attack, engine)
             seconds = time.perf_counter() - start
             if plot_path is not None and shards.is_main:
                 activity.stage(f"drawing {plot_path}")
@@ -154,9 +141,8 @@ def attack_command(
                 )
                 plot_gap(plot_path, cert.radii_exact, suite.min_distance, title)
         if shards.is_main:
-            run = _Run(model_path, data, cert, suite, eps_values, violations, attack, engine, seed, seconds, assume_lipschitz)
-            _render(run, json_path, plot_path)
-    if violations:
+            _render(_Run(model_path, data, cert, suite, summary, attack, engine, seed, seconds, assume_lipschitz), json_path, plot_path)
+    if summary.violations:
         raise typer.Exit(EXIT_VIOLATION)
 
 
@@ -168,8 +154,7 @@ class _Run:
     data: ImageDataset
     cert: CertifyResult
     suite: SuiteResult
-    eps: list[EpsValue]
-    violations: list[Violation]
+    summary: AttackSummary
     attack: str
     engine: str
     seed: int
@@ -178,14 +163,15 @@ class _Run:
 
 
 def _render(run: _Run, json_path: Path | None, plot_path: Path | None) -> None:
-    """The accuracy table, tightness, notes, the JSON report and the violations (rank 0 only)."""
-    cert, suite = run.cert, run.suite
-    rows = accuracy_rows(cert, suite, run.eps)
+    """The accuracy table, tightness, notes, the JSON report and the violations (rank 0 only); prints, never computes."""
+    cert, suite, summary = run.cert, run.suite, run.summary
     assumed = run.assumed_lipschitz
     bound_text = f"assumed body bound {assumed:g}" if assumed is not None else f"certified bound {cert.bounds.upper:.6g}"
     title = f"{run.model_path.name}: {run.attack} ({run.engine}) on {cert.n} {run.data.name} test points, {bound_text}"
-    console.print(accuracy_table(rows, title))
-    stats = _print_tightness(cert, suite) if measures_distance(run.attack, run.engine) else None
+    console.print(accuracy_table(summary.rows, title))
+    if summary.tightness is not None:
+        console.print(tightness_table(summary.tightness))
+        console.print(f"no adversarial example found for {summary.tightness['no_adversarial_found']} points", highlight=False)
     for message in suite.extra.get("engine_warnings", []):
         console.print(f"[yellow]AutoAttack's own check:[/] {message}", highlight=False)
     if suite.rejected:
@@ -194,15 +180,14 @@ def _render(run: _Run, json_path: Path | None, plot_path: Path | None) -> None:
     console.print(f"done in {run.seconds:.1f} s on {on}", highlight=False)
     if json_path is not None:
         report = json_report(
-            model=str(run.model_path), sha256=file_sha256(run.model_path), dataset=run.data.name, cert=cert, suite=suite, rows=rows,
-            violations=run.violations, attack=run.attack, engine=run.engine, seconds=run.seconds, seed=run.seed,
-            assumed_lipschitz=assumed, stats=stats,
+            model=str(run.model_path), sha256=file_sha256(run.model_path), dataset=run.data.name, cert=cert, suite=suite, summary=summary,
+            attack=run.attack, engine=run.engine, seconds=run.seconds, seed=run.seed, assumed_lipschitz=assumed,
         )
         write_json(json_path, report)
         console.print(f"wrote {json_path}", highlight=False)
     if plot_path is not None:
         console.print(f"wrote {plot_path}", highlight=False)
-    _report_violations(run.violations)
+    _report_violations(summary)
 
 
 def _check_outputs(json_path: Path | None, plot_path: Path | None, attack: str, engine: str) -> None:
@@ -235,35 +220,41 @@ def _run_attacks(
 ) -> SuiteResult:
     """Attack every point's clean prediction at every radius (split over the processes of a torchrun job);
     the progress line follows each attack iteration."""
-    device = next(model.buffers()).device
-    pixels = data.images.to(device)
-    images = to_float_images(pixels)
     activity.stage(f"attacking ({attack})", cert.n)
+    work = SuiteWork.of(attack, engine, len(eps_values), cert.n, batch_size)
 
     def on_progress(stage: str, done: float, total: float) -> None:
-        activity.update(done, total, description=f"attacking: {stage}")
+        """The bar and time left follow the whole run; the count, the points done at the radius shown."""
+        activity.update(done, total, description=f"attacking: {stage}", count=f"{work.points_done(done, stage):,.0f}/{total:,.0f}")
 
-    return run_suite(
-        model, images, cert.predictions.to(device), [e.value for e in eps_values], attack, engine, batch_size, seed, steps,
-        reference_float32=cert.predictions_float32.to(device), clean=exact_points(pixels), on_progress=on_progress,
-        reference_any=cert.predictions_any.to(device), shards=shards,
-    )
+    return attack_dataset(model, data, cert, eps_values, attack, engine, batch_size, seed, steps, on_progress=on_progress, shards=shards)
 
 
-def _print_tightness(cert: CertifyResult, suite: SuiteResult) -> dict[str, Any]:
-    stats = tightness(cert.radii_exact, suite.min_distance)
-    console.print(tightness_table(stats))
-    console.print(f"no adversarial example found for {stats['no_adversarial_found']} points", highlight=False)
-    return stats
+def _note_duration(
+    model: CPLNet, data: ImageDataset, attack: str, engine: str, steps: int, radii: int, batch_size: int, shards: Shards
+) -> None:
+    """Before a long run (``LONG_RUN_SECONDS``), say up to how long the attacks may take and how to take a first look sooner."""
+    seconds = estimate_seconds(model, data, attack, engine, steps, radii, batch_size)
+    if seconds is None or not shards.is_main:
+        return
+    seconds /= shards.world_size
+    if seconds > LONG_RUN_SECONDS:
+        what = f"{attack}, {count(len(data), 'point')}, {radii} {'radius' if radii == 1 else 'radii'}"
+        err_console.print(
+            f"Note: the attacks ({what}) may take up to about {clock(seconds)} here (less as points break); "
+            "a smaller --limit takes proportionally less", highlight=False,
+        )
 
 
-def _report_violations(violations: list[Violation]) -> None:
-    """List every violated certificate (the command then exits with code 3), or say that none was."""
+def _report_violations(summary: AttackSummary) -> None:
+    """List every violated certificate, one row per point (the command then exits with code 3), or say that none was."""
+    violations, points = summary.violations, summary.violated_points
     if not violations:
         console.print("[bold green]no certificate violated[/]: every adversarial example found lies at or beyond its certified radius")
         return
     console.print(violations_table(violations))
-    shown = ", ".join(str(v.index) for v in violations[:20]) + (" ..." if len(violations) > 20 else "")
+    shown = ", ".join(str(i) for i in points[:20]) + (" ..." if len(points) > 20 else "")
     err_console.print(
-        f"[bold red]Error:[/] an attack contradicted {len(violations)} certificate(s) (test points {shown}).", highlight=False
+        f"[bold red]Error:[/] an attack contradicted {len(violations)} certificate(s) of {count(len(points), 'test point')} "
+        f"(test points {shown}).", highlight=False,
     )

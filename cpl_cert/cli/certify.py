@@ -5,18 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 
-from ..certify import CertifyResult, EpsValue, certify, parse_eps
-from ..data import ImageDataset, to_float_images
+from ..certification import CertifyResult, certify
+from ..data import ImageDataset
+from ..eps import EpsValue, parse_eps
 from ..errors import CplCertError
-from ..io import file_sha256, write_json
-from ..lipschitz import LipschitzBounds, lipschitz_bounds, lipschitz_lower_bound
+from ..files import file_sha256, write_json
+from ..lipschitz import LOWER_ITERS, data_lower_bound, lipschitz_bounds
+from ..loading import load_model_and_data
 from ..models import CPLNet
 from ..shards import Shards
 from . import interrupt
-from .certify_report import CSV_HEADER, certify_report, certify_table, write_radii_csv
+from .certify_report import CSV_HEADER, LowerBound, certify_table, json_report, write_radii_csv
 from .common import (
     DataDir,
     DeviceName,
@@ -31,8 +32,7 @@ from .common import (
     handle_errors,
     job,
     library_default,
-    load_model_and_data,
-    read_eps,
+    note_limit,
     set_threads,
     warn_if_not_one_lipschitz,
 )
@@ -44,9 +44,6 @@ CERTIFY_STAGES = {
     "float64": "re-evaluating points near a radius (float64)",
 }
 """What each stage of ``cpl_cert.certify`` is called on the progress line."""
-
-LOWER_ITERS = 20
-"""Power iterations of the empirical lower bound per image (float32 search, float64 value: docs/certify.md)."""
 
 
 @handle_errors
@@ -84,7 +81,7 @@ def certify_command(
     ] = None,
     lower_samples: Annotated[
         int, typer.Option("--lower-bound-samples", metavar="N", help="Test images for the empirical Lipschitz lower bound (0 skips it).")
-    ] = 8,
+    ] = library_default(data_lower_bound, "samples"),
     threads: Threads = None,
 ) -> None:
     """Clean accuracy, certified accuracy at each eps, the network's Lipschitz bound and throughput.
@@ -100,14 +97,16 @@ def certify_command(
         set_threads(threads)
         if lower_samples < 0:
             raise CplCertError(f"--lower-bound-samples must be 0 or more, got {lower_samples}")
-        eps_values = read_eps(eps) if eps is not None else None
+        eps_values = parse_eps(eps) if eps is not None else None
         if shards.is_main:  # only rank 0 writes
             check_writable(json_path)
             check_writable(radii_path)
             check_plot_path(plot_path)
         with Activity(err_console) as activity:
             activity.stage(f"loading {model_path.name} and the {split} split")
-            model, _, data = load_model_and_data(model_path, dataset, data_dir, split, limit, shards.device)
+            loaded = load_model_and_data(model_path, dataset, data_dir, split, limit, shards.device)
+            model, data = loaded.model, loaded.data
+            note_limit("--limit", limit, loaded.available, f"{data.name} {split} split")
             eps_values = eps_values or parse_eps(",".join(data.default_eps))
             result = _certify(activity, shards, model, data, eps_values, batch_size, tight_radii=radii_path is not None)
         if shards.is_main:
@@ -121,10 +120,9 @@ def _report(
     """Rank 0: the table at once, then the empirical lower bound, then the reports; an interrupt during the
     lower bound keeps the certification (the reports say the lower bound was not computed)."""
     _show(result, model_path, data, split)
-    status, stopped = _lower_bound(model, data, result.bounds, lower_samples)
-    report = certify_report(result, model=str(model_path), sha256=file_sha256(model_path), dataset=data.name, split=split)
-    report["lipschitz"]["lower_status"] = status
-    report["batch_size"] = batch_size
+    lower, stopped = _lower_bound(model, data, result.bounds.upper, lower_samples)
+    fields = {"model": str(model_path), "sha256": file_sha256(model_path), "dataset": data.name, "split": split}
+    report = json_report(result, fields, lower, batch_size)
     title = f"{model_path.name} on {data.name} ({split} split, {result.n:,} points)"
     written = _write_outputs(report, result, *paths, title)
     if stopped is not None:
@@ -146,28 +144,22 @@ def _certify(
     )
 
 
-def _lower_bound(model: CPLNet, data: ImageDataset, bounds: LipschitzBounds, samples: int) -> tuple[str, BaseException | None]:
-    """The empirical lower bound at the first ``samples`` images (into ``bounds.lower``), on its own progress
-    line with the time left, then printed. Returns its status (computed, skipped, interrupted) and the interrupt."""
+def _lower_bound(model: CPLNet, data: ImageDataset, upper: float, samples: int) -> tuple[LowerBound, BaseException | None]:
+    """The empirical lower bound at the first ``samples`` images (``data_lower_bound``), on its own progress line with
+    the time left, then printed. Returns it (value and status: computed, skipped, interrupted) and the interrupt."""
     if samples == 0:
-        return "skipped", None
-    probe = to_float_images(data.images[:samples].to(next(model.buffers()).device))
-    label = f"empirical Lipschitz lower bound: largest ||J(x)||_2 at {count(len(probe), 'test image')} ({LOWER_ITERS} power iterations)"
+        return LowerBound(None, "skipped"), None
+    images = count(min(samples, len(data)), "test image")
+    label = f"empirical Lipschitz lower bound: largest ||J(x)||_2 at {images} ({LOWER_ITERS} power iterations)"
     try:
         with Activity(err_console) as activity:
             activity.stage(label, LOWER_ITERS)
-            bounds.lower = lipschitz_lower_bound(
-                model, probe, iters=LOWER_ITERS, generator=torch.Generator().manual_seed(0), on_progress=activity.reporter({"lower_bound": label})
-            )
+            value = data_lower_bound(model, data.images, samples, LOWER_ITERS, on_progress=activity.reporter({"lower_bound": label}))
     except KeyboardInterrupt as exc:
         interrupt.ignore_further()
-        return "interrupted", exc
-    console.print(
-        f"Lipschitz lower bound (largest ||J(x)||_2 found at {count(len(probe), 'test image')}): {bounds.lower:.6g}; "
-        f"certified upper bound {bounds.upper:.8g}",
-        highlight=False,
-    )
-    return "computed", None
+        return LowerBound(None, "interrupted"), exc
+    console.print(f"Lipschitz lower bound (largest ||J(x)||_2 found at {images}): {value:.6g}; certified upper bound {upper:.8g}", highlight=False)
+    return LowerBound(value, "computed"), None
 
 
 def _write_outputs(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..certify import CertifyResult
-from ..io import atomic_write
+from ..certification import CertifyResult
+from ..files import atomic_write
 from .table import Table
 
 CSV_HEADER = (
@@ -41,8 +42,7 @@ def certify_table(result: CertifyResult, title: str) -> Table:
     table.add_row("Lipschitz bound (certified upper)", f"{result.bounds.upper:.8g}", "", "")
     if result.bounds.lower is not None:
         table.add_row("Lipschitz lower bound (max ||J(x)||)", f"{result.bounds.lower:.6g}", "", "")
-    table.add_row("median radius of correct points", _median_radius(result.radii_exact[result.correct]),
-                  _median_radius(result.radii_float32[result.correct_float32]), _median_radius(result.radii_any[result.correct_any]))
+    table.add_row("median radius of correct points", *(_radius(result.median_radius(sense)) for sense in ("exact", "float32", "any")))
     table.add_row("re-evaluated in float64", f"{result.rechecked}", "", "")
     if result.undecided or result.nonfinite:
         table.add_row("undecided / non-finite", f"{result.undecided} / {result.nonfinite}", "", "")
@@ -51,16 +51,25 @@ def certify_table(result: CertifyResult, title: str) -> Table:
     return table
 
 
-def _median_radius(radii: torch.Tensor) -> str:
-    return f"{float(radii.median()):.4g}" if radii.numel() else "-"
+def _radius(value: float | None) -> str:
+    return f"{value:.4g}" if value is not None else "-"
 
 
-def certify_report(result: CertifyResult, **fields: Any) -> dict[str, Any]:
-    """The ``certify --json`` report (docs/certify.md); ``fields`` (model, sha256, dataset, split...) come first."""
+@dataclass
+class LowerBound:
+    """The empirical Lipschitz lower bound of a certify run: its value, and whether it was ``computed``, ``skipped`` or ``interrupted``."""
+
+    value: float | None
+    status: str
+
+
+def json_report(result: CertifyResult, fields: dict[str, Any], lower: LowerBound, batch_size: int) -> dict[str, Any]:
+    """The ``certify --json`` report (docs/certify.md); ``fields`` (model, sha256, dataset, split) come first."""
+    bounds = replace(result.bounds, lower=lower.value)
     return {
         **fields,
         "n": result.n,
-        "lipschitz": {**result.bounds.to_dict(), "one_lipschitz": result.bounds.upper <= 1.0},
+        "lipschitz": {**bounds.to_dict(), "one_lipschitz": bounds.upper <= 1.0, "lower_status": lower.status},
         "clean_accuracy": result.clean_accuracy,
         "clean_accuracy_float32": result.clean_accuracy_float32,
         "clean_accuracy_any": result.clean_accuracy_any,
@@ -74,6 +83,7 @@ def certify_report(result: CertifyResult, **fields: Any) -> dict[str, Any]:
         "undecided": result.undecided,
         "nonfinite": result.nonfinite,
         "torch": torch.__version__,
+        "batch_size": batch_size,
     }
 
 

@@ -6,13 +6,13 @@ from typing import Annotated
 
 import typer
 
-from .. import __version__
+from ..version import __version__
 from .attack import attack_command
 from .certify import certify_command
 from .export import export_command
 from .helptext import Command, Group
 from .importer import import_command
-from .inspect import info_command, lipschitz_command
+from .info import info_command, lipschitz_command
 from .predict import predict_command
 from .train import train_command
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import os
 import shlex
 from collections.abc import Callable, Iterator
@@ -17,12 +16,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..certify import EpsValue, parse_eps
-from ..checkpoint import load_checkpoint
-from ..data import ImageDataset, check_compatible, check_fits, load_dataset
 from ..errors import CplCertError
-from ..io import portable_dataset, portable_path
-from ..models import CPLNet
+from ..files import portable_dataset, portable_path
 from ..shards import Shards, join
 from . import interrupt
 
@@ -114,41 +109,12 @@ def check_writable(path: Path | None) -> None:
         raise CplCertError(f"cannot write {path}: the file is read-only")
 
 
-def read_eps(text: str) -> list[EpsValue]:
-    """``--eps`` parsed; a number that is negative, zero or not finite is refused as such (not as unreadable)."""
-    for part in text.split(","):
-        item = part.strip()
-        try:
-            value = float(item)
-        except ValueError:
-            value = -1.0 if item.startswith("-") else 1.0
-        if not (math.isfinite(value) and value > 0):
-            raise CplCertError(f"eps must be positive and finite, got {item!r}")
-    return parse_eps(text)
-
-
-def load_model_and_data(
-    model_path: Path, dataset: str | None, data_dir: Path | None, split: str, limit: int | None, device: torch.device
-) -> tuple[CPLNet, dict[str, Any], ImageDataset]:
-    """The checkpoint, and its dataset split (``dataset`` or the one the checkpoint names) checked
-    against it (by name before any file is read) and cut to the first ``limit`` points."""
-    model, meta = load_checkpoint(model_path, device=device)
-    name = dataset or (meta.get("dataset") or {}).get("name")
-    if not name:
-        raise CplCertError(f"{model_path} does not name its dataset; pass --dataset")
-    check_fits(name, model.config.input_shape, model.config.num_classes)
-    if limit is not None and limit < 1:
-        raise CplCertError(f"--limit must be a positive number of points, got {limit}")
-    data = load_dataset(name, split=split, data_dir=data_dir)
-    check_compatible(data, model.config.input_shape, model.config.num_classes)
-    if limit is not None and limit > len(data):
-        note_limit("--limit", limit, len(data), f"{data.name} {split} split")
-    return model, meta, data.subset(limit)
-
-
-def note_limit(option: str, limit: int, available: int, what: str) -> None:
+def note_limit(option: str, limit: int | None, available: int, what: str) -> None:
     """One line on stderr (not an error: the command goes on with every point) for a limit above the data's size."""
-    err_console.print(f"Note: {option} {limit:,} is more than the {available:,} points of the {what}; using all {available:,}", highlight=False)
+    if limit is not None and limit > available:
+        err_console.print(
+            f"Note: {option} {limit:,} is more than the {available:,} points of the {what}; using all {available:,}", highlight=False
+        )
 
 
 def count(n: int, noun: str) -> str:
@@ -184,7 +150,7 @@ def library_default(func: Callable[..., Any], name: str) -> Any:
 def command_line(ctx: typer.Context) -> str:
     """The running command as the user gave it: ``cpl-cert <command>`` and the options set on the
     command line (the same whether started as ``cpl-cert``, ``python -m cpl_cert`` or under torchrun),
-    with paths made portable (``cpl_cert.io.portable_path``: relative to the working folder, or the name)."""
+    with paths made portable (``cpl_cert.files.portable_path``: relative to the working folder, or the name)."""
     parts = ["cpl-cert", ctx.info_name or ""]
     for param in ctx.command.params:
         source = ctx.get_parameter_source(param.name) if param.name else None

@@ -9,7 +9,7 @@ import typer
 
 from ..checkpoint import load_checkpoint
 from ..export import DEFAULT_OPSET, check_opset, export_onnx, onnx_metadata, require_onnx
-from ..io import file_sha256
+from ..files import file_sha256
 from ..lipschitz import lipschitz_bounds
 from .common import ModelPath, Threads, check_writable, console, count, err_console, handle_errors, set_threads
 from .progress import Activity

@@ -9,7 +9,7 @@ import typer
 
 from ..checkpoint import save_checkpoint
 from ..errors import CplCertError
-from ..reference import EVAL_ITERS, STEPS_MODES, ImportedModel, import_reference
+from ..reference import EVAL_ITERS, ImportedModel, check_steps_mode, import_reference
 from ..sll_reference import import_sll
 from .common import Threads, check_writable, console, err_console, handle_errors, set_threads
 from .progress import Activity
@@ -170,8 +170,7 @@ def import_command(
     the written ones) and recorded in the checkpoint's metadata (training.provenance, shown by cpl-cert info).
     """
     set_threads(threads)
-    if steps not in STEPS_MODES:
-        raise CplCertError(f"--steps must be certified or reference, got {steps!r}")
+    check_steps_mode(steps)
     if origin not in SOURCES:
         raise CplCertError(f"--from must be cpl or sll, got {origin!r}")
     check_writable(out)

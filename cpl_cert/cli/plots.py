@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from ..certify import CertifyResult
+from ..certification import CertifyResult
 from ..errors import CplCertError
-from ..io import atomic_write
+from ..files import atomic_write
 from .common import check_writable
 
 INSTALL_HINT = (

@@ -11,10 +11,10 @@ import typer
 
 from ..checkpoint import load_checkpoint
 from ..device import resolve_device
-from ..errors import CplCertError
+from ..eps import parse_single_eps
+from ..files import atomic_write
 from ..inputs import Inputs, load_inputs
-from ..io import atomic_write
-from ..predict import PredictResult, predict
+from ..prediction import PredictResult, predict
 from .common import (
     DeviceName,
     ModelPath,
@@ -24,7 +24,6 @@ from .common import (
     count,
     err_console,
     handle_errors,
-    read_eps,
     set_threads,
 )
 from .progress import Activity
@@ -110,11 +109,7 @@ def predict_command(
     convert explicitly).
     """
     set_threads(threads)
-    if batch_size < 1:
-        raise CplCertError(f"--batch-size must be positive, got {batch_size}")
-    eps_values = read_eps(eps) if eps is not None else None
-    if eps_values is not None and len(eps_values) != 1:
-        raise CplCertError(f"give one eps, got {len(eps_values)}")
+    eps_value = parse_single_eps(eps) if eps is not None else None  # before any work; --batch-size: predict's check
     to_stdout = json_path is not None and str(json_path) == "-"
     if json_path is not None and not to_stdout:
         check_writable(json_path)
@@ -124,13 +119,13 @@ def predict_command(
         model, meta = load_checkpoint(model_path, device=dev)
         activity.stage("reading the inputs")
         data = load_inputs(
-            inputs, model.config.input_shape, resize=resize, progress=lambda done, total: activity.update(done, total),
+            inputs, model.config.input_shape, resize=resize, on_progress=lambda stage, done, total: activity.update(done, total),
             convert=convert, how="--convert",
         )
         activity.stage("certifying", len(data))
         result = predict(
-            model, data.images, eps=eps_values[0] if eps_values else None, device=dev, batch_size=batch_size,
-            progress=lambda done, total: activity.update(done),
+            model, data.images, eps=eps_value, device=dev, batch_size=batch_size,
+            on_progress=lambda stage, done, total: activity.update(done) if stage == "float32" else None,
         )
     rows = records(data, result, class_names(meta, model.config.num_classes))
     if json_path is not None:

@@ -1,4 +1,4 @@
-"""The Lipschitz bounds table (`cpl-cert lipschitz`, `info`): one row per stage, for people."""
+"""The Lipschitz bounds table (`cpl-cert lipschitz`): one row per stage, for people."""
 
 from __future__ import annotations
 

@@ -80,14 +80,20 @@ def train_command(
     Resumable (--resume), distributed under torchrun (DDP: NCCL on GPUs, gloo on CPUs).
     """
     set_threads(threads)
-    # Every parameter but ctx and threads is a TrainOptions field of the same name.
-    options = TrainOptions(**{k: v for k, v in locals().items() if k not in ("ctx", "threads")}, command=command_line(ctx))
-    with TrainDisplay(console, err_console) as display:
-        try:
+    options = TrainOptions(
+        out=out, model=model, dataset=dataset, epochs=epochs, loss=loss, margin=margin, offset=offset, temperature=temperature,
+        optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, augment=augment, seed=seed,
+        device=device, std_normalize=std_normalize, conv_depth=conv_depth, channels=channels, dense_depth=dense_depth,
+        dense_inner=dense_inner, conv_inner=conv_inner, head=head, data_dir=data_dir, limit_train=limit_train, eval_limit=eval_limit,
+        save_every=save_every, resume=resume, overwrite=overwrite, compile=compile, bf16=bf16, stop_after=stop_after,
+        freeze_iters=freeze_iters, command=command_line(ctx),
+    )
+    display = TrainDisplay(console, err_console)
+    try:
+        with display:
             result = train(options, on_event=display)
-        except KeyboardInterrupt as exc:
-            interrupt.ignore_further()
-            display.__exit__()
-            fail(display.interrupted(exc, out, resume) if env_info().is_main else interrupt.describe(exc), code=interrupt.exit_code(exc))
+    except KeyboardInterrupt as exc:  # the display has stopped: the sentence is the last line
+        interrupt.ignore_further()
+        fail(display.interrupted(exc, out, resume) if env_info().is_main else interrupt.describe(exc), code=interrupt.exit_code(exc))
     if result.history:
         console.print(f"wrote {out} and {log_path(out)} ({result.wall_seconds:.0f} s in all)", highlight=False)

@@ -42,8 +42,7 @@ class ImageDataset:
         """The first ``limit`` points (all when ``None``)."""
         if limit is None:
             return self
-        if limit < 1:
-            raise CplCertError(f"--limit must be a positive number of points, got {limit}")
+        check_limit(limit)
         return replace(self, images=self.images[:limit], labels=self.labels[:limit])
 
     def metadata(self) -> dict[str, Any]:
@@ -56,6 +55,12 @@ class ImageDataset:
             "mean": list(self.mean),
             "std": list(self.std),
         }
+
+
+def check_limit(limit: int | None) -> None:
+    """Refuse a limit below one point (``None``: no limit), before any data is read."""
+    if limit is not None and limit < 1:
+        raise CplCertError(f"--limit must be a positive number of points, got {limit}")
 
 
 def to_float_images(images: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 import time
 
-from ..certify import certify
+from ..certification import certify
+from ..freezing import freeze
 from ..models import CPLNet
-from ..spectral import REPORT_ITERS, freeze
+from ..spectral import REPORT_ITERS
 from .epoch import EpochTotals
 from .events import EpochStats, Evaluating, OnEvent, ignore
 from .setup import Run
@@ -16,14 +17,14 @@ EVAL_BATCH = 1024
 
 
 def freeze_iterations(run: Run) -> int:
-    """Power iterations ``freeze`` spends on the report's sigma (``--freeze-iters``, else the library default).
+    """Lanczos steps ``freeze`` spends per layer on the report's sigma (``--freeze-iters``, else the library default).
 
     The step never depends on them: ``freeze`` takes it from the certified spectral-norm bound.
     """
     return run.opts.freeze_iters or REPORT_ITERS
 
 
-def evaluate(run: Run, epoch: int, totals: EpochTotals, on_event: OnEvent = ignore) -> tuple[CPLNet, EpochStats]:
+def evaluate_epoch(run: Run, epoch: int, totals: EpochTotals, on_event: OnEvent = ignore) -> tuple[CPLNet, EpochStats]:
     """Freeze a copy, certify it on the test split at the dataset's radii; returns the copy and the epoch's stats.
 
     ``on_event`` hears each stage (``Evaluating``): the freeze, then certification's progress.

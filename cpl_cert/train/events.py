@@ -106,7 +106,7 @@ class StepDone:
 
 @dataclass(frozen=True)
 class Evaluating:
-    """The epoch's evaluation is in ``stage``: ``"freeze"`` (power iteration, ``total`` iterations at most),
+    """The epoch's evaluation is in ``stage``: ``"freeze"`` (Lanczos steps on the reported sigma, ``total`` at most per layer),
     then certification stages ``"float32"`` and ``"float64"`` (``done`` of ``total`` points)."""
 
     epoch: int

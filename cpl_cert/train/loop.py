@@ -1,7 +1,7 @@
 """``train(TrainOptions(...))``: the CPL paper's recipe, evaluated every epoch, resumable, optionally distributed.
 
 Each epoch trains (``epoch.run_epoch``), then a frozen copy is certified on the test split
-(``evaluate.evaluate``) and written atomically with the resume state (``save.save_run``). Under
+(``evaluate.evaluate_epoch``) and written atomically with the resume state (``save.save_run``). Under
 ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DDP with ``broadcast_buffers`` so the
 power-iteration vectors stay identical on every rank; each rank trains on its shard of every epoch;
 only rank 0 evaluates, writes and reports. See docs/train.md.
@@ -16,10 +16,10 @@ from pathlib import Path
 
 from ..device import resolve_device
 from ..errors import CplCertError
-from ..io import remove_stale_temporaries
+from ..files import remove_stale_temporaries
 from . import distributed as dist_utils
 from .epoch import run_epoch
-from .evaluate import evaluate
+from .evaluate import evaluate_epoch
 from .events import (
     AlreadyFinished,
     Cleaned,
@@ -145,7 +145,7 @@ def _finish_epoch(run: Run, epoch: int, on_event: OnEvent) -> EpochStats | None:
         raise CplCertError(f"the model weights differ between processes after epoch {epoch}; refusing to save an inconsistent checkpoint")
     if not run.info.is_main:
         return None
-    frozen, stats = evaluate(run, epoch, totals, on_event)
+    frozen, stats = evaluate_epoch(run, epoch, totals, on_event)
     make_folder(run.out.parent)
     append_log(run.log, stats)
     if save_now:

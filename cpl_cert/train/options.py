@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CplCertError
-from ..io import portable_dataset, portable_path
+from ..files import portable_dataset, portable_path
 
 OPTIMIZERS = ("adam", "sgd")
 

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import __version__
 from ..checkpoint import save_checkpoint
 from ..errors import CplCertError
-from ..io import atomic_write
+from ..files import atomic_write
 from ..models import CPLNet
+from ..version import __version__
 from .events import EpochStats
 from .resume import resume_tensors
 

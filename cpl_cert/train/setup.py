@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..certify import EpsValue, parse_eps
 from ..data import DatasetSpec, ImageDataset, check_name, load_dataset
+from ..eps import EpsValue, parse_eps
 from ..errors import CplCertError
 from ..models import PRESETS, CPLNet, ModelConfig, resolve_config
 from . import distributed as dist_utils

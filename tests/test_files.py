@@ -11,7 +11,7 @@ import pytest
 
 import cpl_cert
 from cpl_cert.errors import CplCertError
-from cpl_cert.io import atomic_write, file_sha256, remove_stale_temporaries, temporary_pattern, write_json
+from cpl_cert.files import atomic_write, file_sha256, remove_stale_temporaries, temporary_pattern, write_json
 
 
 @pytest.fixture

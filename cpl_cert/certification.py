@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 
 from .data import ImageDataset
 from .device import resolve_device
+from .eps import EpsValue, parse_eps
 from .errors import CplCertError
 from .lipschitz import LipschitzBounds, lipschitz_bounds
 from .models import CPLNet, float64_copy, weights_key
@@ -32,46 +32,6 @@ from .radii import UNKNOWN, Answers, as_points, fast_pass, float32_prediction, f
 from .rounding import ErrorModel, error_model
 from .shards import Shards
 from .validate import validate_model
-
-
-@dataclass
-class EpsValue:
-    """A radius to certify at, with the label the user wrote (``36/255`` or ``0.25``)."""
-
-    value: float
-    label: str
-
-
-def parse_eps(spec: str | float | Sequence[str | float | EpsValue]) -> list[EpsValue]:
-    """Parse ``"0.1,0.25,36/255"`` (or a list of numbers, strings or ``EpsValue``) into positive radii."""
-    items: Sequence[str | float | EpsValue]
-    if isinstance(spec, str):
-        items = [part.strip() for part in spec.split(",")]
-    elif isinstance(spec, (int, float)):
-        items = [spec]
-    else:
-        items = list(spec)
-    values: list[EpsValue] = []
-    for item in items:
-        if isinstance(item, EpsValue):
-            value, label = float(item.value), item.label
-        elif isinstance(item, (int, float)):
-            value, label = float(item), f"{float(item):g}"
-        else:
-            match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?:/\s*([0-9]*\.?[0-9]+))?\s*", item)
-            if not match:
-                raise CplCertError(f"cannot read eps {item!r}; write numbers like 0.25 or fractions like 36/255, separated by commas")
-            denominator = float(match.group(2)) if match.group(2) else 1.0
-            if denominator == 0:
-                raise CplCertError(f"cannot read eps {item!r}: division by zero")
-            value = float(match.group(1)) / denominator
-            label = item.strip().replace(" ", "")
-        if not math.isfinite(value) or value <= 0:
-            raise CplCertError(f"eps must be positive and finite, got {item!r}")
-        values.append(EpsValue(value, label))
-    if not values:
-        raise CplCertError("give at least one eps")
-    return values
 
 
 @dataclass
@@ -131,28 +91,35 @@ class CertifyResult:
 
     @property
     def clean_accuracy(self) -> float:
-        return _fraction(self.correct)
+        return fraction(self.correct)
 
     @property
     def clean_accuracy_float32(self) -> float:
-        return _fraction(self.correct_float32)
+        return fraction(self.correct_float32)
 
     @property
     def clean_accuracy_any(self) -> float:
         """Fraction of points every correctly rounded float32 runtime provably classifies correctly."""
-        return _fraction(self.correct_any)
+        return fraction(self.correct_any)
 
     def certified_accuracy(self, eps: float) -> float:
         """Fraction of points the exact function classifies correctly with a radius above ``eps``."""
-        return _fraction(self.correct & (self.radii_exact > eps))
+        return fraction(self.correct & (self.radii_exact > eps))
 
     def certified_accuracy_float32(self, eps: float) -> float:
         """The same for cpl-cert's float32 network (margins deflated by its rounding bound)."""
-        return _fraction(self.correct_float32 & (self.radii_float32 > eps))
+        return fraction(self.correct_float32 & (self.radii_float32 > eps))
 
     def certified_accuracy_any(self, eps: float) -> float:
         """The same for every correctly rounded float32 runtime at once."""
-        return _fraction(self.correct_any & (self.radii_any > eps))
+        return fraction(self.correct_any & (self.radii_any > eps))
+
+    def median_radius(self, sense: str = "exact") -> float | None:
+        """Median radius in ``sense`` (``exact``, ``float32`` or ``any``) of the points correctly classified in that
+        sense (``None`` when there are none)."""
+        correct = {"exact": self.correct, "float32": self.correct_float32, "any": self.correct_any}[sense]
+        radii = getattr(self, f"radii_{sense}")[correct]
+        return float(radii.median()) if radii.numel() else None
 
     @property
     def certified(self) -> list[dict[str, Any]]:
@@ -167,7 +134,8 @@ class CertifyResult:
         return self.n / self.seconds if self.seconds > 0 else float("inf")
 
 
-def _fraction(mask: torch.Tensor) -> float:
+def fraction(mask: torch.Tensor) -> float:
+    """The fraction of true entries (0 for none)."""
     return float(mask.double().mean()) if mask.numel() else 0.0
 
 
@@ -200,7 +168,6 @@ def certify(
     device: str | torch.device | None = "auto",
     batch_size: int = 1024,
     bounds: LipschitzBounds | None = None,
-    progress: Callable[[int, int], None] | None = None,
     on_progress: OnProgress | None = None,
     tight_radii: bool = False,
     shards: Shards | None = None,
@@ -208,8 +175,7 @@ def certify(
     """Certify every point of ``data``: predictions, margins, radii in the three senses, and accuracies.
 
     The model is moved to ``device`` (in place, as ``nn.Module.to`` does); the data go there once;
-    nothing syncs with the host per batch. ``progress(done, total)`` is called after each batch of
-    the first pass. Points whose first evaluation cannot decide the exact function's answer at some eps
+    nothing syncs with the host per batch. Points whose first evaluation cannot decide the exact function's answer at some eps
     (or its class), or could be certified at an eps by a tighter evaluation of cpl-cert's float32 network,
     are evaluated again in float64 before they count (docs/certify.md). ``tight_radii`` evaluates every
     point in float64, so that each reported exact radius is within about 1e-9 of its exact value (for a
@@ -221,7 +187,7 @@ def certify(
     process gets the whole result, equal to a single-process run's.
     """
     with torch.inference_mode(), strict_math():
-        result = _certify(model, data, eps, device, batch_size, bounds, progress, on_progress, tight_radii, shards or Shards())
+        result = _certify(model, data, eps, device, batch_size, bounds, on_progress, tight_radii, shards or Shards())
     # Inference tensors cannot enter autograd (an attack on the certified points would fail): clone out.
     for name in ("labels", "predictions", "predictions_float32", "predictions_any", "margins", "radii", "radii_exact",
                  "radii_float32", "radii_any"):
@@ -236,7 +202,6 @@ def _certify(
     device: str | torch.device | None,
     batch_size: int,
     bounds: LipschitzBounds | None,
-    progress: Callable[[int, int], None] | None,
     on_progress: OnProgress | None,
     tight_radii: bool,
     shards: Shards,
@@ -248,15 +213,15 @@ def _certify(
     model = model.to(dev).eval()
     images, labels = _as_tensors(data)
     _check_images(images, labels, model.config.input_shape)
-    bounds, model_err = certificate_constants(model, bounds)
+    bounds, constants = certificate_constants(model, bounds)
     if shards.enabled:
         shards.agree(_fingerprint(model, images, labels, eps_values, batch_size, tight_radii), "checkpoint, data and options")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     start = time.perf_counter()
-    run = _Run(model, model_err, images.to(dev, non_blocking=True), labels.to(dev).long(),
+    run = _Run(model, constants, images.to(dev, non_blocking=True), labels.to(dev).long(),
                torch.tensor([e.value for e in eps_values], dtype=torch.float64, device=dev), tight_radii, on_progress or no_progress)
-    answers = _first_pass(run, batch_size, progress, shards)
+    answers = _first_pass(run, batch_size, shards)
     _float64_pass(run, answers, batch_size, shards)
     _run_float32_network(run, answers, batch_size, shards)
     result = _result(answers, run.labels, eps_values, bounds, str(dev))
@@ -274,7 +239,7 @@ class _Run:
     the data on the device and what must be decided about them."""
 
     model: CPLNet
-    model_err: ErrorModel
+    constants: ErrorModel
     images: torch.Tensor
     labels: torch.Tensor
     eps: torch.Tensor
@@ -294,7 +259,7 @@ network whose worst-case float32 rounding bound exceeds its margins), the other 
 float64: evaluating them twice would cost more."""
 
 
-def _first_pass(run: _Run, batch_size: int, progress: Callable[[int, int], None] | None, shards: Shards) -> Answers:
+def _first_pass(run: _Run, batch_size: int, shards: Shards) -> Answers:
     """The fast pass (float32 convolutions, float64 dense layers) over all points, batch by batch; or
     float64 from the second batch on when the fast pass decides too little (``FLOAT64_FIRST``).
 
@@ -307,15 +272,13 @@ def _first_pass(run: _Run, batch_size: int, progress: Callable[[int, int], None]
     run.report("float32", 0, total)
 
     def done(count: int) -> None:
-        if progress is not None:
-            progress(min(count * batch_size, total), total)
         run.report("float32", min(count * batch_size, total), total)
 
     def fast(part: slice) -> Answers:
-        return fast_pass(run.model, run.copy64(), run.model_err, run.images[part], run.labels[part])
+        return fast_pass(run.model, run.copy64(), run.constants, run.images[part], run.labels[part])
 
     def exact(part: slice) -> Answers:
-        return float64_pass(run.copy64(), run.model_err, run.images[part], run.labels[part])
+        return float64_pass(run.copy64(), run.constants, run.images[part], run.labels[part])
 
     head = shards.map(batches[: shards.world_size], fast)
     float64_first = bool(head) and float(_undecided(run, head[0], batches[0]).double().mean()) > FLOAT64_FIRST
@@ -355,7 +318,7 @@ def _float64_pass(run: _Run, answers: Answers, batch_size: int, shards: Shards) 
     run.report("float64", 0, todo.numel())
     parts = [todo[begin : begin + batch_size] for begin in range(0, todo.numel(), batch_size)]
     results = shards.map(
-        parts, lambda part: float64_pass(run.copy64(), run.model_err, run.images[part], run.labels[part]),
+        parts, lambda part: float64_pass(run.copy64(), run.constants, run.images[part], run.labels[part]),
         on_done=lambda count: run.report("float64", min(count * batch_size, todo.numel()), todo.numel()),
     )
     for part, result in zip(parts, results, strict=True):
@@ -409,7 +372,7 @@ def certificate_constants(model: CPLNet, bounds: LipschitzBounds | None = None) 
     validate_model(model)
     given = bounds is not None
     bounds = bounds if given else lipschitz_bounds(model)
-    model_err = error_model(model, bounds)
+    constants = error_model(model, bounds)
     if not given:
-        model.__dict__["_certificate_constants"] = (key, bounds, model_err)
-    return bounds, model_err
+        model.__dict__["_certificate_constants"] = (key, bounds, constants)
+    return bounds, constants

@@ -13,7 +13,7 @@ import typer
 from ..checkpoint import load_checkpoint, read_metadata
 from ..device import resolve_device
 from ..errors import CplCertError
-from ..io import file_sha256, write_json
+from ..files import file_sha256, write_json
 from ..lipschitz import lipschitz_bounds, lipschitz_lower_bound
 from ..models import count_parameters
 from .common import (
@@ -44,10 +44,11 @@ def lipschitz_command(
     device: DeviceName = "auto",
     threads: Threads = None,
 ) -> None:
-    """Per-layer exact Lipschitz bounds and the network's certified upper and empirical lower bounds.
+    """Per-layer certified Lipschitz bounds and the network's certified upper and empirical lower bounds.
 
     For each CPL layer: the frozen step h, the power-iteration sigma, a certified upper bound of sigma
-    (a Cholesky certificate of the Gram matrix for dense layers, the FFT bound for convolutions) and the
+    (for dense layers the Gram matrix's top eigenvalue, proved by a Cholesky factorisation, or for small
+    ones by an eigensolver with its backward error; the FFT bound for convolutions) and the
     layer bound max(1, h * sigma_up^2 - 1); for an SLL layer the certified bound of ||diag(sqrt t) W||.
     The network bound is their product; the lower bound is the largest ||J(x)||_2 found on random inputs
     in the valid pixel box [0, 1].
