@@ -73,7 +73,8 @@ def certify_command(
         Path | None,
         typer.Option(
             "--save-radii", metavar="FILE",
-            help=f"Write one CSV row per point with the columns {', '.join(CSV_HEADER)} (docs/certify.md; every correct point evaluated in float64).",
+            help=f"Write one CSV row per point with the columns {', '.join(CSV_HEADER)} "
+            "(docs/certify.md; every point is evaluated in float64, so the radii are tight).",
         ),
     ] = None,
     plot_path: Annotated[
