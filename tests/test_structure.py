@@ -6,6 +6,7 @@ import ast
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cpl_cert"
@@ -119,8 +120,7 @@ def modules_named_after_exports(root: Path = PACKAGE) -> list[str]:
     for path in sorted(root.rglob("*.py")):
         names = exported_names(ast.parse(path.read_text()))
         if path.name == "__init__.py":
-            submodules = {p.stem for p in path.parent.glob("*.py")} | {p.name for p in path.parent.iterdir() if (p / "__init__.py").exists()}
-            found += [f"{module_name(path, root)}: {name}" for name in sorted(names & submodules)]
+            found += [f"{module_name(path, root)}: {name}" for name in sorted(names & submodule_names(path.parent))]
         elif path.stem in names:
             found.append(f"{module_name(path, root)}: {path.stem}")
     return found
@@ -143,30 +143,37 @@ def test_the_module_name_check_sees_a_module_named_after_its_function(tmp_path):
     ]
 
 
+def submodule_names(folder: Path) -> set[str]:
+    """The modules and subpackages directly inside ``folder``."""
+    return {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir() if (p / "__init__.py").exists()}
+
+
+def resolved_imports(path: Path, root: Path) -> Iterator[tuple[int, list[list[str]], list[str]]]:
+    """``(line, modules, names)`` for every import statement of ``path``: the modules it imports as absolute name
+    parts (relative imports resolved against ``path``'s package) and the names a ``from`` import takes from them."""
+    package = module_name(path, root).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield node.lineno, [alias.name.split(".") for alias in node.names], []
+        elif isinstance(node, ast.ImportFrom):
+            base = [] if node.level == 0 else package[: len(package) - node.level + 1]
+            yield node.lineno, [[*base, *filter(None, (node.module or "").split("."))]], [alias.name for alias in node.names]
+
+
 def facade_imports(root: Path = PACKAGE) -> list[str]:
     """``"module:line"`` for every import, inside the package, of a name the package facade (``root/__init__.py``)
     defines (``__version__``, a public name it loads lazily) or of the facade itself (``import cpl_cert``). Importing a
     submodule through it (``from . import conv64``) is importing that submodule, not the facade."""
-    top = root.name
-    submodules = {p.stem for p in root.glob("*.py")} | {p.name for p in root.iterdir() if (p / "__init__.py").exists()}
+    top, submodules = root.name, submodule_names(root)
     found = []
     for path in sorted(root.rglob("*.py")):
         if path == root / "__init__.py":
             continue
-        package = module_name(path, root).split(".")
-        if path.name != "__init__.py":
-            package = package[:-1]
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                hit = any(alias.name == top for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = [top] if node.level == 0 else package[: len(package) - node.level + 1]
-                target = (node.module or "").split(".") if node.level == 0 else [*base, *filter(None, (node.module or "").split("."))]
-                hit = target == [top] and any(alias.name not in submodules for alias in node.names)
-            else:
-                continue
-            if hit:
-                found.append(f"{module_name(path, root)}:{node.lineno}")
+        for line, modules, names in resolved_imports(path, root):
+            if [top] in modules and (not names or any(name not in submodules for name in names)):
+                found.append(f"{module_name(path, root)}:{line}")
     return found
 
 
@@ -210,25 +217,15 @@ print("ok")
 def cli_imports(root: Path = PACKAGE) -> list[str]:
     """``"module:line"`` for every import of the command line (``root/cli``) by a library module: the library's numbers
     must not need the interface that prints them. ``__main__.py`` (``python -m cpl_cert``) is the command line's door."""
-    top = root.name
+    cli = [root.name, "cli"]
     found = []
     for path in sorted(root.rglob("*.py")):
         if "cli" in path.relative_to(root).parts or path == root / "__main__.py":
             continue
-        package = module_name(path, root).split(".")
-        if path.name != "__init__.py":
-            package = package[:-1]
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                targets = [alias.name.split(".") for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = [] if node.level == 0 else package[: len(package) - node.level + 1]
-                module = [*base, *filter(None, (node.module or "").split("."))]
-                targets = [module] if module[:2] == [top, "cli"] else [[*module, alias.name] for alias in node.names]
-            else:
-                continue
-            if any(target[:2] == [top, "cli"] for target in targets):
-                found.append(f"{module_name(path, root)}:{node.lineno}")
+        for line, modules, names in resolved_imports(path, root):
+            targets = modules + [[*module, name] for module in modules for name in names]
+            if any(target[:2] == cli for target in targets):
+                found.append(f"{module_name(path, root)}:{line}")
     return found
 
 
