@@ -234,8 +234,10 @@ def _note_duration(
     model: CPLNet, data: ImageDataset, attack: str, engine: str, steps: int, radii: int, batch_size: int, shards: Shards
 ) -> None:
     """Before a long run (``LONG_RUN_SECONDS``), say up to how long the attacks may take and how to take a first look sooner."""
+    if not shards.is_main:
+        return
     seconds = estimate_seconds(model, data, attack, engine, steps, radii, batch_size)
-    if seconds is None or not shards.is_main:
+    if seconds is None:
         return
     seconds /= shards.world_size
     if seconds > LONG_RUN_SECONDS:
